@@ -1,0 +1,1 @@
+"""Zeroth-order (forward-only) training: directions, client estimator, server reconstruction."""
