@@ -29,9 +29,7 @@ def check_density(density: float, name: str = "density") -> float:
 
 def prunable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """``(name, weight)`` of every Conv2d/Linear weight, in ``named_parameters`` order."""
-    prunable_ids = {
-        id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
-    }
+    prunable_ids = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     return [(n, p) for n, p in model.named_parameters() if id(p) in prunable_ids]
 
 
@@ -58,7 +56,8 @@ def validate_mask(model: nn.Module, mask: Mask) -> Mask:
     extra = sorted(set(mask) - set(expected))
     if missing or extra:
         raise ValueError(
-            f"mask does not match the model's prunable weights: missing {missing}, unexpected {extra}"
+            f"mask does not match the model's prunable weights: "
+            f"missing {missing}, unexpected {extra}"
         )
     for name, param in expected.items():
         m = mask[name]
@@ -66,7 +65,8 @@ def validate_mask(model: nn.Module, mask: Mask) -> Mask:
             raise TypeError(f"mask[{name!r}] must be a torch.bool tensor")
         if m.shape != param.shape:
             raise ValueError(
-                f"mask shape mismatch for {name!r}: mask {tuple(m.shape)} vs weight {tuple(param.shape)}"
+                f"mask shape mismatch for {name!r}: "
+                f"mask {tuple(m.shape)} vs weight {tuple(param.shape)}"
             )
     return mask
 

@@ -1,0 +1,197 @@
+"""Client side: forward-only loss differences along regenerated directions.
+
+The client never runs autograd. For each direction ``u_k`` of the round seed it evaluates the
+mini-batch loss at ``w + σu_k`` (and ``w`` or ``w - σu_k``) and returns only the K loss
+differences. Two engines compute the same numbers:
+
+* ``lean``: perturbs the model in place, one direction at a time, and restores the saved kept
+  values by copy (bit-exact, no drift). Extra memory: one copy of the kept weights, one direction
+  and one forward pass's activations — for the smallest boards.
+* ``batched``: evaluates ``chunk_size`` perturbed copies in one vectorised forward pass
+  (``torch.func.functional_call`` + ``vmap``); the model is never modified. Faster, with memory
+  growing with the chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+from torch.nn import functional as F
+
+from fedzo_flwr.space import KeptSpace
+from fedzo_flwr.zo.directions import DirectionGenerator
+from fedzo_flwr.zo.settings import ZOSettings
+
+ENGINES: tuple[str, ...] = ("lean", "batched")
+
+
+@dataclass(frozen=True)
+class LossDifferences:
+    """What one client step produces.
+
+    Attributes
+    ----------
+    deltas : np.ndarray
+        float32, shape (K,): ``L(w+σu_k) - L(w)`` (forward) or ``L(w+σu_k) - L(w-σu_k)``.
+    base_loss : float
+        ``L(w)`` on the batch (computed for logging in both schemes).
+    forward_passes : int
+        Forward passes spent, including the base one.
+    """
+
+    deltas: np.ndarray
+    base_loss: float
+    forward_passes: int
+
+
+def batch_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the last-but-one axis, accumulated in float64.
+
+    ``logits`` is ``(..., B, C)``; the result has the leading shape ``(...)``. Summing the
+    per-example losses in float64 keeps the tiny differences (~σ|∇L·u|) above rounding noise.
+    """
+    lead = logits.shape[:-2]
+    flat = logits.reshape(-1, logits.shape[-1])
+    per_example = F.cross_entropy(
+        flat, targets.repeat(flat.shape[0] // targets.shape[0]), reduction="none"
+    )
+    return per_example.to(torch.float64).reshape(*lead, -1).mean(dim=-1)
+
+
+def _check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise TypeError("x and y must be torch tensors")
+    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError(
+            f"x and y must hold the same non-zero number of examples, got "
+            f"{x.shape[0]} and {y.shape[0]}"
+        )
+
+
+@torch.no_grad()
+def loss_differences(
+    model: nn.Module,
+    space: KeptSpace,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    seed: int,
+    settings: ZOSettings,
+    engine: str = "lean",
+    chunk_size: int = 16,
+) -> LossDifferences:
+    """Loss differences of ``model`` on batch ``(x, y)`` along the K directions of ``seed``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The (masked) model, in eval mode; its pruned weights must be zero.
+    space : KeptSpace
+        The coordinates to perturb (kept weights and other trainable parameters).
+    x, y : Tensor
+        One mini-batch; the same batch is used for all passes.
+    seed : int
+        Round/step seed; direction ``k`` is regenerated from ``(seed, k)``.
+    settings : ZOSettings
+        K, σ, difference scheme and direction distribution.
+    engine : {"lean", "batched"}
+        See the module docstring.
+    chunk_size : int
+        Directions per vectorised forward pass (``batched`` only).
+
+    Returns
+    -------
+    LossDifferences
+        The K float32 differences and the base loss. The model's weights are bit-identical to
+        what they were before the call.
+    """
+    _check_batch(x, y)
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
+    if engine == "batched" and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    generator = DirectionGenerator(space.dim, seed, settings.directions)
+    if engine == "lean":
+        return _lean(model, space, x, y, generator, settings)
+    return _batched(model, space, x, y, generator, settings, chunk_size)
+
+
+def _lean(
+    model: nn.Module,
+    space: KeptSpace,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    generator: DirectionGenerator,
+    settings: ZOSettings,
+) -> LossDifferences:
+    saved = space.gather(model)
+    direction = torch.empty(space.dim, dtype=torch.float32)
+
+    def loss_at(step: float) -> float:
+        if step:
+            space.add_(model, direction, alpha=step)
+        value = float(batch_loss(model(x), y))
+        if step:
+            space.scatter_(model, saved)  # restore by copy: bit-exact, no drift
+        return value
+
+    base = loss_at(0.0)
+    deltas = np.empty(settings.k, dtype=np.float64)
+    sigma = settings.sigma
+    for k in range(settings.k):
+        generator.direction(k, out=direction)
+        reference = base if settings.scheme == "forward" else loss_at(-sigma)
+        deltas[k] = loss_at(sigma) - reference
+    return LossDifferences(
+        deltas.astype(np.float32),
+        base,
+        settings.forward_passes + (1 if settings.scheme == "central" else 0),
+    )
+
+
+def _batched(
+    model: nn.Module,
+    space: KeptSpace,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    generator: DirectionGenerator,
+    settings: ZOSettings,
+    chunk_size: int,
+) -> LossDifferences:
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    buffers = {name: b for name, b in model.named_buffers()}
+    batched_names = space.names
+    fixed = {n: t for n, t in {**params, **buffers}.items() if n not in set(batched_names)}
+
+    def forward(weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        return functional_call(model, {**fixed, **weights}, (x,))
+
+    vectorised = vmap(forward)
+    base = float(batch_loss(model(x), y))
+    signs = (1.0,) if settings.scheme == "forward" else (1.0, -1.0)
+    deltas = np.empty(settings.k, dtype=np.float64)
+    rows_buffer = torch.empty(chunk_size, space.dim, dtype=torch.float32)
+    for start in range(0, settings.k, chunk_size):
+        stop = min(start + chunk_size, settings.k)
+        directions = generator.block(start, stop, out=rows_buffer)
+        steps = torch.cat([s * settings.sigma * directions for s in signs])
+        weights = {}
+        for name, idx, part in zip(batched_names, space.indices, space.split(steps)):
+            rows = params[name].reshape(1, -1).repeat(steps.shape[0], 1)
+            if idx is None:
+                rows += part
+            else:
+                rows[:, idx] += part
+            weights[name] = rows.reshape(steps.shape[0], *params[name].shape)
+        losses = batch_loss(vectorised(weights), y).numpy()
+        count = stop - start
+        reference = base if settings.scheme == "forward" else losses[count:]
+        deltas[start:stop] = losses[:count] - reference
+    return LossDifferences(
+        deltas.astype(np.float32),
+        base,
+        settings.forward_passes + (1 if settings.scheme == "central" else 0),
+    )

@@ -1,0 +1,67 @@
+"""Client side: several zeroth-order steps of local training, replayable by the server."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from fedzo_flwr.space import KeptSpace
+from fedzo_flwr.zo.estimator import LossDifferences, loss_differences
+from fedzo_flwr.zo.reconstruct import ScalarStep, estimate_gradient, local_sgd_step
+from fedzo_flwr.zo.settings import ZOSettings
+
+BatchFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def run_local_steps(
+    model: nn.Module,
+    space: KeptSpace,
+    batch_for_step: BatchFn,
+    step_seeds: Sequence[int],
+    settings: ZOSettings,
+    local_lr: float,
+    engine: str = "lean",
+    chunk_size: int = 16,
+) -> tuple[list[ScalarStep], list[LossDifferences]]:
+    """Take one zeroth-order step per seed and return the ``(seed, deltas)`` of each.
+
+    Between steps the model moves by local SGD, ``θ ← θ - η ĝ_j``, with ``ĝ_j`` rebuilt from the
+    step's own scalars by :func:`~fedzo_flwr.zo.reconstruct.estimate_gradient` — exactly what the
+    server's :func:`~fedzo_flwr.zo.reconstruct.replay` does, so the trajectory is reproducible
+    from the uploaded scalars alone. The last step's update is not applied (the server computes
+    it); with one seed the model is left unchanged.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The masked model, modified in place between steps.
+    space : KeptSpace
+        Trainable, unpruned coordinates.
+    batch_for_step : callable
+        ``batch_for_step(j) -> (x, y)``: the mini-batch of step ``j``.
+    step_seeds : sequence of int
+        One seed per local step.
+    settings : ZOSettings
+        Estimator settings.
+    local_lr : float
+        Local SGD learning rate η (unused with a single step).
+    engine, chunk_size
+        Passed to :func:`~fedzo_flwr.zo.estimator.loss_differences`.
+    """
+    if len(step_seeds) == 0:
+        raise ValueError("step_seeds must hold at least one seed")
+    steps: list[ScalarStep] = []
+    results: list[LossDifferences] = []
+    theta = space.gather(model) if len(step_seeds) > 1 else None
+    for j, seed in enumerate(step_seeds):
+        x, y = batch_for_step(j)
+        result = loss_differences(model, space, x, y, seed, settings, engine, chunk_size)
+        step = ScalarStep(int(seed), result.deltas)
+        steps.append(step)
+        results.append(result)
+        if theta is not None and j < len(step_seeds) - 1:
+            theta = local_sgd_step(theta, estimate_gradient(space.dim, step, settings), local_lr)
+            space.scatter_(model, theta)
+    return steps, results

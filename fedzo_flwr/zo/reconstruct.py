@@ -1,0 +1,115 @@
+"""Server side: rebuild gradient estimates from ``(seed, scalars)`` pairs.
+
+For K loss differences ``ΔL_k`` of seed ``s`` the estimate is
+
+    g = (1/K) Σ_k (ΔL_k / h) u_k,      h = σ (forward) or 2σ (central),
+
+restricted to the kept coordinates (``u_k`` lives in the KeptSpace). It is linear in the
+scalars, so clients that share a seed can be combined **before** reconstruction:
+``Σ_c p_c g_c = g(Σ_c p_c ΔL_c)``. One reconstruction per round then costs O(K·dim) whatever
+the number of clients. The client uses the very same functions for its local steps, which is what
+makes server-side replay bit-exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedzo_flwr.zo.directions import DirectionGenerator
+from fedzo_flwr.zo.settings import ZOSettings
+
+DEFAULT_BLOCK_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class ScalarStep:
+    """One zeroth-order step as it travels: the seed and its K loss differences."""
+
+    seed: int
+    deltas: np.ndarray
+
+
+def check_deltas(deltas: np.ndarray | Sequence[float], k: int, name: str = "deltas") -> np.ndarray:
+    """Return ``deltas`` as a finite float64 vector of length ``k`` or raise ``ValueError``."""
+    values = np.asarray(deltas, dtype=np.float64)
+    if values.shape != (k,):
+        raise ValueError(f"{name} must have shape ({k},), got {values.shape}")
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{name} must be finite (found NaN or inf)")
+    return values
+
+
+def estimate_gradient(
+    dim: int,
+    step: ScalarStep,
+    settings: ZOSettings,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> torch.Tensor:
+    """Gradient estimate (float32, shape ``(dim,)``) of one ``(seed, deltas)`` step.
+
+    Directions are regenerated in blocks of at most ``block_bytes`` and never held K at a time.
+    """
+    coeffs = check_deltas(step.deltas, settings.k) / (settings.difference_scale * settings.k)
+    coeffs32 = torch.from_numpy(coeffs.astype(np.float32))
+    generator = DirectionGenerator(dim, step.seed, settings.directions)
+    rows = max(1, min(settings.k, block_bytes // (4 * dim)))
+    buffer = torch.empty(rows, dim, dtype=torch.float32)
+    grad = torch.zeros(dim, dtype=torch.float64)
+    for start in range(0, settings.k, rows):
+        stop = min(start + rows, settings.k)
+        block = generator.block(start, stop, out=buffer)
+        grad += (coeffs32[start:stop] @ block).to(torch.float64)
+    return grad.to(torch.float32)
+
+
+def aggregate_deltas(deltas: Sequence[np.ndarray], weights: Sequence[float], k: int) -> np.ndarray:
+    """Weighted mean (weights normalised to sum 1) of several clients' loss differences.
+
+    Parameters
+    ----------
+    deltas : sequence of np.ndarray
+        One (K,) vector per client, all for the same seed.
+    weights : sequence of float
+        Non-negative weights, e.g. the clients' example counts.
+    k : int
+        Expected length of each vector.
+    """
+    if len(deltas) == 0:
+        raise ValueError("deltas must hold at least one client's vector")
+    if len(deltas) != len(weights):
+        raise ValueError(f"got {len(deltas)} delta vectors but {len(weights)} weights")
+    w = np.asarray(weights, dtype=np.float64)
+    if np.any(w < 0) or not np.isfinite(w).all() or w.sum() <= 0:
+        raise ValueError(f"weights must be finite, non-negative and not all zero, got {list(w)}")
+    stacked = np.stack([check_deltas(d, k, f"deltas[{i}]") for i, d in enumerate(deltas)])
+    return (w / w.sum()) @ stacked
+
+
+def local_sgd_step(theta: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
+    """``theta - lr * grad``: the client's local step, replayed identically by the server."""
+    return torch.add(theta, grad, alpha=-lr)
+
+
+def accumulate_steps(dim: int, steps: Sequence[ScalarStep], settings: ZOSettings) -> torch.Tensor:
+    """Sum of the estimates of several steps: the pseudo-gradient of a multi-step round.
+
+    With local SGD at learning rate η, a client that took ``steps`` moved by
+    ``-η * accumulate_steps(...)``; the server feeds the sum to its own optimizer.
+    """
+    total = torch.zeros(dim, dtype=torch.float32)
+    for step in steps:
+        total += estimate_gradient(dim, step, settings)
+    return total
+
+
+def replay(
+    theta: torch.Tensor, steps: Sequence[ScalarStep], settings: ZOSettings, lr: float
+) -> torch.Tensor:
+    """Replay a client's local SGD trajectory exactly from its ``(seed, deltas)`` steps."""
+    for step in steps:
+        theta = local_sgd_step(theta, estimate_gradient(theta.numel(), step, settings), lr)
+    return theta

@@ -1,0 +1,58 @@
+"""Validated settings of the zeroth-order estimator, shared by client and server."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from fedzo_flwr.zo.directions import check_kind
+
+FDScheme = Literal["forward", "central"]
+FD_SCHEMES: tuple[str, ...] = ("forward", "central")
+
+
+@dataclass(frozen=True)
+class ZOSettings:
+    """How loss differences are taken and turned into a gradient estimate.
+
+    Parameters
+    ----------
+    k : int
+        Number of perturbation directions per step (K >= 1).
+    sigma : float
+        Perturbation scale (> 0).
+    scheme : {"forward", "central"}
+        ``forward``: ``L(w+σu) - L(w)`` (K+1 forward passes); ``central``:
+        ``L(w+σu) - L(w-σu)`` (2K forward passes, O(σ²) bias instead of O(σ)).
+    directions : {"gaussian", "rademacher"}
+        Distribution of the directions (see :mod:`fedzo_flwr.zo.directions`).
+    """
+
+    k: int
+    sigma: float
+    scheme: FDScheme = "forward"
+    directions: str = "gaussian"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int):
+            raise TypeError(f"k must be an int, got {type(self.k).__name__}")
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if isinstance(self.sigma, bool) or not isinstance(self.sigma, (int, float)):
+            raise TypeError(f"sigma must be a number, got {type(self.sigma).__name__}")
+        if not (self.sigma > 0) or math.isinf(self.sigma):
+            raise ValueError(f"sigma must be a finite number > 0, got {self.sigma}")
+        if self.scheme not in FD_SCHEMES:
+            raise ValueError(f"scheme must be one of {', '.join(FD_SCHEMES)}; got {self.scheme!r}")
+        check_kind(self.directions)
+
+    @property
+    def forward_passes(self) -> int:
+        """Forward passes per step: K+1 (forward) or 2K (central)."""
+        return self.k + 1 if self.scheme == "forward" else 2 * self.k
+
+    @property
+    def difference_scale(self) -> float:
+        """Divisor turning a loss difference into a directional derivative: σ or 2σ."""
+        return self.sigma if self.scheme == "forward" else 2.0 * self.sigma
