@@ -1,0 +1,123 @@
+"""ClientApp: forward-only training; receives weights and a seed, returns K loss differences."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedzo_flwr import protocol
+from fedzo_flwr.client import train_round
+from fedzo_flwr.config import RunConfig
+from fedzo_flwr.evaluation import evaluate
+from fedzo_flwr.experiment import NUM_CLASSES, load_client_data
+from fedzo_flwr.mask import apply_mask_
+from fedzo_flwr.models import build_model
+from fedzo_flwr.space import KeptSpace
+from fedzo_flwr.wire import decode_mask, encode_scalars
+
+app = ClientApp()
+
+STATE_KEY = "fedzo"
+# (model, dataset, mask-id) -> (model, space); survives across rounds inside a simulation actor.
+_MODELS: dict[tuple[str, str, str], tuple[torch.nn.Module, KeptSpace]] = {}
+
+
+def node_partition(context: Context) -> tuple[int, int]:
+    """``(partition-id, num-partitions)`` from the node config (simulation or SuperNode)."""
+    try:
+        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except KeyError as err:
+        raise ValueError(
+            f"node config lacks {err.args[0]!r}: start the SuperNode with "
+            "--node-config 'partition-id=<i> num-partitions=<n>'"
+        ) from None
+
+
+def masked_model(
+    cfg: RunConfig, config: ConfigRecord, context: Context
+) -> tuple[torch.nn.Module, KeptSpace]:
+    """The model with this run's mask, from the message (first contact) or the node's state."""
+    wanted = str(config[protocol.MASK_ID_KEY])
+    if protocol.MASK_KEY in config:  # first contact: keep the mask in the node's state
+        context.state[STATE_KEY] = ConfigRecord(
+            {protocol.MASK_ID_KEY: wanted, protocol.MASK_KEY: bytes(config[protocol.MASK_KEY])}
+        )
+    key = (cfg.model, cfg.dataset, wanted)
+    if key in _MODELS:
+        return _MODELS[key]
+    state = context.state.config_records.get(STATE_KEY)
+    if state is None or state.get(protocol.MASK_ID_KEY) != wanted:
+        raise RuntimeError(f"{protocol.MASK_MISSING}: no mask {wanted} cached on this node")
+    mask_bytes = bytes(state[protocol.MASK_KEY])  # type: ignore[arg-type]
+    if protocol.mask_id(mask_bytes) != wanted:
+        raise RuntimeError(f"{protocol.MASK_MISSING}: mask bytes do not match mask-id {wanted}")
+    model = build_model(cfg.model, NUM_CLASSES[cfg.dataset])
+    mask = decode_mask(mask_bytes, model)
+    apply_mask_(model, mask)
+    _MODELS.clear()  # one run at a time per process
+    _MODELS[key] = (model, KeptSpace(model, mask))
+    return _MODELS[key]
+
+
+def _setup(msg: Message, context: Context) -> tuple[RunConfig, torch.nn.Module, KeptSpace]:
+    cfg = RunConfig.from_run_config(dict(context.run_config))
+    if cfg.client_threads:
+        torch.set_num_threads(cfg.client_threads)
+    config = msg.content.config_records[protocol.CONFIG_KEY]
+    model, space = masked_model(cfg, config, context)
+    kept = msg.content.array_records[protocol.ARRAYS_KEY][protocol.KEPT_KEY].numpy()
+    space.scatter_(model, torch.from_numpy(kept.copy()))
+    return cfg, model, space
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of forward-only training: reply with the K loss differences per local step."""
+    cfg, model, space = _setup(msg, context)
+    config = msg.content.config_records[protocol.CONFIG_KEY]
+    partition_id, num_partitions = node_partition(context)
+    x, y = load_client_data(cfg, partition_id, num_partitions)
+    result = train_round(
+        cfg,
+        model,
+        space,
+        x,
+        y,
+        int(config[protocol.ROUND_SEED_KEY]),
+        partition_id,  # type: ignore[arg-type]
+    )
+    deltas = [step.deltas for step in result.steps]
+    zo = ConfigRecord(
+        {
+            protocol.DELTAS_KEY: encode_scalars(
+                torch.cat([torch.from_numpy(d) for d in deltas]).numpy()
+            ),
+            protocol.STEP_SEEDS_KEY: [step.seed for step in result.steps],
+            protocol.ROUND_KEY: int(config[protocol.ROUND_KEY]),  # type: ignore[arg-type]
+        }
+    )
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "base-loss": result.base_loss,
+            "client-seconds": result.seconds,
+            "peak-mem-bytes": result.peak_mem_bytes,
+            "extra-mem-bytes": result.extra_mem_bytes,
+            "partition-id": partition_id,
+        }
+    )
+    return Message(RecordDict({protocol.ZO_KEY: zo, protocol.METRICS_KEY: metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_local(msg: Message, context: Context) -> Message:
+    """Evaluate the received model on (up to 1000 examples of) the local partition."""
+    cfg, model, _ = _setup(msg, context)
+    partition_id, num_partitions = node_partition(context)
+    x, y = load_client_data(cfg, partition_id, num_partitions)
+    loss, accuracy = evaluate(model, x[:1000], y[:1000], cfg.dataset)
+    metrics = MetricRecord(
+        {"loss": loss, "accuracy": accuracy, "num-examples": int(min(len(y), 1000))}
+    )
+    return Message(RecordDict({protocol.METRICS_KEY: metrics}), reply_to=msg)

@@ -1,0 +1,142 @@
+"""The run configuration: every knob of a run, validated once.
+
+Flower hands the ServerApp and ClientApps ``context.run_config``: the ``[tool.flwr.app.config]``
+table of ``pyproject.toml`` plus ``--run-config`` overrides, with kebab-case keys.
+:meth:`RunConfig.from_run_config` turns it into a typed, validated object; any problem raises
+:class:`ConfigError` whose message names the offending key and what it accepts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fedzo_flwr.models import MODELS
+
+DATA_DIR_ENV = "FEDZO_DATA_DIR"
+OUTPUT_DIR_ENV = "FEDZO_OUTPUT_DIR"
+
+
+class ConfigError(ValueError):
+    """A run-config value is invalid; the message names the key."""
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class RunConfig(BaseModel):
+    """All settings of a fedzo-flwr run (keys are the kebab-case names of the fields)."""
+
+    model_config = ConfigDict(
+        alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+    # What to train, on what.
+    method: Literal["zo-pruned", "zo-dense"] = "zo-pruned"
+    model: str = "lenet5"
+    dataset: Literal["cifar10", "cifar100"] = "cifar10"
+    data_dir: str = ""
+    partitioner: Literal["iid", "dirichlet", "shards"] = "dirichlet"
+    alpha: float = Field(0.5, gt=0)
+    shards_per_client: int = Field(2, ge=1)
+    # Federation.
+    num_server_rounds: int = Field(300, ge=1)
+    clients_per_round: int = Field(0, ge=0)
+    min_clients: int = Field(1, ge=1)
+    # Zeroth-order estimator.
+    k: int = Field(200, ge=1)
+    sigma: float = Field(1e-3, gt=0)
+    fd: Literal["forward", "central"] = "forward"
+    directions: Literal["gaussian", "rademacher"] = "gaussian"
+    seed_mode: Literal["per-client", "shared"] = "per-client"
+    engine: Literal["lean", "batched"] = "lean"
+    chunk_size: int = Field(16, ge=1)
+    batch_size: int = Field(32, ge=1)
+    local_steps: int = Field(1, ge=1)
+    local_lr: float = Field(0.01, gt=0)
+    # Server optimizer.
+    optimizer: Literal["sgd", "momentum", "adam"] = "adam"
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    clip: float = Field(0.0, ge=0)
+    ema: float = Field(0.0, ge=0, lt=1)
+    # Pruning (server side, before round 1).
+    prune_method: Literal["ntk", "synflow", "magnitude", "random"] = "ntk"
+    density: float = Field(0.1, gt=0, le=1)
+    prune_iterations: int = Field(20, ge=1)
+    prune_repeats: int = Field(1, ge=1)
+    # Bookkeeping.
+    client_threads: int = Field(1, ge=0)
+    seed: int = Field(3407, ge=0)
+    eval_every: int = Field(10, ge=1)
+    fraction_evaluate: float = Field(0.0, ge=0, le=1)
+    output_dir: str = ""
+    run_name: str = ""
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if value not in MODELS:
+            raise ValueError(f"unknown model {value!r}; valid models: {', '.join(sorted(MODELS))}")
+        return value
+
+    @property
+    def pruned(self) -> bool:
+        """Whether the run prunes before training (``zo-dense`` trains the dense model)."""
+        return self.method != "zo-dense" and self.density < 1.0
+
+    @property
+    def effective_density(self) -> float:
+        """Target density actually used: 1.0 for the dense baseline."""
+        return self.density if self.pruned else 1.0
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> RunConfig:
+        """Validate a Flower run config (kebab-case keys) into a :class:`RunConfig`.
+
+        Raises
+        ------
+        ConfigError
+            Naming every invalid key, what was given and what is allowed.
+        """
+        try:
+            return cls.model_validate(dict(run_config))
+        except ValidationError as err:
+            raise ConfigError(_describe(err)) from None
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The kebab-case dict form (what ``results.json`` records)."""
+        return self.model_dump(by_alias=True)
+
+    def resolve_data_dir(self) -> Path:
+        """``data-dir``, else ``$FEDZO_DATA_DIR``; an error naming both if neither is set."""
+        raw = self.data_dir or os.environ.get(DATA_DIR_ENV, "")
+        if not raw:
+            raise ConfigError(
+                f"key 'data-dir': no data folder given; set data-dir in the run config "
+                f"(--run-config 'data-dir=\"/abs/path\"') "
+                f"or the {DATA_DIR_ENV} environment variable"
+            )
+        return Path(raw).expanduser().resolve()
+
+    def resolve_output_dir(self) -> Path:
+        """``output-dir``, else ``$FEDZO_OUTPUT_DIR``, else ``./outputs`` (absolute)."""
+        raw = self.output_dir or os.environ.get(OUTPUT_DIR_ENV, "") or "outputs"
+        return Path(raw).expanduser().resolve()
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for problem in err.errors():
+        key = ".".join(str(part) for part in problem["loc"]) or "<config>"
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"key '{key}': unknown key")
+            continue
+        message = problem["msg"].removeprefix("Value error, ")
+        lines.append(f"key '{key}': {message} (got {problem.get('input')!r})")
+    return "invalid run config: " + "; ".join(lines)

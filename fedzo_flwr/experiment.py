@@ -1,0 +1,144 @@
+"""Build the starting point of a run from its config: model θ0, pruning mask, data."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from fedzo_flwr.config import RunConfig
+from fedzo_flwr.data import DatasetArrays, client_partition, load_dataset
+from fedzo_flwr.mask import Mask, apply_mask_, dense_mask, layer_densities, mask_density
+from fedzo_flwr.models import build_model
+from fedzo_flwr.pruning import NTKSAPConfig, prune
+from fedzo_flwr.results import atomic_write_bytes
+from fedzo_flwr.zo.directions import derive_seed
+
+logger = logging.getLogger(__name__)
+
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+
+
+@dataclass
+class InitialModel:
+    """The global model at round 0: masked θ0 and its mask."""
+
+    model: nn.Module
+    mask: Mask
+    prune_seconds: float
+
+
+def model_seed(cfg: RunConfig) -> int:
+    """Seed of θ0 (derived from the run seed)."""
+    return derive_seed(cfg.seed, 0x6D6F64656C)
+
+
+def build_global_model(cfg: RunConfig) -> nn.Module:
+    """The architecture of the run with θ0 drawn from :func:`model_seed` (not yet masked)."""
+    return build_model(cfg.model, NUM_CLASSES[cfg.dataset], seed=model_seed(cfg))
+
+
+def initial_model(cfg: RunConfig) -> InitialModel:
+    """Draw θ0 and prune it on the server, data-free, as the run config says.
+
+    ``zo-dense`` (or density 1) returns the dense mask. Data-needing pruners are not accepted
+    by :class:`~fedzo_flwr.config.RunConfig`, so this never touches client data.
+    """
+    model = build_global_model(cfg)
+    start = time.perf_counter()
+    if not cfg.pruned:
+        mask = dense_mask(model)
+    else:
+        ntk = NTKSAPConfig(iterations=cfg.prune_iterations, repeats=cfg.prune_repeats)
+        mask = prune(
+            cfg.prune_method,
+            model,
+            cfg.model,
+            cfg.density,
+            seed=derive_seed(cfg.seed, 0x7072756E65),
+            ntk_config=ntk,
+        )
+    seconds = time.perf_counter() - start
+    apply_mask_(model, mask)
+    logger.info(
+        "Pruned %s with %s to density %.4f in %.1fs; per layer: %s",
+        cfg.model,
+        cfg.prune_method if cfg.pruned else "none",
+        mask_density(mask),
+        seconds,
+        {k: round(v, 4) for k, v in layer_densities(mask).items()},
+    )
+    return InitialModel(model, mask, seconds)
+
+
+CACHE_DIR_ENV = "FEDZO_CACHE_DIR"
+_PARTITIONS: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def partition_cache_dir() -> Path:
+    """Where partitions are cached on disk: ``$FEDZO_CACHE_DIR`` or ``~/.cache/fedzo-flwr``."""
+    return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "fedzo-flwr")
+
+
+def load_client_data(
+    cfg: RunConfig, partition_id: int, num_partitions: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The training images and labels of one client's partition (uint8 HWC, int64).
+
+    Cached in memory (simulation actors live across rounds) and on disk as an uncompressed
+    ``.npz`` (a deployed SuperNode starts a fresh ClientApp process per message), so the
+    dataset is decompressed and partitioned once per node, not once per round.
+    """
+    key = (
+        cfg.dataset,
+        str(cfg.resolve_data_dir()),
+        cfg.partitioner,
+        cfg.alpha,
+        cfg.shards_per_client,
+        cfg.seed,
+        partition_id,
+        num_partitions,
+    )
+    if key in _PARTITIONS:
+        return _PARTITIONS[key]
+    digest = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+    path = partition_cache_dir() / f"{cfg.dataset}-p{partition_id}of{num_partitions}-{digest}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as cached:
+                _PARTITIONS[key] = (cached["x"], cached["y"])
+            return _PARTITIONS[key]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            logger.warning("Ignoring unreadable partition cache %s", path)
+    x, y = _partition(cfg, partition_id, num_partitions)
+    try:
+        buffer = io.BytesIO()
+        np.savez(buffer, x=x, y=y)
+        atomic_write_bytes(path, buffer.getvalue())
+    except OSError as err:  # a read-only home must not stop training
+        logger.warning("Could not cache partition at %s: %s", path, err)
+    _PARTITIONS[key] = (x, y)
+    return x, y
+
+
+def _partition(
+    cfg: RunConfig, partition_id: int, num_partitions: int
+) -> tuple[np.ndarray, np.ndarray]:
+    data: DatasetArrays = load_dataset(cfg.dataset, cfg.resolve_data_dir())
+    return client_partition(
+        data,
+        partition_id,
+        num_partitions,
+        cfg.partitioner,
+        alpha=cfg.alpha,
+        shards_per_partition=cfg.shards_per_client,
+        seed=cfg.seed,
+    )

@@ -1,0 +1,125 @@
+"""What travels between the ServerApp and the ClientApps: record keys and reply validation.
+
+Pure Python (no Flower import) so both apps and the tests share one definition.
+
+Train message (server -> client)
+    ``arrays``: ArrayRecord ``{"kept": float32 (dim,)}`` — the global model's kept coordinates.
+    ``config``: ConfigRecord with ``server-round``, ``round-seed`` and ``mask-id`` (SHA-256 of
+    the mask bitmap), plus ``mask`` (the bitmap, bytes) the first time a node is contacted.
+
+Train reply (client -> server)
+    ``zo``: ConfigRecord with ``deltas`` (bytes: local-steps x K float32 loss differences),
+    ``step-seeds`` (list of int) and ``server-round``.
+    ``metrics``: MetricRecord with ``num-examples``, ``base-loss``, ``client-seconds``,
+    ``peak-mem-bytes``, ``extra-mem-bytes`` and ``partition-id``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedzo_flwr.wire import decode_scalars
+
+ARRAYS_KEY = "arrays"
+KEPT_KEY = "kept"
+CONFIG_KEY = "config"
+ZO_KEY = "zo"
+METRICS_KEY = "metrics"
+MASK_KEY = "mask"
+MASK_ID_KEY = "mask-id"
+ROUND_KEY = "server-round"
+ROUND_SEED_KEY = "round-seed"
+DELTAS_KEY = "deltas"
+STEP_SEEDS_KEY = "step-seeds"
+MASK_MISSING = "mask-missing"
+
+REQUIRED_METRICS = ("num-examples", "base-loss", "client-seconds", "peak-mem-bytes", "partition-id")
+
+
+def mask_id(mask_bytes: bytes) -> str:
+    """Identifier of a mask bitmap: the first 16 hex digits of its SHA-256."""
+    return hashlib.sha256(mask_bytes).hexdigest()[:16]
+
+
+class ReplyRejected(ValueError):
+    """A client reply failed validation; the message says why."""
+
+
+@dataclass(frozen=True)
+class ParsedReply:
+    """A validated train reply."""
+
+    partition_id: int
+    num_examples: int
+    deltas: np.ndarray  # (local_steps, K) float32
+    step_seeds: list[int]
+    base_loss: float
+    seconds: float
+    peak_mem_bytes: int
+    extra_mem_bytes: int
+
+
+def parse_reply(
+    zo: Mapping[str, object],
+    metrics: Mapping[str, object],
+    *,
+    server_round: int,
+    k: int,
+    local_steps: int,
+    max_abs_delta: float,
+    expected_seeds: Sequence[int] | None = None,
+) -> ParsedReply:
+    """Validate a train reply's records and decode its scalars.
+
+    Raises
+    ------
+    ReplyRejected
+        Missing keys, another round, wrong scalar count, non-finite or absurd values, or step
+        seeds other than the ones the server expects from this client.
+    """
+    for key in (DELTAS_KEY, STEP_SEEDS_KEY, ROUND_KEY):
+        if key not in zo:
+            raise ReplyRejected(f"reply lacks '{key}'")
+    for key in REQUIRED_METRICS:
+        if key not in metrics:
+            raise ReplyRejected(f"reply lacks metric '{key}'")
+    if int(zo[ROUND_KEY]) != server_round:  # type: ignore[call-overload]
+        raise ReplyRejected(f"reply is for round {zo[ROUND_KEY]}, this is round {server_round}")
+    try:
+        raw = zo[DELTAS_KEY]
+        deltas = decode_scalars(raw, expected_count=local_steps * k)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as err:
+        raise ReplyRejected(f"bad scalars: {err}") from None
+    if not np.all(np.isfinite(deltas)):
+        raise ReplyRejected("scalars contain NaN or inf")
+    worst = float(np.max(np.abs(deltas))) if deltas.size else 0.0
+    if worst > max_abs_delta:
+        raise ReplyRejected(
+            f"a loss difference of {worst:.3g} exceeds the bound {max_abs_delta:.3g}"
+        )
+    seeds = [int(s) for s in zo[STEP_SEEDS_KEY]]  # type: ignore[attr-defined]
+    if len(seeds) != local_steps:
+        raise ReplyRejected(f"reply has {len(seeds)} step seeds, expected {local_steps}")
+    if expected_seeds is not None and list(expected_seeds) != seeds:
+        raise ReplyRejected("step seeds differ from the ones assigned to this client")
+    num_examples = metrics["num-examples"]
+    if not isinstance(num_examples, int) or num_examples < 1:
+        raise ReplyRejected(f"num-examples must be a positive int, got {num_examples!r}")
+    base_loss = float(metrics["base-loss"])  # type: ignore[arg-type]
+    if not math.isfinite(base_loss):
+        raise ReplyRejected("base-loss is not finite")
+    return ParsedReply(
+        partition_id=int(metrics["partition-id"]),  # type: ignore[call-overload]
+        num_examples=num_examples,
+        deltas=deltas.reshape(local_steps, k),
+        step_seeds=seeds,
+        base_loss=base_loss,
+        seconds=float(metrics["client-seconds"]),  # type: ignore[arg-type]
+        peak_mem_bytes=int(metrics["peak-mem-bytes"]),  # type: ignore[call-overload]
+        extra_mem_bytes=int(metrics.get("extra-mem-bytes", 0)),  # type: ignore[call-overload]
+    )

@@ -1,0 +1,159 @@
+"""The server's side of a round, without Flower: seeds out, scalars in, one optimizer step.
+
+:class:`ZOServer` owns the global model's kept coordinates and the server optimizer. Each round
+it hands out a round seed; clients derive their step seeds from it (:func:`client_step_seeds`)
+and reply with loss differences. :meth:`ZOServer.apply_round` groups the replies by seed,
+averages the scalars of each group weighted by examples, rebuilds one gradient estimate per
+distinct seed and steps the model. With ``seed-mode = shared`` every client has the same seeds,
+so the cost of a round is one reconstruction, whatever the number of clients.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedzo_flwr.config import RunConfig
+from fedzo_flwr.mask import Mask
+from fedzo_flwr.space import KeptSpace
+from fedzo_flwr.zo.directions import derive_seed
+from fedzo_flwr.zo.reconstruct import ScalarStep, accumulate_steps, aggregate_deltas
+from fedzo_flwr.zo.server_optimizer import OptimizerSettings, ServerOptimizer
+from fedzo_flwr.zo.settings import ZOSettings
+
+
+def zo_settings(cfg: RunConfig) -> ZOSettings:
+    """Estimator settings of a run."""
+    return ZOSettings(k=cfg.k, sigma=cfg.sigma, scheme=cfg.fd, directions=cfg.directions)
+
+
+def optimizer_settings(cfg: RunConfig) -> OptimizerSettings:
+    """Server optimizer settings of a run."""
+    return OptimizerSettings(
+        name=cfg.optimizer,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        clip=cfg.clip,
+        ema_decay=cfg.ema,
+    )
+
+
+def round_seed(base_seed: int, server_round: int) -> int:
+    """The seed the server broadcasts in round ``server_round`` (fresh every round)."""
+    return derive_seed(base_seed, server_round)
+
+
+def client_step_seeds(
+    seed_of_round: int, seed_mode: str, partition_id: int, local_steps: int
+) -> list[int]:
+    """Seeds of a client's local steps in one round.
+
+    ``shared``: identical for all clients; ``per-client``: distinct per partition, so a round
+    explores ``clients x K`` directions. The server recomputes them to check every reply.
+    """
+    slot = 0 if seed_mode == "shared" else int(partition_id) + 1
+    return [derive_seed(seed_of_round, slot, step) for step in range(local_steps)]
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One client's reply: its step seeds and loss differences, and its example count."""
+
+    partition_id: int
+    num_examples: int
+    steps: Sequence[ScalarStep]
+    base_loss: float
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    """What :meth:`ZOServer.apply_round` did."""
+
+    clients: int
+    distinct_seeds: int
+    grad_norm: float
+    train_loss: float
+
+
+class ZOServer:
+    """Global model state of a zeroth-order run and its update rule.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        Validated run configuration.
+    model : nn.Module
+        The global model at θ0, already masked.
+    mask : Mask
+        Its pruning mask.
+    """
+
+    def __init__(self, cfg: RunConfig, model: nn.Module, mask: Mask) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.mask = mask
+        self.space = KeptSpace(model, mask)
+        self.settings = zo_settings(cfg)
+        self.optimizer = ServerOptimizer(self.space.gather(model), optimizer_settings(cfg))
+
+    def round_seed(self, server_round: int) -> int:
+        """The seed broadcast in ``server_round``."""
+        return round_seed(self.cfg.seed, server_round)
+
+    def expected_seeds(self, server_round: int, partition_id: int) -> list[int]:
+        """The step seeds a client of ``partition_id`` must use in ``server_round``."""
+        return client_step_seeds(
+            self.round_seed(server_round), self.cfg.seed_mode, partition_id, self.cfg.local_steps
+        )
+
+    def kept_values(self) -> torch.Tensor:
+        """Current kept coordinates (what clients receive)."""
+        return self.optimizer.weights
+
+    def apply_round(self, updates: Sequence[ClientUpdate]) -> RoundSummary:
+        """Aggregate the round's updates and take one server optimizer step.
+
+        Updates are processed in partition order so the floating-point sums do not depend on
+        arrival order. Clients with identical seeds are merged before reconstruction.
+        """
+        if not updates:
+            raise ValueError("updates must hold at least one client update")
+        updates = sorted(updates, key=lambda u: u.partition_id)
+        groups: dict[tuple[int, ...], list[ClientUpdate]] = defaultdict(list)
+        for update in updates:
+            groups[tuple(step.seed for step in update.steps)].append(update)
+        total_examples = sum(u.num_examples for u in updates)
+        grad = torch.zeros(self.space.dim, dtype=torch.float32)
+        for seeds, members in groups.items():
+            weights = [m.num_examples for m in members]
+            merged = [
+                ScalarStep(
+                    seed,
+                    aggregate_deltas([m.steps[j].deltas for m in members], weights, self.cfg.k),
+                )
+                for j, seed in enumerate(seeds)
+            ]
+            share = sum(weights) / total_examples
+            grad += share * accumulate_steps(self.space.dim, merged, self.settings)
+        grad_norm = float(torch.linalg.vector_norm(grad))
+        self.optimizer.step(grad)
+        self.space.scatter_(self.model, self.optimizer.weights)
+        train_loss = float(
+            np.average([u.base_loss for u in updates], weights=[u.num_examples for u in updates])
+        )
+        return RoundSummary(len(updates), len(groups), grad_norm, train_loss)
+
+    def eval_model(self) -> nn.Module:
+        """The model to evaluate: EMA weights if enabled, else the current ones."""
+        self.space.scatter_(self.model, self.optimizer.eval_weights)
+        return self.model
+
+    def restore_training_weights(self) -> None:
+        """Undo :meth:`eval_model`'s EMA swap."""
+        self.space.scatter_(self.model, self.optimizer.weights)

@@ -1,0 +1,121 @@
+"""ServerApp: prune on the server (data-free), then run FedZO rounds and record results."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from logging import ERROR, INFO
+
+import torch
+from flwr.app import Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedzo_flwr.config import ConfigError, RunConfig
+from fedzo_flwr.data import load_dataset
+from fedzo_flwr.experiment import initial_model
+from fedzo_flwr.flops import forward_flops, zo_step_flops
+from fedzo_flwr.mask import kept_count, layer_densities, mask_density, total_count
+from fedzo_flwr.results import RunRecorder, atomic_write_bytes
+from fedzo_flwr.server import ZOServer
+from fedzo_flwr.wire import mask_nbytes, sparse_weights_nbytes
+from server_app.strategy import FedZO, kept_arrays
+
+app = ServerApp()
+
+
+class RunSetupError(RuntimeError):
+    """The run cannot start; the message says which key or path is wrong."""
+
+
+def default_run_name(cfg: RunConfig) -> str:
+    """``<method>-<model>-<partitioner>-d<density>-s<seed>-<UTC time>``."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    part = cfg.partitioner + (f"{cfg.alpha:g}" if cfg.partitioner == "dirichlet" else "")
+    return f"{cfg.method}-{cfg.model}-{part}-d{cfg.effective_density:g}-s{cfg.seed}-{stamp}"
+
+
+def load_setup(run_config: dict) -> tuple[RunConfig, object]:
+    """Validate the config and load the test set before anything else (fail fast)."""
+    try:
+        cfg = RunConfig.from_run_config(run_config)
+        return cfg, load_dataset(cfg.dataset, cfg.resolve_data_dir())
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        log(ERROR, "fedzo: cannot start the run: %s", err)
+        raise RunSetupError(str(err)) from None
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run a FedZO federation as configured by ``context.run_config``."""
+    cfg, test_data = load_setup(dict(context.run_config))
+    run_dir = cfg.resolve_output_dir() / (cfg.run_name or default_run_name(cfg))
+    recorder = RunRecorder(run_dir, cfg.to_run_config())
+    log(INFO, "fedzo: results go to %s", run_dir)
+
+    init = initial_model(cfg)
+    server = ZOServer(cfg, init.model, init.mask)
+    input_shape = tuple(test_data.x_test.shape[1:][::-1])  # HWC -> CHW
+    flops = forward_flops(init.model, init.mask, input_shape=input_shape)
+    step_flops = zo_step_flops(init.model, init.mask, cfg.batch_size, cfg.k, cfg.fd)
+    recorder.set_setup(
+        density=mask_density(init.mask),
+        kept_weights=kept_count(init.mask),
+        prunable_weights=total_count(init.mask),
+        kept_coordinates=server.space.dim,
+        layer_densities=layer_densities(init.mask),
+        prune_seconds=init.prune_seconds,
+        mask_bytes=mask_nbytes(init.mask),
+        sparse_weights_bytes=sparse_weights_nbytes(server.space),
+        forward_flops_per_example={"dense": flops.dense, "sparse": flops.sparse},
+        client_round_forward_flops=step_flops * cfg.local_steps,
+        flops_note="FlopCounterMode conv/linear FLOPs scaled by each layer's kept fraction",
+    )
+    strategy = FedZO(server, recorder, test_data, step_flops * cfg.local_steps)
+    started = time.perf_counter()
+    strategy.start(
+        grid=grid,
+        initial_arrays=kept_arrays(server),
+        num_rounds=cfg.num_server_rounds,
+        evaluate_fn=strategy.evaluate_global,
+    )
+    checkpoint = run_dir / "model.pt"
+    server.eval_model()
+    buffer = _serialize_checkpoint(cfg, server)
+    server.restore_training_weights()
+    atomic_write_bytes(checkpoint, buffer)
+    evaluated = [r for r in recorder.data["rounds"] if "accuracy" in r]
+    final = evaluated[-1] if evaluated else {}
+    recorder.set_final(
+        accuracy=final.get("accuracy"),
+        loss=final.get("loss"),
+        rounds=cfg.num_server_rounds,
+        seconds=time.perf_counter() - started,
+        rejected_replies=strategy.rejected_total,
+        checkpoint=str(checkpoint),
+    )
+    plot = recorder.plot()
+    log(
+        INFO,
+        "fedzo: final accuracy %s; wrote %s, %s and %s",
+        final.get("accuracy"),
+        recorder.results_path,
+        plot,
+        checkpoint,
+    )
+
+
+def _serialize_checkpoint(cfg: RunConfig, server: ZOServer) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(
+        {
+            "config": cfg.to_run_config(),
+            "model_state": {k: v.clone() for k, v in server.model.state_dict().items()},
+            "mask": server.mask,
+            "optimizer": server.optimizer.state_dict(),
+        },
+        buffer,
+    )
+    return buffer.getvalue()

@@ -1,0 +1,301 @@
+"""FedZO: Flower strategy for server-side pruning and seed-based zeroth-order training."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from fedzo_flwr import protocol
+from fedzo_flwr.data import DatasetArrays
+from fedzo_flwr.evaluation import evaluate
+from fedzo_flwr.results import RunRecorder, per_client_summary
+from fedzo_flwr.server import ClientUpdate, ZOServer
+from fedzo_flwr.wire import encode_mask
+from fedzo_flwr.zo.directions import derive_seed
+from fedzo_flwr.zo.reconstruct import ScalarStep
+from server_app.message_size import message_nbytes
+
+
+def kept_arrays(server: ZOServer) -> ArrayRecord:
+    """The global model's kept coordinates as the ArrayRecord clients receive."""
+    return ArrayRecord({protocol.KEPT_KEY: Array(server.kept_values().numpy().copy())})
+
+
+class FedZO(FedAvg):
+    """Seed-and-scalars federated zeroth-order training over a server-pruned model.
+
+    Each round it samples nodes, sends them the kept weights and the round seed (and the mask
+    bitmap, once per node), validates the replies' loss differences, reconstructs the update
+    from ``(seed, scalars)`` pairs and steps the global model. The standard ``Strategy.start``
+    loop drives it; ``evaluate_global`` is its ``evaluate_fn`` (central test-set evaluation).
+
+    Parameters
+    ----------
+    server : ZOServer
+        Global model state and update rule (Flower-free core).
+    recorder : RunRecorder
+        Where per-round results go.
+    test_data : DatasetArrays
+        Test split for central evaluation.
+    forward_flops : int
+        Forward FLOPs of one client-round (K+1 or 2K sparse forward passes x local steps).
+    """
+
+    def __init__(
+        self,
+        server: ZOServer,
+        recorder: RunRecorder,
+        test_data: DatasetArrays,
+        forward_flops: int,
+    ) -> None:
+        cfg = server.cfg
+        wanted = cfg.clients_per_round or 1
+        super().__init__(
+            fraction_train=1.0,
+            fraction_evaluate=cfg.fraction_evaluate,
+            min_train_nodes=wanted,
+            min_evaluate_nodes=1,
+            min_available_nodes=max(cfg.min_clients, wanted),
+        )
+        self.server = server
+        self.cfg = cfg
+        self.recorder = recorder
+        self.test_data = test_data
+        self.forward_flops = forward_flops
+        self.mask_bytes = encode_mask(server.mask)
+        self.mask_id = protocol.mask_id(self.mask_bytes)
+        self.nodes_with_mask: set[int] = set()
+        self.node_partition: dict[int, int] = {}
+        self.round_downlink: dict[int, int] = {}
+        self.round_started = 0.0
+        self.rejected_total = 0
+        # Upper bound on a plausible loss difference: a perturbation of scale σ cannot change
+        # a cross-entropy by more than a few nats unless the client is broken or malicious.
+        self.max_abs_delta = 1e3
+
+    def summary(self) -> None:
+        """Log the strategy's configuration."""
+        cfg = self.cfg
+        log(
+            INFO,
+            "\t├── FedZO (%s): K=%d σ=%g %s differences, %s directions, seed-mode %s",
+            cfg.method,
+            cfg.k,
+            cfg.sigma,
+            cfg.fd,
+            cfg.directions,
+            cfg.seed_mode,
+        )
+        log(
+            INFO,
+            "\t├── model %s, density %.4f, kept coordinates %d, mask %d bytes",
+            cfg.model,
+            cfg.effective_density,
+            self.server.space.dim,
+            len(self.mask_bytes),
+        )
+        log(
+            INFO,
+            "\t└── server optimizer %s lr %g, local steps %d",
+            cfg.optimizer,
+            cfg.lr,
+            cfg.local_steps,
+        )
+
+    # ------------------------------------------------------------------------------ train
+
+    def _sample(self, grid: Grid, server_round: int) -> list[int]:
+        wanted = self.cfg.clients_per_round
+        available = sorted(sample_nodes(grid, self.min_available_nodes, 0)[1])
+        if not wanted or wanted >= len(available):
+            return available
+        chooser = random.Random(derive_seed(self.cfg.seed, server_round, 0x73616D70))
+        return sorted(chooser.sample(available, wanted))
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send each sampled node the kept weights, the round seed and (once) the mask."""
+        self.round_started = time.perf_counter()
+        node_ids = self._sample(grid, server_round)
+        log(
+            INFO,
+            "configure_train: %d nodes, round seed %d",
+            len(node_ids),
+            self.server.round_seed(server_round),
+        )
+        messages, self.round_downlink = [], {}
+        for node_id in node_ids:
+            node_config = ConfigRecord(dict(config))
+            node_config[protocol.ROUND_KEY] = server_round
+            node_config[protocol.ROUND_SEED_KEY] = self.server.round_seed(server_round)
+            node_config[protocol.MASK_ID_KEY] = self.mask_id
+            if node_id not in self.nodes_with_mask:
+                node_config[protocol.MASK_KEY] = self.mask_bytes
+            message = Message(
+                content=RecordDict({protocol.ARRAYS_KEY: arrays, protocol.CONFIG_KEY: node_config}),
+                message_type=MessageType.TRAIN,
+                dst_node_id=node_id,
+            )
+            self.round_downlink[node_id] = message_nbytes(message)
+            messages.append(message)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate replies, aggregate their scalars, step the global model."""
+        replies = list(replies)
+        parsed: dict[int, protocol.ParsedReply] = {}
+        uplink: dict[int, int] = {}
+        rejected: list[dict[str, object]] = []
+        for reply in replies:
+            node_id = reply.metadata.src_node_id
+            if reply.has_error():
+                reason = reply.error.reason
+                if protocol.MASK_MISSING in reason:
+                    self.nodes_with_mask.discard(node_id)
+                log(WARNING, "Round %d: node %d failed: %s", server_round, node_id, reason)
+                rejected.append({"node_id": node_id, "reason": f"client error: {reason}"})
+                continue
+            try:
+                zo = reply.content.config_records.get(protocol.ZO_KEY)
+                metrics = reply.content.metric_records.get(protocol.METRICS_KEY)
+                if zo is None or metrics is None:
+                    raise protocol.ReplyRejected("reply lacks the 'zo' or 'metrics' record")
+                partition_hint = int(metrics.get("partition-id", -1))
+                result = protocol.parse_reply(
+                    zo,
+                    metrics,
+                    server_round=server_round,
+                    k=self.cfg.k,
+                    local_steps=self.cfg.local_steps,
+                    max_abs_delta=self.max_abs_delta,
+                    expected_seeds=self.server.expected_seeds(server_round, partition_hint),
+                )
+                if result.partition_id in parsed:
+                    raise protocol.ReplyRejected(
+                        f"partition {result.partition_id} already replied this round"
+                    )
+            except protocol.ReplyRejected as err:
+                log(
+                    WARNING, "Round %d: rejected reply from node %d: %s", server_round, node_id, err
+                )
+                rejected.append({"node_id": node_id, "reason": str(err)})
+                continue
+            self.nodes_with_mask.add(node_id)
+            self.node_partition[node_id] = result.partition_id
+            parsed[result.partition_id] = result
+            uplink[result.partition_id] = message_nbytes(reply)
+        self.rejected_total += len(rejected)
+        downlink = {
+            self.node_partition.get(node, -node): size for node, size in self.round_downlink.items()
+        }
+        entry: dict[str, object] = {
+            "downlink_bytes": per_client_summary(downlink),
+            "uplink_bytes": per_client_summary(uplink),
+            "density": self.cfg.effective_density,
+            "clients": len(parsed),
+            "rejected": rejected,
+        }
+        if len(parsed) < self.cfg.min_clients:
+            log(
+                WARNING,
+                "Round %d skipped: %d valid replies, min-clients is %d; model unchanged",
+                server_round,
+                len(parsed),
+                self.cfg.min_clients,
+            )
+            entry["skipped"] = True
+            self.recorder.update_round(server_round, **entry)
+            return None, None
+        updates = [
+            ClientUpdate(
+                pid,
+                r.num_examples,
+                [ScalarStep(seed, r.deltas[j]) for j, seed in enumerate(r.step_seeds)],
+                r.base_loss,
+            )
+            for pid, r in parsed.items()
+        ]
+        summary = self.server.apply_round(updates)
+        seconds = {pid: r.seconds for pid, r in parsed.items()}
+        peaks = {pid: r.peak_mem_bytes for pid, r in parsed.items()}
+        entry.update(
+            client_seconds=per_client_summary(seconds),
+            client_peak_mem_bytes=per_client_summary(peaks),
+            client_extra_mem_bytes=per_client_summary(
+                {pid: r.extra_mem_bytes for pid, r in parsed.items()}
+            ),
+            forward_flops=per_client_summary({pid: self.forward_flops for pid in parsed}),
+            train_loss=summary.train_loss,
+            grad_norm=summary.grad_norm,
+            reconstructions=summary.distinct_seeds * self.cfg.local_steps,
+            round_seconds=time.perf_counter() - self.round_started,
+        )
+        self.recorder.update_round(server_round, **entry)
+        metrics = MetricRecord(
+            {
+                "train-loss": summary.train_loss,
+                "clients": len(parsed),
+                "uplink-bytes": sum(uplink.values()),
+                "downlink-bytes": sum(downlink.values()),
+            }
+        )
+        return kept_arrays(self.server), metrics
+
+    # ------------------------------------------------------------------------- evaluate
+
+    def evaluate_global(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Central evaluation on the test set every ``eval-every`` rounds and at the end."""
+        last = server_round == self.cfg.num_server_rounds
+        if server_round % self.cfg.eval_every and not last and server_round != 0:
+            self._log_round(server_round, None)
+            return None
+        loss, accuracy = evaluate(
+            self.server.eval_model(),
+            self.test_data.x_test,
+            self.test_data.y_test,
+            self.cfg.dataset,
+        )
+        self.server.restore_training_weights()
+        self.recorder.update_round(server_round, accuracy=accuracy, loss=loss)
+        self._log_round(server_round, accuracy)
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    def _log_round(self, server_round: int, accuracy: float | None) -> None:
+        if server_round == 0:
+            log(INFO, "[fedzo] round 0: accuracy %.4f (initial model)", accuracy or 0.0)
+            return
+        entry = self.recorder.round_entry(server_round)
+        up = entry.get("uplink_bytes", {}).get("total", 0)
+        down = entry.get("downlink_bytes", {}).get("total", 0)
+        acc = "" if accuracy is None else f"accuracy {accuracy:.4f}, "
+        log(
+            INFO,
+            "[fedzo] round %d/%d: %strain-loss %.4f, %d clients, up %d B, down %d B, %.2fs",
+            server_round,
+            self.cfg.num_server_rounds,
+            acc,
+            entry.get("train_loss", float("nan")),
+            entry.get("clients", 0),
+            up,
+            down,
+            entry.get("round_seconds", 0.0),
+        )

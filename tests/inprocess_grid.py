@@ -1,0 +1,109 @@
+"""An in-process Flower Grid: runs the real ServerApp against real ClientApps, no Ray/SuperLink.
+
+Relies on Flower 1.41 private API (``TaskIdentity``), kept in this one helper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import tomllib
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def app_config(**overrides: object) -> dict:
+    """``[tool.flwr.app.config]`` of pyproject.toml with overrides (kebab-case keys)."""
+    with open(ROOT / "pyproject.toml", "rb") as handle:
+        config = tomllib.load(handle)["tool"]["flwr"]["app"]["config"]
+    config.update({k.replace("_", "-"): v for k, v in overrides.items()})
+    return config
+
+
+class InProcessGrid(Grid):
+    """Delivers each message to a ClientApp called in this process.
+
+    Parameters
+    ----------
+    client_app : ClientApp
+        The app under test.
+    num_nodes : int
+        Simulated nodes; node ``i`` gets partition ``i`` of ``num_nodes``.
+    run_config : dict
+        The run config every node sees.
+    intercept : callable, optional
+        ``intercept(node_index, message, reply) -> reply``: lets a test tamper with replies
+        (misbehaving clients) after the real ClientApp ran.
+    """
+
+    def __init__(
+        self,
+        client_app: ClientApp,
+        num_nodes: int,
+        run_config: dict,
+        intercept: Callable[[int, Message, Message], Message] | None = None,
+    ) -> None:
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+        self.client_app = client_app
+        self.node_ids = [1000 + 17 * i for i in range(num_nodes)]
+        self.contexts = {
+            node_id: Context(
+                run_id=1,
+                node_id=node_id,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config=dict(run_config),
+            )
+            for i, node_id in enumerate(self.node_ids)
+        }
+        self.intercept = intercept
+        self.replies: dict[str, Message] = {}
+        self.sent: list[Message] = []
+        self._run = Run.create_empty(run_id=1)
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content, dst_node_id, message_type, group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.node_ids)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            node_id = message.metadata.dst_node_id
+            self.sent.append(message)
+            try:
+                reply = self.client_app(message, self.contexts[node_id])
+            except Exception as err:  # the real runtime turns exceptions into error replies
+                reply = Message(
+                    Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=message
+                )
+            if self.intercept is not None:
+                reply = self.intercept(self.node_ids.index(node_id), message, reply)
+            self.replies[message.object_id] = reply
+            ids.append(message.object_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self.replies.pop(i) for i in message_ids if i in self.replies]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
+
+
+def server_context(run_config: dict) -> Context:
+    """Context for the ServerApp."""
+    return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)

@@ -1,0 +1,226 @@
+"""The Flower apps end to end, in process: real ServerApp, strategy and ClientApps."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tomllib
+import torch
+from flwr.app import ConfigRecord
+from inprocess_grid import ROOT, InProcessGrid, app_config, server_context
+
+from client_app.client_app import app as client_app
+from fedzo_flwr import protocol
+from fedzo_flwr.config import ConfigError, RunConfig
+from fedzo_flwr.experiment import initial_model
+from fedzo_flwr.models import build_model
+from fedzo_flwr.wire import encode_scalars, mask_nbytes
+from server_app.server_app import RunSetupError
+from server_app.server_app import app as server_app
+
+ROUND_FIELDS = {
+    "round",
+    "uplink_bytes",
+    "downlink_bytes",
+    "client_seconds",
+    "client_peak_mem_bytes",
+    "forward_flops",
+    "density",
+    "clients",
+    "rejected",
+    "train_loss",
+}
+
+
+def run_inprocess(tmp_path, data_dir, num_nodes=4, intercept=None, **overrides):
+    config = app_config(
+        **{
+            "data-dir": str(data_dir),
+            "output-dir": str(tmp_path),
+            "run-name": "run",
+            "num-server-rounds": 3,
+            "eval-every": 3,
+            "k": 20,
+            "prune-iterations": 2,
+            **overrides,
+        }
+    )
+    grid = InProcessGrid(client_app, num_nodes, config, intercept=intercept)
+    server_app(grid, server_context(config))
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    return grid, results, RunConfig.from_run_config(config)
+
+
+def test_pyproject_defaults_are_the_config_defaults():
+    with open(ROOT / "pyproject.toml", "rb") as handle:
+        table = tomllib.load(handle)["tool"]["flwr"]["app"]["config"]
+    assert RunConfig.from_run_config(table) == RunConfig()
+    assert set(table) == set(RunConfig().to_run_config())
+
+
+@pytest.fixture(scope="module")
+def three_rounds(tmp_path_factory, data_dir):
+    tmp = tmp_path_factory.mktemp("e2e")
+    grid, results, cfg = run_inprocess(tmp, data_dir)
+    return tmp, grid, results, cfg
+
+
+def test_results_schema_and_scalars_arrive(three_rounds):
+    tmp, _, results, _ = three_rounds
+    assert results["config"]["k"] == 20 and results["config"]["model"] == "lenet5"
+    rounds = {r["round"]: r for r in results["rounds"]}
+    assert sorted(rounds) == [0, 1, 2, 3]
+    assert set(rounds[0]) == {"round", "accuracy", "loss"}
+    for r in (1, 2, 3):
+        entry = rounds[r]
+        assert ROUND_FIELDS <= set(entry), ROUND_FIELDS - set(entry)
+        assert entry["clients"] == 4 and entry["rejected"] == []
+        assert sorted(entry["uplink_bytes"]["per_client"]) == ["0", "1", "2", "3"]
+        assert entry["density"] == pytest.approx(0.1)
+        assert (
+            entry["forward_flops"]["per_client"]["0"]
+            == results["setup"]["client_round_forward_flops"]
+        )
+        assert all(v > 0 for v in entry["client_seconds"]["per_client"].values())
+        assert entry["client_peak_mem_bytes"]["max"] > 50 * 2**20
+    assert 0.0 <= rounds[3]["accuracy"] <= 1.0 and np.isfinite(rounds[3]["loss"])
+    assert results["final"]["accuracy"] == rounds[3]["accuracy"]
+    assert (tmp / "run" / "results.png").stat().st_size > 10_000
+    assert results["setup"]["kept_weights"] == 6177  # ceil(0.1 * 61,770)
+
+
+def test_global_model_changes_and_pruned_weights_stay_zero(three_rounds):
+    tmp, _, _, cfg = three_rounds
+    checkpoint = torch.load(tmp / "run" / "model.pt", weights_only=False)
+    start = initial_model(cfg)
+    mask = checkpoint["mask"]
+    assert all(torch.equal(mask[n], start.mask[n]) for n in mask)
+    state = checkpoint["model_state"]
+    changed = 0
+    for name, tensor in start.model.state_dict().items():
+        final = state[name]
+        if name in mask:
+            assert torch.count_nonzero(final[~mask[name]]) == 0, name
+        changed += int(torch.count_nonzero(final != tensor))
+    assert changed > 0.9 * (6177 + 236)  # Adam moves (almost) every kept coordinate
+
+
+def test_mask_is_sent_once_per_node(three_rounds):
+    _, grid, results, _ = three_rounds
+    train_messages = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert len(train_messages) == 12
+    with_mask = [
+        m for m in train_messages if protocol.MASK_KEY in m.content.config_records["config"]
+    ]
+    assert len(with_mask) == 4 and {m.metadata.dst_node_id for m in with_mask} == set(grid.node_ids)
+    down = {r["round"]: r["downlink_bytes"]["per_client"] for r in results["rounds"] if r["round"]}
+    mask_bytes = results["setup"]["mask_bytes"]
+    assert mask_bytes == mask_nbytes(build_model("lenet5")) == 7722
+    for pid in down[1]:
+        # Round 1 carries the mask bitmap (plus its key and length prefix); round 2 does not.
+        assert mask_bytes <= down[1][pid] - down[2][pid] <= mask_bytes + 40
+        assert down[2][pid] == down[3][pid]
+
+
+def test_uplink_is_k_float32_plus_fixed_envelope(three_rounds):
+    _, _, results, cfg = three_rounds
+    ups = [
+        v for r in results["rounds"] if r["round"] for v in r["uplink_bytes"]["per_client"].values()
+    ]
+    envelope = [u - 4 * cfg.k for u in ups]
+    assert max(envelope) - min(envelope) <= 8  # varint-coded metrics differ by a few bytes
+    assert 0 < min(envelope) < 1024
+
+    # The scalars travel as float32 bytes: K more directions cost exactly 4K more bytes.
+    def record_size(k: int) -> int:
+        deltas = encode_scalars(np.linspace(-1e-3, 1e-3, k))
+        return len(ConfigRecord({protocol.DELTAS_KEY: deltas, protocol.ROUND_KEY: 1}).deflate())
+
+    assert record_size(200) - record_size(100) == 400
+
+
+def test_shared_seed_mode_reconstructs_once_per_round(tmp_path, data_dir):
+    _, results, _ = run_inprocess(
+        tmp_path, data_dir, num_nodes=3, **{"seed-mode": "shared", "num-server-rounds": 2}
+    )
+    assert [r["reconstructions"] for r in results["rounds"] if r["round"]] == [1, 1]
+
+
+def test_per_client_mode_with_local_steps(tmp_path, data_dir):
+    _, results, _ = run_inprocess(
+        tmp_path, data_dir, num_nodes=3, **{"local-steps": 2, "num-server-rounds": 2}
+    )
+    entries = [r for r in results["rounds"] if r["round"]]
+    assert [r["reconstructions"] for r in entries] == [6, 6]
+    assert all(r["clients"] == 3 for r in entries)
+    # Two steps of 20 scalars each travel: 160 bytes of payload.
+    assert all(min(r["uplink_bytes"]["per_client"].values()) > 160 for r in entries)
+
+
+def test_node_that_lost_its_mask_gets_it_again(tmp_path, data_dir):
+    from client_app import client_app as client_module
+
+    def forget(node_index, message, reply):
+        # Node 1 loses its state after round 1 (e.g. a restarted SuperNode), and in round 2 it
+        # runs in a fresh process (no module cache), as a deployed ClientApp always does.
+        server_round = message.content.config_records["config"]["server-round"]
+        if node_index == 1 and server_round == 1:
+            del grid.contexts[grid.node_ids[1]].state["fedzo"]
+        if node_index == 0 and server_round == 2:
+            client_module._MODELS.clear()
+        return reply
+
+    config = app_config(
+        **{
+            "data-dir": str(data_dir),
+            "output-dir": str(tmp_path),
+            "run-name": "run",
+            "num-server-rounds": 3,
+            "eval-every": 3,
+            "k": 10,
+            "prune-iterations": 2,
+        }
+    )
+    grid = InProcessGrid(client_app, 3, config, intercept=forget)
+    server_app(grid, server_context(config))
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    rounds = {r["round"]: r for r in results["rounds"]}
+    assert rounds[2]["clients"] == 2
+    assert "mask-missing" in rounds[2]["rejected"][0]["reason"]
+    assert rounds[3]["clients"] == 3  # the server re-sent the mask
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"density": 1.5}, "'density'"),
+        ({"model": "foo"}, "'model'"),
+        ({"fd": "sideways"}, "'fd'"),
+        ({"k": 0}, "'k'"),
+    ],
+)
+def test_bad_run_config_fails_fast_naming_the_key(tmp_path, data_dir, overrides, needle):
+    config = app_config(**{"data-dir": str(data_dir), "output-dir": str(tmp_path), **overrides})
+    grid = InProcessGrid(client_app, 2, config)
+    with pytest.raises(RunSetupError, match=needle):
+        server_app(grid, server_context(config))
+    assert grid.sent == []  # nothing reached a client
+
+
+def test_missing_data_file_fails_fast_naming_the_path(tmp_path):
+    config = app_config(**{"data-dir": str(tmp_path / "nowhere"), "output-dir": str(tmp_path)})
+    grid = InProcessGrid(client_app, 2, config)
+    with pytest.raises(RunSetupError, match="nowhere"):
+        server_app(grid, server_context(config))
+    assert grid.sent == []
+
+
+def test_config_error_lists_allowed_values():
+    with pytest.raises(ConfigError, match="'forward' or 'central'"):
+        RunConfig.from_run_config({"fd": "x"})
+    with pytest.raises(ConfigError, match="key 'nope': unknown key"):
+        RunConfig.from_run_config({"nope": 1})
+    with pytest.raises(ConfigError, match="valid models: lenet-gn, lenet5, resnet18, resnet20"):
+        RunConfig.from_run_config({"model": "vgg"})
