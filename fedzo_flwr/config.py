@@ -52,7 +52,7 @@ class RunConfig(BaseModel):
     sigma: float = Field(1e-3, gt=0)
     fd: Literal["forward", "central"] = "forward"
     directions: Literal["gaussian", "rademacher"] = "gaussian"
-    seed_mode: Literal["per-client", "shared"] = "per-client"
+    seed_mode: Literal["per-client", "shared"] = "shared"
     engine: Literal["lean", "batched"] = "lean"
     chunk_size: int = Field(16, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -69,7 +69,7 @@ class RunConfig(BaseModel):
     prune_method: Literal["ntk", "synflow", "magnitude", "random"] = "ntk"
     density: float = Field(0.1, gt=0, le=1)
     prune_iterations: int = Field(20, ge=1)
-    prune_repeats: int = Field(1, ge=1)
+    prune_repeats: int = Field(5, ge=1)
     # Bookkeeping.
     client_threads: int = Field(1, ge=0)
     seed: int = Field(3407, ge=0)

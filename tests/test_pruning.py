@@ -24,11 +24,13 @@ from fedzo_flwr.models import build_model
 from fedzo_flwr.pruning import (
     PRUNERS,
     NTKSAPConfig,
+    derive_seed,
     federated_ntk_mask,
     gaussian_inputs,
     ntk_mask_gradients,
     ntk_sap_mask,
     prune,
+    scoring_seed,
     snip_mask,
     synflow_mask,
 )
@@ -490,3 +492,25 @@ def test_batchnorm_model_is_rejected() -> None:
     model(torch.zeros(1, 3, 32, 32))
     with pytest.raises(NotImplementedError, match="BatchNorm"):
         ntk_sap_mask(model, "lenet5", 0.5, FAST)
+
+
+def test_zero_scores_are_reported(caplog: pytest.LogCaptureFixture) -> None:
+    # LeNet-5 (ReLU, no normalisation, PyTorch default init) has units that are dead for the
+    # whole Gaussian batch in a given weight draw; with one batch per iteration many scores are
+    # exactly 0 and selection among them falls back to index order. This must not pass silently.
+    with caplog.at_level(logging.WARNING, logger="fedzo_flwr.pruning"):
+        ntk_sap_mask(build_model("lenet5"), "lenet5", 0.1)
+    assert "scored exactly 0" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fedzo_flwr.pruning"):
+        ntk_sap_mask(build_model("lenet-gn"), "lenet-gn", 0.1, FAST)
+    assert "scored exactly 0" not in caplog.text
+
+
+def test_seed_derivation_is_pinned() -> None:
+    # The federated form relies on server and clients deriving the same seeds on any platform.
+    assert derive_seed(0, "x", 1) == 4427420899067873309
+    assert scoring_seed(3407, 0, 1) == 5278285954528206050
+    assert len({scoring_seed(0, c, t) for c in range(5) for t in range(1, 21)}) == 100
+    with pytest.raises(TypeError, match="seed"):
+        derive_seed(1.5)  # type: ignore[arg-type]

@@ -216,6 +216,7 @@ def iterative_prune(
     total = total_count(mask)
     if kept_target(density, total) == total:
         return mask
+    zero_fractions: list[float] = []
     for t in range(1, iterations + 1):
         d_t = density ** (t / iterations)
         scores = score_fn(mask, t)
@@ -228,17 +229,7 @@ def iterative_prune(
                 raise RuntimeError(f"{method}: non-finite scores in {name!r} at iteration {t}")
             zeros += int((kept_scores == 0).sum())
             restricted[name] = torch.where(keep, s, torch.full_like(s, -math.inf))
-        zero_fraction = zeros / kept_count(mask)
-        if zero_fraction > ZERO_SCORE_WARNING:
-            logger.warning(
-                "%s iteration %d/%d: %.0f%% of the kept weights scored exactly 0, so their order "
-                "falls back to tensor/index order (e.g. ReLU units dead in this weight draw); "
-                "more scoring batches per iteration (repeats) make the scores reliable",
-                method,
-                t,
-                iterations,
-                100 * zero_fraction,
-            )
+        zero_fractions.append(zeros / kept_count(mask))
         new = global_topk_mask(restricted, d_t)
         regrown = [n for n in mask if bool((new[n] & ~mask[n]).any())]
         if regrown:  # cannot happen while kept_target(d_t) is non-increasing; guard anyway
@@ -252,7 +243,20 @@ def iterative_prune(
             d_t,
             kept_count(mask),
             total,
-            100 * zero_fraction,
+            100 * zero_fractions[-1],
+        )
+    flagged = [f for f in zero_fractions if f > ZERO_SCORE_WARNING]
+    if flagged:
+        logger.warning(
+            "%s: in %d of %d iterations more than %.0f%% of the kept weights scored exactly 0 "
+            "(worst %.0f%%), so their order fell back to tensor/index order (e.g. ReLU units "
+            "dead for the whole batch in that weight draw); more scoring batches per iteration "
+            "(NTK-SAP: repeats) make the scores reliable",
+            method,
+            len(flagged),
+            iterations,
+            100 * ZERO_SCORE_WARNING,
+            100 * max(flagged),
         )
     logger.debug("%s layer densities: %s", method, layer_densities(mask))
     return mask

@@ -1,0 +1,62 @@
+"""A real `flwr run .` simulation (local SuperLink + Ray), as the README's main command runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from stop_local_superlink import our_superlinks  # noqa: E402
+
+
+@pytest.mark.slow
+def test_flwr_run_simulation_writes_results(tmp_path, data_dir):
+    flwr_home = tmp_path / "flwr-home"
+    flwr_home.mkdir()
+    bin_dir = Path(sys.executable).parent
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "MPLCONFIGDIR": str(tmp_path / "mpl"),
+        "RAY_TMPDIR": str(tmp_path / "ray"),
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    run_config = (
+        f'num-server-rounds=2 k=10 prune-iterations=2 eval-every=2 data-dir="{data_dir}" '
+        f'output-dir="{tmp_path / "out"}" run-name="ci"'
+    )
+    command = [
+        str(bin_dir / "flwr"),
+        "run",
+        str(ROOT),
+        "--stream",
+        "--federation-config",
+        "num-supernodes=3 client-resources-num-cpus=1",
+        "--run-config",
+        run_config,
+    ]
+    try:
+        proc = subprocess.run(
+            command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=480
+        )
+    finally:
+        for pid in our_superlinks(str(flwr_home)):
+            os.kill(pid, 15)
+    log = proc.stdout + proc.stderr
+    results_path = tmp_path / "out" / "ci" / "results.json"
+    assert results_path.is_file(), log[-4000:]
+    results = json.loads(results_path.read_text())
+    trained = [r for r in results["rounds"] if r["round"]]
+    assert [r["round"] for r in trained] == [1, 2]
+    assert all(r["clients"] == 3 and not r["rejected"] for r in trained)
+    assert "accuracy" in trained[-1]
+    assert "[fedzo] round 2/2" in log
