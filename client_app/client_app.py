@@ -60,8 +60,17 @@ def masked_model(
     return _MODELS[key]
 
 
-def _setup(msg: Message, context: Context) -> tuple[RunConfig, torch.nn.Module, KeptSpace]:
+def node_run_config(context: Context) -> RunConfig:
+    """The run config, with this node's own ``data-dir`` (``--node-config``) taking precedence."""
     cfg = RunConfig.from_run_config(dict(context.run_config))
+    node_data_dir = context.node_config.get("data-dir")
+    if node_data_dir:
+        cfg = cfg.model_copy(update={"data_dir": str(node_data_dir)})
+    return cfg
+
+
+def _setup(msg: Message, context: Context) -> tuple[RunConfig, torch.nn.Module, KeptSpace]:
+    cfg = node_run_config(context)
     if cfg.client_threads:
         torch.set_num_threads(cfg.client_threads)
     config = msg.content.config_records[protocol.CONFIG_KEY]
@@ -102,8 +111,9 @@ def train(msg: Message, context: Context) -> Message:
             "num-examples": result.num_examples,
             "base-loss": result.base_loss,
             "client-seconds": result.seconds,
-            "peak-mem-bytes": result.peak_mem_bytes,
-            "extra-mem-bytes": result.extra_mem_bytes,
+            # Floats travel as fixed 8-byte doubles: a constant envelope, whatever the value.
+            "peak-mem-bytes": float(result.peak_mem_bytes),
+            "extra-mem-bytes": float(result.extra_mem_bytes),
             "partition-id": partition_id,
         }
     )

@@ -20,6 +20,23 @@ DATA_DIR_ENV = "FEDZO_DATA_DIR"
 OUTPUT_DIR_ENV = "FEDZO_OUTPUT_DIR"
 
 
+# Keys that do not influence what the model learns (see RunConfig.trajectory_differences).
+BOOKKEEPING_KEYS = frozenset(
+    {
+        "data-dir",
+        "num-server-rounds",
+        "round-timeout",
+        "client-threads",
+        "eval-every",
+        "fraction-evaluate",
+        "output-dir",
+        "run-name",
+        "checkpoint-every",
+        "resume-from",
+    }
+)
+
+
 class ConfigError(ValueError):
     """A run-config value is invalid; the message names the key."""
 
@@ -47,6 +64,11 @@ class RunConfig(BaseModel):
     num_server_rounds: int = Field(300, ge=1)
     clients_per_round: int = Field(0, ge=0)
     min_clients: int = Field(1, ge=1)
+    round_timeout: float = Field(600.0, gt=0)
+    # Robustness.
+    aggregation: Literal["mean", "trimmed-mean", "median"] = "mean"
+    trim_fraction: float = Field(0.1, ge=0, lt=0.5)
+    max_abs_delta: float = Field(10.0, gt=0)
     # Zeroth-order estimator.
     k: int = Field(200, ge=1)
     sigma: float = Field(1e-3, gt=0)
@@ -77,6 +99,8 @@ class RunConfig(BaseModel):
     fraction_evaluate: float = Field(0.0, ge=0, le=1)
     output_dir: str = ""
     run_name: str = ""
+    checkpoint_every: int = Field(50, ge=0)
+    resume_from: str = ""
 
     @field_validator("model")
     @classmethod
@@ -108,6 +132,15 @@ class RunConfig(BaseModel):
             return cls.model_validate(dict(run_config))
         except ValidationError as err:
             raise ConfigError(_describe(err)) from None
+
+    def trajectory_differences(self, other: RunConfig) -> list[str]:
+        """Keys (kebab-case) whose values differ and that change the training trajectory.
+
+        Bookkeeping keys (rounds, evaluation, paths, threads, timeouts) may differ between a
+        checkpointed run and its resumption; every other key must match for a bit-exact resume.
+        """
+        mine, theirs = self.to_run_config(), other.to_run_config()
+        return sorted(k for k in mine if k not in BOOKKEEPING_KEYS and mine[k] != theirs.get(k))
 
     def to_run_config(self) -> dict[str, Any]:
         """The kebab-case dict form (what ``results.json`` records)."""

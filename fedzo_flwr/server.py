@@ -135,7 +135,13 @@ class ZOServer:
             merged = [
                 ScalarStep(
                     seed,
-                    aggregate_deltas([m.steps[j].deltas for m in members], weights, self.cfg.k),
+                    aggregate_deltas(
+                        [m.steps[j].deltas for m in members],
+                        weights,
+                        self.cfg.k,
+                        method=self.cfg.aggregation,
+                        trim_fraction=self.cfg.trim_fraction,
+                    ),
                 )
                 for j, seed in enumerate(seeds)
             ]
@@ -148,6 +154,15 @@ class ZOServer:
             np.average([u.base_loss for u in updates], weights=[u.num_examples for u in updates])
         )
         return RoundSummary(len(updates), len(groups), grad_norm, train_loss)
+
+    def state_dict(self) -> dict:
+        """Optimizer state (kept weights, moments, EMA, step count) for checkpoints."""
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` and write the weights into the model."""
+        self.optimizer.load_state_dict(state)
+        self.space.scatter_(self.model, self.optimizer.weights)
 
     def eval_model(self) -> nn.Module:
         """The model to evaluate: EMA weights if enabled, else the current ones."""

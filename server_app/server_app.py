@@ -5,12 +5,14 @@ from __future__ import annotations
 import time
 from datetime import datetime, timezone
 from logging import ERROR, INFO
+from pathlib import Path
 
 import torch
 from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedzo_flwr.checkpoint import CheckpointError, check_compatible, load_checkpoint
 from fedzo_flwr.config import ConfigError, RunConfig
 from fedzo_flwr.data import load_dataset
 from fedzo_flwr.experiment import initial_model
@@ -55,6 +57,7 @@ def main(grid: Grid, context: Context) -> None:
 
     init = initial_model(cfg)
     server = ZOServer(cfg, init.model, init.mask)
+    start_round = resume(cfg, server, recorder) if cfg.resume_from else 0
     input_shape = tuple(test_data.x_test.shape[1:][::-1])  # HWC -> CHW
     flops = forward_flops(init.model, init.mask, input_shape=input_shape)
     step_flops = zo_step_flops(init.model, init.mask, cfg.batch_size, cfg.k, cfg.fd)
@@ -71,12 +74,13 @@ def main(grid: Grid, context: Context) -> None:
         client_round_forward_flops=step_flops * cfg.local_steps,
         flops_note="FlopCounterMode conv/linear FLOPs scaled by each layer's kept fraction",
     )
-    strategy = FedZO(server, recorder, test_data, step_flops * cfg.local_steps)
+    strategy = FedZO(server, recorder, test_data, step_flops * cfg.local_steps, start_round)
     started = time.perf_counter()
     strategy.start(
         grid=grid,
         initial_arrays=kept_arrays(server),
-        num_rounds=cfg.num_server_rounds,
+        num_rounds=cfg.num_server_rounds - start_round,
+        timeout=cfg.round_timeout,
         evaluate_fn=strategy.evaluate_global,
     )
     checkpoint = run_dir / "model.pt"
@@ -103,6 +107,25 @@ def main(grid: Grid, context: Context) -> None:
         plot,
         checkpoint,
     )
+
+
+def resume(cfg: RunConfig, server: ZOServer, recorder: RunRecorder) -> int:
+    """Load ``resume-from`` into ``server`` and ``recorder``; return the rounds already done."""
+    path = Path(cfg.resume_from).expanduser().resolve()
+    try:
+        state = load_checkpoint(path)
+        check_compatible(state, cfg, server.mask, path)
+    except CheckpointError as err:
+        log(ERROR, "fedzo: cannot resume: %s", err)
+        raise RunSetupError(str(err)) from None
+    server.load_state_dict(state["server"])
+    recorder.data["rounds"] = [
+        r for r in state["results"]["rounds"] if r["round"] <= state["round"]
+    ]
+    recorder.data["resumed_from"] = {"path": str(path), "round": state["round"]}
+    recorder.write()
+    log(INFO, "fedzo: resumed from %s after round %d", path, state["round"])
+    return int(state["round"])
 
 
 def _serialize_checkpoint(cfg: RunConfig, server: ZOServer) -> bytes:

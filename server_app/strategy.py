@@ -6,6 +6,7 @@ import random
 import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
+from pathlib import Path
 
 from flwr.app import (
     Array,
@@ -22,6 +23,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedzo_flwr import protocol
+from fedzo_flwr.checkpoint import save_checkpoint
 from fedzo_flwr.data import DatasetArrays
 from fedzo_flwr.evaluation import evaluate
 from fedzo_flwr.results import RunRecorder, per_client_summary
@@ -55,6 +57,9 @@ class FedZO(FedAvg):
         Test split for central evaluation.
     forward_flops : int
         Forward FLOPs of one client-round (K+1 or 2K sparse forward passes x local steps).
+    start_round : int
+        Rounds already done (when resuming from a checkpoint); ``Strategy.start`` counts from 1,
+        the strategy numbers rounds ``start_round + 1 ...``.
     """
 
     def __init__(
@@ -63,6 +68,7 @@ class FedZO(FedAvg):
         recorder: RunRecorder,
         test_data: DatasetArrays,
         forward_flops: int,
+        start_round: int = 0,
     ) -> None:
         cfg = server.cfg
         wanted = cfg.clients_per_round or 1
@@ -84,10 +90,8 @@ class FedZO(FedAvg):
         self.node_partition: dict[int, int] = {}
         self.round_downlink: dict[int, int] = {}
         self.round_started = 0.0
+        self.start_round = start_round
         self.rejected_total = 0
-        # Upper bound on a plausible loss difference: a perturbation of scale σ cannot change
-        # a cross-entropy by more than a few nats unless the client is broken or malicious.
-        self.max_abs_delta = 1e3
 
     def summary(self) -> None:
         """Log the strategy's configuration."""
@@ -132,6 +136,7 @@ class FedZO(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Send each sampled node the kept weights, the round seed and (once) the mask."""
+        server_round += self.start_round
         self.round_started = time.perf_counter()
         node_ids = self._sample(grid, server_round)
         log(
@@ -161,6 +166,7 @@ class FedZO(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate replies, aggregate their scalars, step the global model."""
+        server_round += self.start_round
         replies = list(replies)
         parsed: dict[int, protocol.ParsedReply] = {}
         uplink: dict[int, int] = {}
@@ -186,7 +192,7 @@ class FedZO(FedAvg):
                     server_round=server_round,
                     k=self.cfg.k,
                     local_steps=self.cfg.local_steps,
-                    max_abs_delta=self.max_abs_delta,
+                    max_abs_delta=self.cfg.max_abs_delta,
                     expected_seeds=self.server.expected_seeds(server_round, partition_hint),
                 )
                 if result.partition_id in parsed:
@@ -263,21 +269,44 @@ class FedZO(FedAvg):
     # ------------------------------------------------------------------------- evaluate
 
     def evaluate_global(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Central evaluation on the test set every ``eval-every`` rounds and at the end."""
+        """Central evaluation every ``eval-every`` rounds and at the end; periodic checkpoints."""
+        if server_round == 0 and self.start_round:
+            return None  # evaluated before the checkpoint was taken
+        server_round += self.start_round
         last = server_round == self.cfg.num_server_rounds
-        if server_round % self.cfg.eval_every and not last and server_round != 0:
-            self._log_round(server_round, None)
-            return None
-        loss, accuracy = evaluate(
-            self.server.eval_model(),
-            self.test_data.x_test,
-            self.test_data.y_test,
-            self.cfg.dataset,
+        metrics = None
+        if server_round == 0 or last or server_round % self.cfg.eval_every == 0:
+            loss, accuracy = evaluate(
+                self.server.eval_model(),
+                self.test_data.x_test,
+                self.test_data.y_test,
+                self.cfg.dataset,
+            )
+            self.server.restore_training_weights()
+            self.recorder.update_round(server_round, accuracy=accuracy, loss=loss)
+            metrics = MetricRecord({"accuracy": accuracy, "loss": loss})
+        self._log_round(server_round, None if metrics is None else float(metrics["accuracy"]))
+        every = self.cfg.checkpoint_every
+        if server_round and (last or (every and server_round % every == 0)):
+            self.save_checkpoint(server_round)
+        return metrics
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """``<run dir>/checkpoint.pt``."""
+        return self.recorder.run_dir / "checkpoint.pt"
+
+    def save_checkpoint(self, server_round: int) -> None:
+        """Write everything needed to resume after ``server_round`` (atomically)."""
+        save_checkpoint(
+            self.checkpoint_path,
+            self.cfg,
+            server_round,
+            self.server.mask,
+            self.server.state_dict(),
+            self.recorder.data,
         )
-        self.server.restore_training_weights()
-        self.recorder.update_round(server_round, accuracy=accuracy, loss=loss)
-        self._log_round(server_round, accuracy)
-        return MetricRecord({"accuracy": accuracy, "loss": loss})
+        log(INFO, "[fedzo] checkpoint after round %d: %s", server_round, self.checkpoint_path)
 
     def _log_round(self, server_round: int, accuracy: float | None) -> None:
         if server_round == 0:

@@ -38,8 +38,9 @@ class InProcessGrid(Grid):
     run_config : dict
         The run config every node sees.
     intercept : callable, optional
-        ``intercept(node_index, message, reply) -> reply``: lets a test tamper with replies
-        (misbehaving clients) after the real ClientApp ran.
+        ``intercept(node_index, message, reply) -> reply | None``: lets a test tamper with
+        replies (misbehaving clients) after the real ClientApp ran; ``None`` drops the reply
+        (a node that disappeared).
     """
 
     def __init__(
@@ -93,8 +94,9 @@ class InProcessGrid(Grid):
                 )
             if self.intercept is not None:
                 reply = self.intercept(self.node_ids.index(node_id), message, reply)
-            self.replies[message.object_id] = reply
             ids.append(message.object_id)
+            if reply is not None:  # None: the node vanished, no reply ever comes
+                self.replies[message.object_id] = reply
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:

@@ -121,7 +121,7 @@ def test_mask_is_sent_once_per_node(three_rounds):
     for pid in down[1]:
         # Round 1 carries the mask bitmap (plus its key and length prefix); round 2 does not.
         assert mask_bytes <= down[1][pid] - down[2][pid] <= mask_bytes + 40
-        assert down[2][pid] == down[3][pid]
+        assert abs(down[2][pid] - down[3][pid]) <= 2  # seed and round are varint-coded
 
 
 def test_uplink_is_k_float32_plus_fixed_envelope(three_rounds):
@@ -130,7 +130,7 @@ def test_uplink_is_k_float32_plus_fixed_envelope(three_rounds):
         v for r in results["rounds"] if r["round"] for v in r["uplink_bytes"]["per_client"].values()
     ]
     envelope = [u - 4 * cfg.k for u in ups]
-    assert max(envelope) - min(envelope) <= 8  # varint-coded metrics differ by a few bytes
+    assert max(envelope) == min(envelope)  # a fixed envelope: measured values travel as doubles
     assert 0 < min(envelope) < 1024
 
     # The scalars travel as float32 bytes: K more directions cost exactly 4K more bytes.
@@ -150,7 +150,10 @@ def test_shared_seed_mode_reconstructs_once_per_round(tmp_path, data_dir):
 
 def test_per_client_mode_with_local_steps(tmp_path, data_dir):
     _, results, _ = run_inprocess(
-        tmp_path, data_dir, num_nodes=3, **{"local-steps": 2, "num-server-rounds": 2}
+        tmp_path,
+        data_dir,
+        num_nodes=3,
+        **{"local-steps": 2, "num-server-rounds": 2, "seed-mode": "per-client"},
     )
     entries = [r for r in results["rounds"] if r["round"]]
     assert [r["reconstructions"] for r in entries] == [6, 6]

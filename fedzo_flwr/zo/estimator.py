@@ -8,12 +8,19 @@ differences. Two engines compute the same numbers:
   values by copy (bit-exact, no drift). Extra memory: one copy of the kept weights, one direction
   and one forward pass's activations — for the smallest boards.
 * ``batched``: evaluates ``chunk_size`` perturbed copies in one vectorised forward pass
-  (``torch.func.functional_call`` + ``vmap``); the model is never modified. Faster, with memory
-  growing with the chunk.
+  (``torch.func.functional_call`` + ``vmap``); the model is never modified. Memory grows with
+  the chunk; on CPU it is slower than ``lean`` (kept as a generic reference).
+* ``fused``: the fastest. The model's forward pass is rewritten (via :mod:`torch.fx`) so that a
+  chunk of perturbed copies runs as one wide first layer, grouped convolutions and batched
+  matrix products (see :mod:`fedzo_flwr.zo.fast_engine`). The chunk is derived from
+  ``memory_budget_mb`` unless ``chunk_size`` is given. A model it cannot translate falls back to
+  ``lean`` with a warning.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,10 +30,15 @@ from torch.func import functional_call, vmap
 from torch.nn import functional as F
 
 from fedzo_flwr.space import KeptSpace
+from fedzo_flwr.zo import fast_engine
 from fedzo_flwr.zo.directions import DirectionGenerator
 from fedzo_flwr.zo.settings import ZOSettings
 
-ENGINES: tuple[str, ...] = ("lean", "batched")
+ENGINES: tuple[str, ...] = ("lean", "batched", "fused")
+DEFAULT_CHUNK_SIZE = 16
+"""Directions per vectorised pass of the ``batched`` engine when ``chunk_size`` is not given."""
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -81,7 +93,9 @@ def loss_differences(
     seed: int,
     settings: ZOSettings,
     engine: str = "lean",
-    chunk_size: int = 16,
+    chunk_size: int | None = None,
+    *,
+    memory_budget_mb: float | None = None,
 ) -> LossDifferences:
     """Loss differences of ``model`` on batch ``(x, y)`` along the K directions of ``seed``.
 
@@ -97,10 +111,16 @@ def loss_differences(
         Round/step seed; direction ``k`` is regenerated from ``(seed, k)``.
     settings : ZOSettings
         K, σ, difference scheme and direction distribution.
-    engine : {"lean", "batched"}
+    engine : {"lean", "batched", "fused"}
         See the module docstring.
-    chunk_size : int
-        Directions per vectorised forward pass (``batched`` only).
+    chunk_size : int, optional
+        Directions per vectorised forward pass (``batched``: default
+        :data:`DEFAULT_CHUNK_SIZE`; ``fused``: default derived from ``memory_budget_mb``).
+        Ignored by ``lean``.
+    memory_budget_mb : float, optional
+        ``fused`` only: ceiling (MiB) on the working set of one chunk (weight copies,
+        directions, activations) from which the chunk is derived when ``chunk_size`` is not
+        given; default :data:`fedzo_flwr.zo.fast_engine.DEFAULT_MEMORY_BUDGET_MB`.
 
     Returns
     -------
@@ -111,12 +131,37 @@ def loss_differences(
     _check_batch(x, y)
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
-    if engine == "batched" and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if memory_budget_mb is not None and (
+        isinstance(memory_budget_mb, bool)
+        or not isinstance(memory_budget_mb, (int, float))
+        or not math.isfinite(memory_budget_mb)
+        or memory_budget_mb <= 0
+    ):
+        raise ValueError(
+            f"memory_budget_mb must be a finite number > 0 or None, got {memory_budget_mb!r}"
+        )
     generator = DirectionGenerator(space.dim, seed, settings.directions)
-    if engine == "lean":
-        return _lean(model, space, x, y, generator, settings)
-    return _batched(model, space, x, y, generator, settings, chunk_size)
+    if engine == "fused":
+        try:
+            deltas, base, _ = fast_engine.fused_loss_differences(
+                model, space, x, y, generator, settings, batch_loss, chunk_size, memory_budget_mb
+            )
+        except fast_engine.UnsupportedModel as err:
+            logger.warning("fused engine unavailable (%s); using the lean engine", err)
+        else:
+            return LossDifferences(
+                deltas.astype(np.float32),
+                base,
+                settings.forward_passes + (1 if settings.scheme == "central" else 0),
+            )
+    if engine == "batched":
+        chunk = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+        return _batched(model, space, x, y, generator, settings, chunk)
+    return _lean(model, space, x, y, generator, settings)
 
 
 def _lean(

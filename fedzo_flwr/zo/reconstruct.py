@@ -66,26 +66,52 @@ def estimate_gradient(
     return grad.to(torch.float32)
 
 
-def aggregate_deltas(deltas: Sequence[np.ndarray], weights: Sequence[float], k: int) -> np.ndarray:
-    """Weighted mean (weights normalised to sum 1) of several clients' loss differences.
+AGGREGATIONS: tuple[str, ...] = ("mean", "trimmed-mean", "median")
+
+
+def aggregate_deltas(
+    deltas: Sequence[np.ndarray],
+    weights: Sequence[float],
+    k: int,
+    method: str = "mean",
+    trim_fraction: float = 0.1,
+) -> np.ndarray:
+    """Combine several clients' loss differences for the same seed, direction by direction.
 
     Parameters
     ----------
     deltas : sequence of np.ndarray
         One (K,) vector per client, all for the same seed.
     weights : sequence of float
-        Non-negative weights, e.g. the clients' example counts.
+        Non-negative weights, e.g. the clients' example counts (used by ``mean``).
     k : int
         Expected length of each vector.
+    method : {"mean", "trimmed-mean", "median"}
+        ``mean``: weighted mean (weights normalised to sum 1). ``trimmed-mean``: for every
+        direction, drop the ``trim_fraction`` largest and smallest values, then average the rest
+        (unweighted). ``median``: per-direction median (unweighted). The robust options bound
+        the influence of a client that sends garbage within the validation bounds.
+    trim_fraction : float
+        Fraction cut from each end by ``trimmed-mean``, in [0, 0.5).
     """
     if len(deltas) == 0:
         raise ValueError("deltas must hold at least one client's vector")
     if len(deltas) != len(weights):
         raise ValueError(f"got {len(deltas)} delta vectors but {len(weights)} weights")
+    if method not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}; got {method!r}")
+    if not 0 <= trim_fraction < 0.5:
+        raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
     w = np.asarray(weights, dtype=np.float64)
     if np.any(w < 0) or not np.isfinite(w).all() or w.sum() <= 0:
         raise ValueError(f"weights must be finite, non-negative and not all zero, got {list(w)}")
     stacked = np.stack([check_deltas(d, k, f"deltas[{i}]") for i, d in enumerate(deltas)])
+    if method == "median":
+        return np.median(stacked, axis=0)
+    if method == "trimmed-mean":
+        cut = int(np.floor(trim_fraction * len(deltas)))
+        ordered = np.sort(stacked, axis=0)
+        return ordered[cut : len(deltas) - cut].mean(axis=0)
     return (w / w.sum()) @ stacked
 
 

@@ -1,0 +1,1 @@
+"""Local multi-node Flower deployments on loopback (``python -m deploy.local --help``)."""

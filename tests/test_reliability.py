@@ -1,0 +1,301 @@
+"""Reliability through the real ServerApp, strategy and ClientApp: bad replies, failures, resume."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from inprocess_grid import InProcessGrid, app_config, server_context
+
+from client_app.client_app import app as client_app
+from fedzo_flwr import protocol
+from fedzo_flwr.checkpoint import load_checkpoint, save_checkpoint
+from fedzo_flwr.config import RunConfig
+from fedzo_flwr.wire import encode_scalars
+from server_app.server_app import RunSetupError
+from server_app.server_app import app as server_app
+
+BASE = {"k": 12, "prune-iterations": 2, "prune-repeats": 1, "eval-every": 2}
+TIMING_KEYS = {"client_seconds", "client_peak_mem_bytes", "client_extra_mem_bytes", "round_seconds"}
+
+
+def run(tmp_path, data_dir, name, num_nodes=3, intercept=None, node_config=None, **overrides):
+    config = app_config(
+        **{
+            "data-dir": str(data_dir),
+            "output-dir": str(tmp_path),
+            "run-name": name,
+            "num-server-rounds": 2,
+            **BASE,
+            **overrides,
+        }
+    )
+    grid = InProcessGrid(client_app, num_nodes, config, intercept=intercept)
+    for index, extra in (node_config or {}).items():
+        grid.contexts[grid.node_ids[index]].node_config.update(extra)
+    server_app(grid, server_context(config))
+    run_dir = tmp_path / name
+    return grid, json.loads((run_dir / "results.json").read_text()), run_dir
+
+
+def replace_zo(reply: Message, **changes) -> Message:
+    """A copy of a train reply with some ``zo`` record values replaced."""
+    zo = dict(reply.content.config_records[protocol.ZO_KEY])
+    zo.update(changes)
+    metrics = reply.content.metric_records[protocol.METRICS_KEY]
+    return Message(
+        RecordDict({protocol.ZO_KEY: ConfigRecord(zo), protocol.METRICS_KEY: metrics}),
+        reply_to=reply,
+    )
+
+
+def deltas_of(reply: Message) -> np.ndarray:
+    raw = reply.content.config_records[protocol.ZO_KEY][protocol.DELTAS_KEY]
+    return np.frombuffer(raw, dtype="<f4").copy()
+
+
+def sent_weights(grid: InProcessGrid, server_round: int) -> np.ndarray:
+    for m in grid.sent:
+        if m.content.config_records["config"]["server-round"] == server_round:
+            return m.content.array_records["arrays"]["kept"].numpy()
+    raise AssertionError(f"no message for round {server_round}")
+
+
+def metrics_only(results: dict) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in results["rounds"]]
+
+
+# ----------------------------------------------------------------------- bad replies
+
+
+def test_every_kind_of_bad_reply_is_rejected_and_the_round_goes_on(tmp_path, data_dir):
+    def misbehave(node, message, reply):
+        server_round = message.content.config_records["config"]["server-round"]
+        bad = {
+            (1, 1): lambda r: replace_zo(
+                r, **{protocol.DELTAS_KEY: encode_scalars(np.full(12, np.nan))}
+            ),
+            (1, 2): lambda r: replace_zo(r, **{protocol.DELTAS_KEY: encode_scalars(np.zeros(7))}),
+            (1, 3): lambda r: replace_zo(
+                r, **{protocol.DELTAS_KEY: encode_scalars(np.full(12, 1e6))}
+            ),
+            (2, 1): lambda r: replace_zo(r, **{protocol.ROUND_KEY: 7}),
+            (2, 2): lambda r: replace_zo(r, **{protocol.STEP_SEEDS_KEY: [123]}),
+            (2, 3): lambda r: Message(
+                RecordDict(
+                    {
+                        protocol.ZO_KEY: r.content.config_records[protocol.ZO_KEY],
+                        protocol.METRICS_KEY: MetricRecord({"num-examples": 5}),
+                    }
+                ),
+                reply_to=r,
+            ),
+        }.get((node, server_round))
+        return reply if bad is None else bad(reply)
+
+    _, results, _ = run(
+        tmp_path, data_dir, "bad", num_nodes=4, intercept=misbehave, **{"num-server-rounds": 3}
+    )
+    rounds = {r["round"]: r for r in results["rounds"] if r["round"]}
+    reasons = {r: [x["reason"] for x in rounds[r]["rejected"]] for r in rounds}
+    assert "NaN" in reasons[1][0] and "round 7" in reasons[1][1]
+    assert "shape (12,)" in reasons[2][0] or "12" in reasons[2][0]
+    assert "step seeds" in reasons[2][1]
+    assert "exceeds the bound" in reasons[3][0] and "lacks metric" in reasons[3][1]
+    assert all(rounds[r]["clients"] == 2 and not rounds[r].get("skipped") for r in rounds)
+    assert results["final"]["rejected_replies"] == 6
+
+
+def test_too_few_valid_replies_skip_the_round_and_keep_the_model(tmp_path, data_dir):
+    def nan_in_round_2(node, message, reply):
+        if node == 0 and message.content.config_records["config"]["server-round"] == 2:
+            return replace_zo(reply, **{protocol.DELTAS_KEY: encode_scalars(np.full(12, np.inf))})
+        return reply
+
+    grid, results, _ = run(
+        tmp_path,
+        data_dir,
+        "skip",
+        intercept=nan_in_round_2,
+        **{"num-server-rounds": 3, "min-clients": 3},
+    )
+    rounds = {r["round"]: r for r in results["rounds"]}
+    assert rounds[2]["skipped"] is True and rounds[2]["clients"] == 2
+    assert not np.array_equal(sent_weights(grid, 1), sent_weights(grid, 2))  # round 1 stepped
+    assert np.array_equal(sent_weights(grid, 2), sent_weights(grid, 3))  # round 2 did not
+
+
+def test_client_exception_and_vanished_node_are_tolerated(tmp_path, data_dir):
+    def vanish(node, message, reply):
+        return (
+            None
+            if node == 2 and message.content.config_records["config"]["server-round"] == 2
+            else reply
+        )
+
+    # Node 1 crashes inside the real ClientApp on every round (its data folder does not exist).
+    _, results, _ = run(
+        tmp_path,
+        data_dir,
+        "crash",
+        intercept=vanish,
+        node_config={1: {"data-dir": str(tmp_path / "missing")}},
+    )
+    rounds = {r["round"]: r for r in results["rounds"] if r["round"]}
+    assert rounds[1]["clients"] == 2 and rounds[2]["clients"] == 1
+    assert "FileNotFoundError" in rounds[1]["rejected"][0]["reason"]
+    assert "missing" in rounds[1]["rejected"][0]["reason"]
+    assert results["final"]["accuracy"] is not None
+
+
+# ------------------------------------------------------------------- robust aggregation
+
+
+@pytest.mark.parametrize("seed_mode", ["shared"])
+def test_robust_aggregation_resists_one_adversarial_client_of_ten(tmp_path, data_dir, seed_mode):
+    rng = np.random.default_rng(0)
+    garbage = rng.uniform(-5, 5, size=12)  # within max-abs-delta: passes validation
+
+    def adversary(node, message, reply):
+        return (
+            replace_zo(reply, **{protocol.DELTAS_KEY: encode_scalars(garbage)})
+            if node == 3
+            else reply
+        )
+
+    deviation = {}
+    for method in ("mean", "trimmed-mean", "median"):
+        settings = {
+            "aggregation": method,
+            "num-server-rounds": 1,
+            "optimizer": "sgd",
+            "lr": 0.1,
+            "seed-mode": seed_mode,
+            "partitioner": "iid",
+            "eval-every": 1,
+        }
+        run(tmp_path, data_dir, f"honest-{method}", num_nodes=10, **settings)
+        attacked, _, _ = run(
+            tmp_path, data_dir, f"attacked-{method}", num_nodes=10, intercept=adversary, **settings
+        )
+        h = torch.load(tmp_path / f"honest-{method}" / "model.pt", weights_only=False)
+        a = torch.load(tmp_path / f"attacked-{method}" / "model.pt", weights_only=False)
+        deviation[method] = float(
+            sum(
+                torch.linalg.vector_norm(a["model_state"][k] - h["model_state"][k]) ** 2
+                for k in h["model_state"]
+            )
+            ** 0.5
+        )
+    assert deviation["mean"] > 5 * deviation["trimmed-mean"]
+    assert deviation["mean"] > 5 * deviation["median"]
+
+
+# ------------------------------------------------------------- checkpoint and resume
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir):
+    tmp = tmp_path_factory.mktemp("full")
+    _, results, run_dir = run(
+        tmp, data_dir, "full", **{"num-server-rounds": 4, "checkpoint-every": 2, "ema": 0.5}
+    )
+    return results, run_dir
+
+
+def test_same_seed_gives_identical_results(tmp_path, data_dir, uninterrupted):
+    results, run_dir = uninterrupted
+    _, again, again_dir = run(
+        tmp_path, data_dir, "again", **{"num-server-rounds": 4, "checkpoint-every": 2, "ema": 0.5}
+    )
+    assert metrics_only(again) == metrics_only(results)
+    a = torch.load(run_dir / "model.pt", weights_only=False)["model_state"]
+    b = torch.load(again_dir / "model.pt", weights_only=False)["model_state"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, data_dir, uninterrupted):
+    results, run_dir = uninterrupted
+    # A run stopped after round 2 (its checkpoint is all that survives)...
+    _, _, stopped = run(
+        tmp_path, data_dir, "stopped", **{"num-server-rounds": 2, "checkpoint-every": 2, "ema": 0.5}
+    )
+    # ...resumed to round 4.
+    _, resumed, resumed_dir = run(
+        tmp_path,
+        data_dir,
+        "resumed",
+        **{
+            "num-server-rounds": 4,
+            "checkpoint-every": 2,
+            "ema": 0.5,
+            "resume-from": str(stopped / "checkpoint.pt"),
+        },
+    )
+    assert resumed["resumed_from"]["round"] == 2
+    full = {r["round"]: r for r in metrics_only(results)}
+    again = {r["round"]: r for r in metrics_only(resumed)}
+    for r in (3, 4):
+        for key in ("train_loss", "grad_norm", "clients"):
+            assert again[r][key] == full[r][key], (r, key)
+    assert again[4]["accuracy"] == full[4]["accuracy"] and again[4]["loss"] == full[4]["loss"]
+    a = torch.load(run_dir / "model.pt", weights_only=False)
+    b = torch.load(resumed_dir / "model.pt", weights_only=False)
+    assert all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in a["model_state"])
+    assert torch.equal(a["optimizer"]["theta"], b["optimizer"]["theta"])
+
+
+def test_bad_checkpoints_are_refused(tmp_path, data_dir, uninterrupted):
+    _, run_dir = uninterrupted
+    good = run_dir / "checkpoint.pt"  # taken after round 4
+    state = load_checkpoint(good)
+    assert state["round"] == 4
+    common = {"num-server-rounds": 6, "ema": 0.5, "checkpoint-every": 2}
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:1000])
+    altered = tmp_path / "altered.pt"
+    envelope = pickle.loads(good.read_bytes())
+    payload = bytearray(envelope["payload"])
+    payload[len(payload) // 2] ^= 0xFF
+    envelope["payload"] = bytes(payload)
+    altered.write_bytes(pickle.dumps(envelope))
+    other_mask = tmp_path / "other_mask.pt"
+    mask = {k: v.clone() for k, v in state["mask"].items()}
+    flat = mask["fc1.weight"].view(-1)
+    flat[0] = ~flat[0]
+    save_checkpoint(
+        other_mask,
+        RunConfig.from_run_config(state["config"]),
+        4,
+        mask,
+        state["server"],
+        state["results"],
+    )
+    cases = [
+        (truncated, {}, "not a readable checkpoint"),
+        (altered, {}, "corrupt"),
+        (other_mask, {}, "mask .* differs"),
+        (good, {"model": "lenet-gn"}, "different settings .*model: checkpoint 'lenet5'"),
+        (good, {"density": 0.2}, "different settings .*density"),
+        (tmp_path / "absent.pt", {}, "no checkpoint at"),
+    ]
+    for path, overrides, needle in cases:
+        config = app_config(
+            **{
+                "data-dir": str(data_dir),
+                "output-dir": str(tmp_path),
+                **BASE,
+                **common,
+                "resume-from": str(path),
+                **overrides,
+            }
+        )
+        grid = InProcessGrid(client_app, 2, config)
+        with pytest.raises(RunSetupError, match=needle):
+            server_app(grid, server_context(config))
+        assert grid.sent == []  # refused before anything was sent: never half-loaded
