@@ -15,6 +15,7 @@ from fedzo_flwr.mask import apply_mask_
 from fedzo_flwr.models import build_model
 from fedzo_flwr.space import KeptSpace
 from fedzo_flwr.wire import decode_mask, encode_scalars
+from fedzo_flwr.zo.directions import fingerprint
 
 app = ClientApp()
 
@@ -106,6 +107,12 @@ def train(msg: Message, context: Context) -> Message:
             protocol.ROUND_KEY: int(config[protocol.ROUND_KEY]),  # type: ignore[arg-type]
         }
     )
+    if protocol.FINGERPRINT_SEED_KEY in config:  # first contact: prove generator agreement
+        zo[protocol.FINGERPRINT_KEY] = fingerprint(
+            space.dim,
+            int(config[protocol.FINGERPRINT_SEED_KEY]),
+            cfg.directions,  # type: ignore[arg-type]
+        )
     metrics = MetricRecord(
         {
             "num-examples": result.num_examples,
@@ -117,6 +124,9 @@ def train(msg: Message, context: Context) -> Message:
             "partition-id": partition_id,
         }
     )
+    budget = context.node_config.get(protocol.MEMORY_BUDGET_KEY)
+    if budget:
+        metrics[protocol.MEMORY_BUDGET_KEY] = float(budget)  # type: ignore[arg-type]
     return Message(RecordDict({protocol.ZO_KEY: zo, protocol.METRICS_KEY: metrics}), reply_to=msg)
 
 

@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -57,7 +58,8 @@ OFFLINE_ENV = {
     "PYTHONUNBUFFERED": "1",
 }
 
-# Exit codes of flower-supernode 1.41 (flwr.common.exit.ExitCode) worth explaining.
+# Flower exit codes (flwr.supercore.exit) worth explaining. A daemon logs "Exit Code: <code>"
+# and then exits with OS status 1 (flwr_exit maps every error code to 1).
 SUPERNODE_EXIT_CODES = {
     303: "authentication needs TLS (--insecure with a private key)",
     305: "could not establish a connection (e.g. its public key is not registered)",
@@ -201,6 +203,12 @@ def is_running(record: dict) -> bool:
     if stat is None or stat[0] in ("Z", "X"):
         return False
     return stat[1] == record.get("start_ticks", stat[1])
+
+
+def flower_exit_code(record: dict) -> int | None:
+    """The Flower exit code a daemon logged ("Exit Code: 305"), if any."""
+    found = re.findall(r"Exit Code: (\d+)", log_tail(record["log"], 200))
+    return int(found[-1]) if found else None
 
 
 def exit_code(record: dict) -> int | None:
@@ -393,7 +401,7 @@ def spawn(layout: Layout, name: str, argv: list[str], env: dict[str, str]) -> di
     layout.daemon_home(name).mkdir(parents=True, exist_ok=True)
     log = layout.log(name)
     with log.open("ab") as out:
-        out.write(f"# {time.strftime('%F %T')} started: {' '.join(argv)}\n".encode())
+        out.write(f"# {time.strftime('%F %T')} started: {shlex.join(argv)}\n".encode())
         out.flush()
         proc = subprocess.Popen(
             argv,
@@ -475,18 +483,24 @@ def make_key(path: Path) -> Path:
     return path
 
 
-def register_key(layout: Layout, public_key: Path) -> int:
-    """``flwr supernode register``; returns the node id the SuperLink assigned."""
+def register_key(layout: Layout, public_key: Path) -> int | None:
+    """``flwr supernode register``: the node id the SuperLink assigned (None: already known).
+
+    ``flwr supernode register --format json`` exits 0 even when it fails, so the JSON's
+    ``success`` field decides; "Public key already in use" (a kept database) is not an error.
+    """
     proc = flwr_cli(layout, "supernode", "register", str(public_key), CONNECTION, "--format",
                     "json")
     try:
         data = json.loads(proc.stdout)
-        return int(data["node-id"] if "node-id" in data else data["node_id"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-        match = re.search(r"SuperNode (\d+) registered", proc.stdout)
-        if match:
-            return int(match.group(1))
+    except json.JSONDecodeError:
         raise DeployError(f"unexpected output of flwr supernode register: {proc.stdout}") from None
+    if data.get("success"):
+        return int(data["node-id"])
+    error = str(data.get("error-message", data))
+    if "already in use" in error:
+        return None
+    raise DeployError(f"flwr supernode register {public_key} failed: {error}")
 
 
 def start_supernode(
@@ -568,10 +582,11 @@ def wait_online(layout: Layout, records: Sequence[dict], want: int, timeout: flo
     while time.monotonic() < deadline:
         for record in records:
             if not is_running(record):
-                rc = exit_code(record)
-                why = SUPERNODE_EXIT_CODES.get(rc or 0, "")
+                code = flower_exit_code(record)
+                why = SUPERNODE_EXIT_CODES.get(code or 0, "")
                 raise DeployError(
-                    f"{record['name']} exited (rc {rc}{': ' + why if why else ''}); "
+                    f"{record['name']} exited (rc {exit_code(record)}, Flower exit code {code}"
+                    f"{': ' + why if why else ''}); "
                     f"log {record['log']}:\n{log_tail(record['log'])}"
                 )
         nodes = list_supernodes(layout)
@@ -658,13 +673,11 @@ def up(
         wait_superlink(link, port, timeout)
         node_ids: dict[str, int] = {}
         if mode == "tls-auth":
-            registered = {str(n.get("public_key", "")).strip() for n in list_supernodes(layout)}
             for i in range(nodes):
                 key = make_key(layout.keys / f"node{i}")
-                public = key.with_suffix(".pub")
-                if keep_state and public.read_text().strip() in registered:
-                    continue
-                node_ids[f"supernode-{i}"] = register_key(layout, public)
+                node_id = register_key(layout, key.with_suffix(".pub"))
+                if node_id is not None:
+                    node_ids[f"supernode-{i}"] = node_id
         state["registered"] = node_ids
         save_state(layout, state)
         records = [start_supernode(layout.root, i) for i in range(nodes)]
@@ -807,11 +820,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m deploy.local",
         description="Local Flower deployment on 127.0.0.1: a SuperLink and N SuperNodes.",
     )
-    parser.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR),
-                        help="certs, keys, logs, PID files, DB, FLWR_HOME (default: .deploy/)")
+    state_help = "certs, keys, logs, PID files, DB, FLWR_HOME (default: .deploy/)"
+    parser.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR), help=state_help)
+    common = argparse.ArgumentParser(add_help=False)  # --state-dir after the subcommand too
+    common.add_argument("--state-dir", default=argparse.SUPPRESS, help=state_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p_up = sub.add_parser("up", help="start a SuperLink and N SuperNodes, wait until online")
+    p_up = sub.add_parser("up", parents=[common], help="start a SuperLink and N SuperNodes, wait until online")
     p_up.add_argument("--mode", choices=MODES, default="tls-auth")
     p_up.add_argument("--nodes", type=int, default=2)
     p_up.add_argument("--data-dir", default=None,
@@ -823,18 +838,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_up.add_argument("--keep-state", action="store_true",
                       help="keep the SuperLink database (registered keys, runs) from last time")
 
-    p_down = sub.add_parser("down", help="stop every process `up` started, by PID")
+    p_down = sub.add_parser("down", parents=[common], help="stop every process `up` started, by PID")
     p_down.add_argument("--timeout", type=float, default=15.0, help="SIGTERM grace period")
     p_down.add_argument("--purge", action="store_true", help="also delete the state directory")
 
-    sub.add_parser("status", help="processes, log paths and `flwr supernode list`")
+    sub.add_parser("status", parents=[common], help="processes, log paths and `flwr supernode list`")
 
-    p_run = sub.add_parser("run", help="flwr run . fedzo-local --stream --run-config ...")
+    p_run = sub.add_parser("run", parents=[common], help="flwr run . fedzo-local --stream --run-config ...")
     p_run.add_argument("run_config", nargs="?", default="",
                        help="run-config overrides, e.g. 'num-server-rounds=3 k=50'")
     p_run.add_argument("--no-stream", action="store_true")
 
-    p_node = sub.add_parser("node", help="stop or (re)start one SuperNode")
+    p_node = sub.add_parser("node", parents=[common], help="stop or (re)start one SuperNode")
     p_node.add_argument("action", choices=("stop", "start"))
     p_node.add_argument("index", type=int)
     p_node.add_argument("--kill", action="store_true", help="SIGKILL (a crash), not SIGTERM")

@@ -9,9 +9,11 @@ Train message (server -> client)
 
 Train reply (client -> server)
     ``zo``: ConfigRecord with ``deltas`` (bytes: local-steps x K float32 loss differences),
-    ``step-seeds`` (list of int) and ``server-round``.
+    ``step-seeds`` (list of int) and ``server-round``; at first contact also ``fingerprint``
+    (SHA-256 of the node's directions for ``fingerprint-seed``), which the server checks.
     ``metrics``: MetricRecord with ``num-examples``, ``base-loss``, ``client-seconds``,
-    ``peak-mem-bytes``, ``extra-mem-bytes`` and ``partition-id``.
+    ``peak-mem-bytes``, ``extra-mem-bytes``, ``partition-id`` and, if the node declares one in
+    its node config, ``memory-budget-mb``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ ROUND_SEED_KEY = "round-seed"
 DELTAS_KEY = "deltas"
 STEP_SEEDS_KEY = "step-seeds"
 MASK_MISSING = "mask-missing"
+FINGERPRINT_SEED_KEY = "fingerprint-seed"
+FINGERPRINT_KEY = "fingerprint"
+MEMORY_BUDGET_KEY = "memory-budget-mb"
 
 REQUIRED_METRICS = ("num-examples", "base-loss", "client-seconds", "peak-mem-bytes", "partition-id")
 

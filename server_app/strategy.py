@@ -29,7 +29,7 @@ from fedzo_flwr.evaluation import evaluate
 from fedzo_flwr.results import RunRecorder, per_client_summary
 from fedzo_flwr.server import ClientUpdate, ZOServer
 from fedzo_flwr.wire import encode_mask
-from fedzo_flwr.zo.directions import derive_seed
+from fedzo_flwr.zo.directions import derive_seed, fingerprint
 from fedzo_flwr.zo.reconstruct import ScalarStep
 from server_app.message_size import message_nbytes
 
@@ -87,6 +87,16 @@ class FedZO(FedAvg):
         self.mask_bytes = encode_mask(server.mask)
         self.mask_id = protocol.mask_id(self.mask_bytes)
         self.nodes_with_mask: set[int] = set()
+        # Generator agreement: the fingerprint every node must reproduce at first contact.
+        self.fingerprint_seed = derive_seed(cfg.seed, 0x66696E67)
+        self.expected_fingerprint = fingerprint(
+            server.space.dim, self.fingerprint_seed, cfg.directions
+        )
+        self.refused_nodes: dict[int, str] = {}
+        # Memory: each node's declared budget and the largest peak measured on any client.
+        self.node_budget_bytes: dict[int, float] = {}
+        self.required_bytes = 0.0
+        self.skipped_for_memory: set[int] = set()
         self.node_partition: dict[int, int] = {}
         self.round_downlink: dict[int, int] = {}
         self.round_started = 0.0
@@ -124,9 +134,28 @@ class FedZO(FedAvg):
 
     # ------------------------------------------------------------------------------ train
 
+    def _eligible(self, node_id: int) -> bool:
+        if node_id in self.refused_nodes:
+            return False
+        budget = self.node_budget_bytes.get(node_id)
+        if budget is not None and self.required_bytes and budget < self.required_bytes:
+            if node_id not in self.skipped_for_memory:
+                log(
+                    WARNING,
+                    "Skipping node %d: its memory budget (%.0f MB) is below what a "
+                    "client of this model needs (%.0f MB measured peak)",
+                    node_id,
+                    budget / 2**20,
+                    self.required_bytes / 2**20,
+                )
+                self.skipped_for_memory.add(node_id)
+            return False
+        return True
+
     def _sample(self, grid: Grid, server_round: int) -> list[int]:
         wanted = self.cfg.clients_per_round
-        available = sorted(sample_nodes(grid, self.min_available_nodes, 0)[1])
+        connected = sorted(sample_nodes(grid, self.min_available_nodes, 0)[1])
+        available = [node for node in connected if self._eligible(node)]
         if not wanted or wanted >= len(available):
             return available
         chooser = random.Random(derive_seed(self.cfg.seed, server_round, 0x73616D70))
@@ -151,8 +180,9 @@ class FedZO(FedAvg):
             node_config[protocol.ROUND_KEY] = server_round
             node_config[protocol.ROUND_SEED_KEY] = self.server.round_seed(server_round)
             node_config[protocol.MASK_ID_KEY] = self.mask_id
-            if node_id not in self.nodes_with_mask:
+            if node_id not in self.nodes_with_mask:  # first contact: mask + generator check
                 node_config[protocol.MASK_KEY] = self.mask_bytes
+                node_config[protocol.FINGERPRINT_SEED_KEY] = self.fingerprint_seed
             message = Message(
                 content=RecordDict({protocol.ARRAYS_KEY: arrays, protocol.CONFIG_KEY: node_config}),
                 message_type=MessageType.TRAIN,
@@ -195,6 +225,7 @@ class FedZO(FedAvg):
                     max_abs_delta=self.cfg.max_abs_delta,
                     expected_seeds=self.server.expected_seeds(server_round, partition_hint),
                 )
+                self._check_fingerprint(node_id, zo)
                 if result.partition_id in parsed:
                     raise protocol.ReplyRejected(
                         f"partition {result.partition_id} already replied this round"
@@ -207,6 +238,10 @@ class FedZO(FedAvg):
                 continue
             self.nodes_with_mask.add(node_id)
             self.node_partition[node_id] = result.partition_id
+            self.required_bytes = max(self.required_bytes, float(result.peak_mem_bytes))
+            budget_mb = metrics.get(protocol.MEMORY_BUDGET_KEY)
+            if budget_mb:
+                self.node_budget_bytes[node_id] = float(budget_mb) * 2**20
             parsed[result.partition_id] = result
             uplink[result.partition_id] = message_nbytes(reply)
         self.rejected_total += len(rejected)
@@ -219,6 +254,8 @@ class FedZO(FedAvg):
             "density": self.cfg.effective_density,
             "clients": len(parsed),
             "rejected": rejected,
+            "refused_nodes": len(self.refused_nodes),
+            "skipped_for_memory": sorted(self.skipped_for_memory),
         }
         if len(parsed) < self.cfg.min_clients:
             log(
@@ -265,6 +302,22 @@ class FedZO(FedAvg):
             }
         )
         return kept_arrays(self.server), metrics
+
+    def _check_fingerprint(self, node_id: int, zo: ConfigRecord) -> None:
+        """Refuse a node whose direction generator disagrees with the server's."""
+        if node_id in self.nodes_with_mask:
+            return  # verified at first contact
+        reported = zo.get(protocol.FINGERPRINT_KEY)
+        if reported == self.expected_fingerprint:
+            return
+        reason = (
+            f"direction generator disagrees with the server's (fingerprint {str(reported)[:12]} "
+            f"vs {self.expected_fingerprint[:12]} for {self.cfg.directions} directions); "
+            'use directions="rademacher" (bit-exact on every platform) or matching torch builds'
+        )
+        self.refused_nodes[node_id] = reason
+        log(WARNING, "Refusing node %d: %s", node_id, reason)
+        raise protocol.ReplyRejected(f"refused: {reason}")
 
     # ------------------------------------------------------------------------- evaluate
 

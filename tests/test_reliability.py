@@ -42,14 +42,14 @@ def run(tmp_path, data_dir, name, num_nodes=3, intercept=None, node_config=None,
     return grid, json.loads((run_dir / "results.json").read_text()), run_dir
 
 
-def replace_zo(reply: Message, **changes) -> Message:
-    """A copy of a train reply with some ``zo`` record values replaced."""
+def replace_zo(message: Message, reply: Message, **changes) -> Message:
+    """A copy of the reply to ``message`` with some ``zo`` record values replaced."""
     zo = dict(reply.content.config_records[protocol.ZO_KEY])
     zo.update(changes)
     metrics = reply.content.metric_records[protocol.METRICS_KEY]
     return Message(
         RecordDict({protocol.ZO_KEY: ConfigRecord(zo), protocol.METRICS_KEY: metrics}),
-        reply_to=reply,
+        reply_to=message,
     )
 
 
@@ -75,27 +75,20 @@ def metrics_only(results: dict) -> list[dict]:
 def test_every_kind_of_bad_reply_is_rejected_and_the_round_goes_on(tmp_path, data_dir):
     def misbehave(node, message, reply):
         server_round = message.content.config_records["config"]["server-round"]
-        bad = {
-            (1, 1): lambda r: replace_zo(
-                r, **{protocol.DELTAS_KEY: encode_scalars(np.full(12, np.nan))}
-            ),
-            (1, 2): lambda r: replace_zo(r, **{protocol.DELTAS_KEY: encode_scalars(np.zeros(7))}),
-            (1, 3): lambda r: replace_zo(
-                r, **{protocol.DELTAS_KEY: encode_scalars(np.full(12, 1e6))}
-            ),
-            (2, 1): lambda r: replace_zo(r, **{protocol.ROUND_KEY: 7}),
-            (2, 2): lambda r: replace_zo(r, **{protocol.STEP_SEEDS_KEY: [123]}),
-            (2, 3): lambda r: Message(
-                RecordDict(
-                    {
-                        protocol.ZO_KEY: r.content.config_records[protocol.ZO_KEY],
-                        protocol.METRICS_KEY: MetricRecord({"num-examples": 5}),
-                    }
-                ),
-                reply_to=r,
-            ),
+        zo_changes = {
+            (1, 1): {protocol.DELTAS_KEY: encode_scalars(np.full(12, np.nan))},
+            (1, 2): {protocol.DELTAS_KEY: encode_scalars(np.zeros(7))},
+            (1, 3): {protocol.DELTAS_KEY: encode_scalars(np.full(12, 1e6))},
+            (2, 1): {protocol.ROUND_KEY: 7},
+            (2, 2): {protocol.STEP_SEEDS_KEY: [123]},
         }.get((node, server_round))
-        return reply if bad is None else bad(reply)
+        if zo_changes is not None:
+            return replace_zo(message, reply, **zo_changes)
+        if (node, server_round) == (2, 3):  # metrics record missing required keys
+            zo = reply.content.config_records[protocol.ZO_KEY]
+            content = {protocol.ZO_KEY: zo, protocol.METRICS_KEY: MetricRecord({"num-examples": 5})}
+            return Message(RecordDict(content), reply_to=message)
+        return reply
 
     _, results, _ = run(
         tmp_path, data_dir, "bad", num_nodes=4, intercept=misbehave, **{"num-server-rounds": 3}
@@ -113,7 +106,9 @@ def test_every_kind_of_bad_reply_is_rejected_and_the_round_goes_on(tmp_path, dat
 def test_too_few_valid_replies_skip_the_round_and_keep_the_model(tmp_path, data_dir):
     def nan_in_round_2(node, message, reply):
         if node == 0 and message.content.config_records["config"]["server-round"] == 2:
-            return replace_zo(reply, **{protocol.DELTAS_KEY: encode_scalars(np.full(12, np.inf))})
+            return replace_zo(
+                message, reply, **{protocol.DELTAS_KEY: encode_scalars(np.full(12, np.inf))}
+            )
         return reply
 
     grid, results, _ = run(
@@ -152,6 +147,51 @@ def test_client_exception_and_vanished_node_are_tolerated(tmp_path, data_dir):
     assert results["final"]["accuracy"] is not None
 
 
+# ------------------------------------------------------- generator agreement, memory budget
+
+
+def test_node_whose_generator_disagrees_is_refused(tmp_path, data_dir):
+    def other_cpu(node, message, reply):
+        if node == 1 and protocol.FINGERPRINT_KEY in reply.content.config_records[protocol.ZO_KEY]:
+            return replace_zo(message, reply, **{protocol.FINGERPRINT_KEY: "0" * 64})
+        return reply
+
+    grid, results, _ = run(
+        tmp_path, data_dir, "fp", intercept=other_cpu, **{"num-server-rounds": 3}
+    )
+    rounds = {r["round"]: r for r in results["rounds"] if r["round"]}
+    assert "direction generator disagrees" in rounds[1]["rejected"][0]["reason"]
+    assert "rademacher" in rounds[1]["rejected"][0]["reason"]
+    assert [rounds[r]["clients"] for r in (1, 2, 3)] == [2, 2, 2]
+    refused = grid.node_ids[1]
+    later = [m for m in grid.sent if m.content.config_records["config"]["server-round"] > 1]
+    assert later and all(m.metadata.dst_node_id != refused for m in later)
+    # The honest nodes proved agreement with the server's own fingerprint.
+    first = [m for m in grid.sent if m.content.config_records["config"]["server-round"] == 1]
+    assert all(protocol.FINGERPRINT_SEED_KEY in m.content.config_records["config"] for m in first)
+
+
+def test_node_with_too_small_memory_budget_is_skipped(tmp_path, data_dir):
+    grid, results, _ = run(
+        tmp_path,
+        data_dir,
+        "budget",
+        node_config={2: {"memory-budget-mb": 1}},
+        **{"num-server-rounds": 3},
+    )
+    rounds = {r["round"]: r for r in results["rounds"] if r["round"]}
+    small = grid.node_ids[2]
+    assert rounds[1]["clients"] == 3  # its budget is learned from its first reply
+    assert rounds[2]["clients"] == rounds[3]["clients"] == 2
+    assert rounds[3]["skipped_for_memory"] == [small]
+    assert not [
+        m
+        for m in grid.sent
+        if m.metadata.dst_node_id == small
+        and m.content.config_records["config"]["server-round"] > 1
+    ]
+
+
 # ------------------------------------------------------------------- robust aggregation
 
 
@@ -162,7 +202,7 @@ def test_robust_aggregation_resists_one_adversarial_client_of_ten(tmp_path, data
 
     def adversary(node, message, reply):
         return (
-            replace_zo(reply, **{protocol.DELTAS_KEY: encode_scalars(garbage)})
+            replace_zo(message, reply, **{protocol.DELTAS_KEY: encode_scalars(garbage)})
             if node == 3
             else reply
         )
@@ -179,9 +219,7 @@ def test_robust_aggregation_resists_one_adversarial_client_of_ten(tmp_path, data
             "eval-every": 1,
         }
         run(tmp_path, data_dir, f"honest-{method}", num_nodes=10, **settings)
-        attacked, _, _ = run(
-            tmp_path, data_dir, f"attacked-{method}", num_nodes=10, intercept=adversary, **settings
-        )
+        run(tmp_path, data_dir, f"attacked-{method}", num_nodes=10, intercept=adversary, **settings)
         h = torch.load(tmp_path / f"honest-{method}" / "model.pt", weights_only=False)
         a = torch.load(tmp_path / f"attacked-{method}" / "model.pt", weights_only=False)
         deviation[method] = float(

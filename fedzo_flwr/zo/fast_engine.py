@@ -71,6 +71,7 @@ __all__ = [
     "FusedPlan",
     "UnsupportedModel",
     "chunk_for_budget",
+    "planned_chunk",
     "fused_loss_differences",
     "get_plan",
 ]
@@ -151,26 +152,70 @@ def _replicate(t: torch.Tensor, rows: int) -> _Stacked:
 # ------------------------------------------------------------------------- layer rules
 
 
-def _stack_of(p: torch.Tensor | None, stacks: dict[int, torch.Tensor]) -> torch.Tensor | None:
-    return None if p is None else stacks.get(id(p))
+class _ChunkWeights:
+    """The ``r`` weight copies of one chunk, built per parameter when a layer asks for them.
+
+    Row ``j * count + i`` holds ``w + signs[j] * σ * u_i`` on the kept coordinates (``u_i`` the
+    chunk's ``i``-th direction) and the current values elsewhere (0 at pruned entries). Each
+    parameter's copies live in a contiguous ``(r, *shape)`` block of a preallocated buffer, so
+    ``(r * out, in, kh, kw)`` conv weights are free views; built lazily, a block is still in
+    cache when its layer runs.
+    """
+
+    def __init__(
+        self,
+        plan: _Layout,
+        blocks: list[torch.Tensor],
+        kept: torch.Tensor,
+        directions: torch.Tensor,
+        sigma: float,
+        signs: tuple[float, ...],
+    ) -> None:
+        self.layout = plan
+        self.blocks = blocks
+        self.kept = kept
+        self.directions = directions
+        self.sigma = sigma
+        self.signs = signs
+        self.count = directions.shape[0]
+        self.rows = self.count * len(signs)
+        self._built: dict[int, torch.Tensor] = {}
+
+    def get(self, p: torch.Tensor | None) -> torch.Tensor | None:
+        """``(r, *p.shape)`` copies of parameter ``p``; ``None`` if ``p`` is not perturbed."""
+        if p is None:
+            return None
+        i = self.layout.index.get(id(p))
+        if i is None:
+            return None
+        built = self._built.get(i)
+        if built is not None:
+            return built
+        plan = self.layout
+        start, size = plan.kept_offsets[i], plan.kept_sizes[i]
+        part = self.directions[:, start : start + size]
+        kept = self.kept[start : start + size]
+        block = self.blocks[i][: self.rows]
+        idx = plan.indices[i]
+        for j, sign in enumerate(self.signs):
+            dst = block[j * self.count : (j + 1) * self.count]
+            if idx is None:
+                torch.add(kept, part, alpha=sign * self.sigma, out=dst)
+            else:
+                dst.index_copy_(1, idx, torch.add(kept, part, alpha=sign * self.sigma))
+        built = block.view(self.rows, *plan.shapes[i])
+        self._built[i] = built
+        return built
 
 
-def _conv_weight(w: torch.Tensor) -> torch.Tensor:
-    """``(r, out, in, kh, kw)`` copies as one channels-last ``(r * out, in, kh, kw)`` weight."""
-    r, o, i, kh, kw = w.shape
-    out = torch.empty((r * o, i, kh, kw), dtype=w.dtype, memory_format=_CL)
-    out.permute(0, 2, 3, 1).view(r, o, kh, kw, i).copy_(w.permute(0, 1, 3, 4, 2))
-    return out
-
-
-def _conv2d(m: nn.Conv2d, v: object, rows: int, stacks: dict[int, torch.Tensor]) -> object:
+def _conv2d(m: nn.Conv2d, v: object, rows: int, weights: _ChunkWeights) -> object:
     if m.padding_mode != "zeros":
         raise UnsupportedModel(f"Conv2d with padding_mode={m.padding_mode!r}")
-    w, b = _stack_of(m.weight, stacks), _stack_of(m.bias, stacks)
+    w, b = weights.get(m.weight), weights.get(m.bias)
     if isinstance(v, torch.Tensor) and w is None and b is None:
         return m(v)
     if w is not None:
-        weight = _conv_weight(w)
+        weight = w.view(-1, *w.shape[2:])
     else:
         weight = m.weight.repeat(rows, 1, 1, 1).contiguous(memory_format=_CL)
     if b is not None:
@@ -187,8 +232,8 @@ def _conv2d(m: nn.Conv2d, v: object, rows: int, stacks: dict[int, torch.Tensor])
     return _Stacked(out, folded=True, rows=rows)
 
 
-def _linear(m: nn.Linear, v: object, rows: int, stacks: dict[int, torch.Tensor]) -> object:
-    w, b = _stack_of(m.weight, stacks), _stack_of(m.bias, stacks)
+def _linear(m: nn.Linear, v: object, rows: int, weights: _ChunkWeights) -> object:
+    w, b = weights.get(m.weight), weights.get(m.bias)
     if isinstance(v, torch.Tensor):
         if w is None and b is None:
             return m(v)
@@ -214,30 +259,30 @@ def _linear(m: nn.Linear, v: object, rows: int, stacks: dict[int, torch.Tensor])
 
 
 def _affine(
-    p: torch.Tensor | None, rows: int, stacks: dict[int, torch.Tensor]
+    p: torch.Tensor | None, rows: int, weights: _ChunkWeights
 ) -> torch.Tensor | None:
     if p is None:
         return None
-    s = stacks.get(id(p))
+    s = weights.get(p)
     return p.repeat(rows) if s is None else s.reshape(-1)
 
 
-def _group_norm(m: nn.GroupNorm, v: object, rows: int, stacks: dict[int, torch.Tensor]) -> object:
-    w, b = _affine(m.weight, rows, stacks), _affine(m.bias, rows, stacks)
+def _group_norm(m: nn.GroupNorm, v: object, rows: int, weights: _ChunkWeights) -> object:
+    w, b = _affine(m.weight, rows, weights), _affine(m.bias, rows, weights)
     if isinstance(v, torch.Tensor):
-        if _stack_of(m.weight, stacks) is None and _stack_of(m.bias, stacks) is None:
+        if weights.get(m.weight) is None and weights.get(m.bias) is None:
             return m(v)
         v = _replicate(v, rows)
     out = F.group_norm(v.fold(), rows * m.num_groups, w, b, m.eps)
     return _Stacked(out, folded=True, rows=rows)
 
 
-def _batch_norm(m: nn.BatchNorm2d, v: object, rows: int, stacks: dict[int, torch.Tensor]) -> object:
+def _batch_norm(m: nn.BatchNorm2d, v: object, rows: int, weights: _ChunkWeights) -> object:
     if m.training or m.running_mean is None or m.running_var is None:
         raise UnsupportedModel("BatchNorm in training mode or without running statistics")
-    w, b = _affine(m.weight, rows, stacks), _affine(m.bias, rows, stacks)
+    w, b = _affine(m.weight, rows, weights), _affine(m.bias, rows, weights)
     if isinstance(v, torch.Tensor):
-        if _stack_of(m.weight, stacks) is None and _stack_of(m.bias, stacks) is None:
+        if weights.get(m.weight) is None and weights.get(m.bias) is None:
             return m(v)
         v = _replicate(v, rows)
     mean, var = m.running_mean.repeat(rows), m.running_var.repeat(rows)
@@ -452,25 +497,12 @@ class FusedPlan:
         self.space_params = [params[n] for n in space.names]
         if any(p.dtype != torch.float32 for p in self.space_params):
             raise UnsupportedModel("the fused engine supports float32 parameters only")
-        self.offsets: list[int] = []
-        total = 0
-        cols = []
-        for p, idx in zip(self.space_params, space.indices):
-            self.offsets.append(total)
-            local = torch.arange(p.numel()) if idx is None else idx
-            cols.append(local + total)
-            total += p.numel()
-        self.numel = total
-        self.dense = all(idx is None for idx in space.indices)
-        self.cols = torch.cat(cols)
         self.nodes = list(self.gm.graph.nodes)
         self._check_graph()
         position = {n: i for i, n in enumerate(self.nodes)}
-        self.last_use: dict[fx.Node, int] = {
-            n: max((position[u] for u in n.users), default=position[n]) for n in self.nodes
-        }
+        last_use = {n: max((position[u] for u in n.users), default=position[n]) for n in self.nodes}
         self.free_after: list[list[fx.Node]] = [[] for _ in self.nodes]
-        for n, i in self.last_use.items():
+        for n, i in last_use.items():
             self.free_after[i].append(n)
         self.measured: dict[tuple[int, ...], _Measured] = {}
 
@@ -479,6 +511,8 @@ class FusedPlan:
         if len(placeholders) != 1:
             raise UnsupportedModel(f"forward must take one tensor, got {len(placeholders)} inputs")
         space_ids = {id(p) for p in self.space_params}
+        methods = {"size", "view", "reshape", "flatten", "mean", "sum"}
+        methods |= set(_BINARY_METHODS) | _ELEMENTWISE_METHODS
         for node in self.nodes:
             if node.op == "call_module":
                 mod = _node_module(self.gm, node)
@@ -488,52 +522,36 @@ class FusedPlan:
                 if node.target not in SUPPORTED_FUNCTIONS:
                     raise UnsupportedModel(f"function {node.target}")
             elif node.op == "call_method":
-                ok = {"size", "view", "reshape", "flatten", "mean", "sum", *_BINARY_METHODS}
-                if node.target not in ok | _ELEMENTWISE_METHODS:
+                if node.target not in methods:
                     raise UnsupportedModel(f"method .{node.target}()")
             elif node.op == "get_attr":
                 target = getattr_path(self.gm, str(node.target))
                 if isinstance(target, torch.Tensor) and id(target) in space_ids:
                     raise UnsupportedModel(f"direct use of perturbed parameter {node.target}")
 
-    # -- weights ------------------------------------------------------------------------
-
-    def new_buffer(self, rows: int) -> torch.Tensor:
-        """A ``(rows, n_params)`` buffer holding the current weights in every row."""
-        base = torch.cat([p.detach().reshape(-1) for p in self.space_params])
-        return base.unsqueeze(0).repeat(rows, 1)
-
-    def stacks(self, buffer: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Per-parameter ``(r, *shape)`` views of a weight buffer, keyed by ``id(param)``."""
-        rows = buffer.shape[0]
-        out = {}
-        for p, off in zip(self.space_params, self.offsets):
-            out[id(p)] = buffer[:, off : off + p.numel()].view(rows, *p.shape)
-        return out
-
-    def write_rows(self, buffer: torch.Tensor, values: torch.Tensor) -> None:
-        """Write kept-coordinate values ``(r, dim)`` into the kept columns of ``buffer``."""
-        if self.dense:
-            buffer.copy_(values)
-        else:
-            buffer.index_copy_(1, self.cols, values)
+    def layout(self, space: KeptSpace) -> _Layout:
+        """Where each perturbed parameter's kept coordinates sit in ``space``."""
+        return _Layout(self.space_params, space)
 
     # -- forward ------------------------------------------------------------------------
 
     def forward(
-        self, x: torch.Tensor, buffer: torch.Tensor, track: list[int] | None = None
+        self, x: torch.Tensor, weights: _ChunkWeights, track: list[int] | None = None
     ) -> torch.Tensor:
-        """Logits ``(r, B, classes)`` of the ``r`` weight copies in ``buffer`` on batch ``x``."""
-        rows = buffer.shape[0]
-        stacks = self.stacks(buffer)
+        """Logits ``(r, B, classes)`` of the chunk's ``r`` weight copies on batch ``x``.
+
+        With ``track`` (a one-element list), ``track[0]`` receives the peak bytes of the live
+        per-copy activations (tensors this forward allocated, views not double counted).
+        """
+        rows = weights.rows
         env: dict[fx.Node, object] = {}
         live = 0
         result = None
         for i, node in enumerate(self.nodes):
-            value = self._run(node, env, x, rows, stacks)
+            value = self._run(node, env, x, rows, weights)
             env[node] = value
-            if track is not None:
-                if isinstance(value, _Stacked) and value.fresh:
+            if track is not None and isinstance(value, _Stacked) and value.fresh:
+                if not _aliases(value, [env[n] for n in node.all_input_nodes if n in env]):
                     live += value.data.numel() * value.data.element_size()
                     track[0] = max(track[0], live)
             if node.op == "output":
@@ -555,7 +573,7 @@ class FusedPlan:
         env: dict[fx.Node, object],
         x: torch.Tensor,
         rows: int,
-        stacks: dict[int, torch.Tensor],
+        weights: _ChunkWeights,
     ) -> object:
         op = node.op
         if op == "placeholder":
@@ -571,7 +589,7 @@ class FusedPlan:
         reuse = reuse and len(node.args[0].users) == 1
         if op == "call_module":
             mod = _node_module(self.gm, node)
-            return self._module(mod, first, rows, stacks, reuse)
+            return self._module(mod, first, rows, weights, reuse)
         if op == "call_function":
             return self._function(node.target, args, kwargs, reuse)
         return self._method(str(node.target), args, kwargs, reuse)
@@ -581,17 +599,17 @@ class FusedPlan:
         mod: nn.Module,
         v: object,
         rows: int,
-        stacks: dict[int, torch.Tensor],
+        weights: _ChunkWeights,
         reuse: bool,
     ) -> object:
         if isinstance(mod, nn.Conv2d):
-            return _conv2d(mod, v, rows, stacks)
+            return _conv2d(mod, v, rows, weights)
         if isinstance(mod, nn.Linear):
-            return _linear(mod, v, rows, stacks)
+            return _linear(mod, v, rows, weights)
         if isinstance(mod, nn.GroupNorm):
-            return _group_norm(mod, v, rows, stacks)
+            return _group_norm(mod, v, rows, weights)
         if isinstance(mod, nn.BatchNorm2d):
-            return _batch_norm(mod, v, rows, stacks)
+            return _batch_norm(mod, v, rows, weights)
         if isinstance(mod, nn.Dropout):
             if mod.training and mod.p > 0:
                 raise UnsupportedModel("Dropout in training mode")
@@ -674,26 +692,24 @@ class FusedPlan:
         """Check the translation on one example against ``functional_call``; measure memory.
 
         Two copies are run: the current weights and a random perturbation of the kept
-        coordinates (scale 0.1 of each tensor's spread). Both must match the ordinary forward
-        pass under the same weights, or :class:`UnsupportedModel` is raised.
+        coordinates (scale 0.1 of the mean magnitude). Both must match the ordinary forward
+        pass under the same weights, or :class:`UnsupportedModel` is raised. Cached per input
+        shape (the translation does not depend on the weights or on the mask).
         """
         key = tuple(x.shape[1:])
         if key in self.measured:
             return self.measured[key]
-        one = x[:1]
-        buffer = self.new_buffer(2)
-        gen = torch.Generator().manual_seed(0)
-        noise = torch.randn(space.dim, generator=gen)
-        base = space.gather(model)
-        scale = 0.1 * float(base.abs().mean()) + 1e-3
-        self.write_rows(buffer[1:], (base + scale * noise).unsqueeze(0))
+        one = x[:1].contiguous(memory_format=_CL) if x.dim() == 4 else x[:1]
+        layout = self.layout(space)
+        kept = space.gather(model)
+        noise = torch.randn(1, space.dim, generator=torch.Generator().manual_seed(0))
+        scale = 0.1 * float(kept.abs().mean()) + 1e-3
+        weights = _ChunkWeights(layout, layout.new_blocks(2), kept, noise, scale, (0.0, 1.0))
         track = [0]
-        logits = self.forward(one, buffer, track)
-        names = space.names
+        logits = self.forward(one, weights, track)
         for row in range(2):
-            views = self.stacks(buffer[row : row + 1])
-            weights = {n: views[id(p)][0] for n, p in zip(names, self.space_params)}
-            expected = functional_call(model, weights, (one,))
+            state = {n: weights.get(p)[row] for n, p in zip(space.names, self.space_params)}
+            expected = functional_call(model, state, (x[:1],))
             if not torch.allclose(logits[row], expected, rtol=1e-3, atol=1e-4):
                 err = float((logits[row] - expected).abs().max())
                 raise UnsupportedModel(
@@ -702,6 +718,28 @@ class FusedPlan:
         measured = _Measured(act_bytes_per_example=track[0] / 2)
         self.measured[key] = measured
         return measured
+
+
+class _Layout:
+    """Perturbed parameters of a plan and where their kept coordinates sit in a KeptSpace."""
+
+    def __init__(self, params: list[torch.Tensor], space: KeptSpace) -> None:
+        self.params = params
+        self.index = {id(p): i for i, p in enumerate(params)}
+        self.indices = list(space.indices)
+        self.shapes = [tuple(p.shape) for p in params]
+        self.kept_sizes = list(space.sizes)
+        self.kept_offsets = [0]
+        for size in self.kept_sizes[:-1]:
+            self.kept_offsets.append(self.kept_offsets[-1] + size)
+        self.numel = sum(p.numel() for p in params)
+
+    def new_blocks(self, rows: int) -> list[torch.Tensor]:
+        """One ``(rows, numel)`` block per parameter: current values (pruned 0) in every row.
+
+        Only the kept columns are rewritten per chunk, so pruned entries stay exactly 0.
+        """
+        return [p.detach().reshape(1, -1).repeat(rows, 1) for p in self.params]
 
 
 def _aliases(v: _Stacked, others: object) -> bool:
@@ -756,6 +794,27 @@ def chunk_for_budget(
     return max(1, min(k, chunk))
 
 
+def _per_row_bytes(measured: _Measured, layout: _Layout, dim: int, batch: int) -> float:
+    # Activations of one copy, its weight copy, and its direction row.
+    return measured.act_bytes_per_example * batch + 4 * layout.numel + 4 * dim
+
+
+def planned_chunk(
+    model: nn.Module,
+    space: KeptSpace,
+    x: torch.Tensor,
+    settings: ZOSettings,
+    memory_budget_mb: float | None = None,
+) -> int:
+    """The chunk :func:`fused_loss_differences` derives from ``memory_budget_mb`` for ``x``."""
+    plan = get_plan(model, space)
+    measured = plan.verify(model, space, x)
+    per_row = _per_row_bytes(measured, plan.layout(space), space.dim, x.shape[0])
+    budget = DEFAULT_MEMORY_BUDGET_MB if memory_budget_mb is None else memory_budget_mb
+    rows_per_direction = 1 if settings.scheme == "forward" else 2
+    return chunk_for_budget(per_row, rows_per_direction, budget, settings.k)
+
+
 def fused_loss_differences(
     model: nn.Module,
     space: KeptSpace,
@@ -777,56 +836,27 @@ def fused_loss_differences(
     UnsupportedModel
         If the model cannot be translated (the caller falls back to another engine).
     """
-    plan = get_plan(model, space)
     if x.dtype != torch.float32:
         raise UnsupportedModel("the fused engine supports float32 inputs only")
-    measured = plan.verify(model, space, x)
-    rows_per_direction = 1 if settings.scheme == "forward" else 2
-    if chunk_size is None:
-        budget = DEFAULT_MEMORY_BUDGET_MB if memory_budget_mb is None else memory_budget_mb
-        per_row = (
-            measured.act_bytes_per_example * x.shape[0]
-            + 8 * plan.numel  # weight buffer row + the conv/linear weight copy made from it
-            + 8 * space.dim  # direction row + perturbed kept values
-        )
-        chunk_size = chunk_for_budget(per_row, rows_per_direction, budget, settings.k)
-    chunk = min(chunk_size, settings.k)
+    plan = get_plan(model, space)
+    chunk = chunk_size or planned_chunk(model, space, x, settings, memory_budget_mb)
+    plan.verify(model, space, x)
+    chunk = min(chunk, settings.k)
+    signs = (1.0,) if settings.scheme == "forward" else (1.0, -1.0)
 
     base = float(loss_fn(model(x), y))
     xin = x.contiguous(memory_format=_CL) if x.dim() == 4 else x
+    layout = plan.layout(space)
     kept = space.gather(model)
-    rows_max = chunk * rows_per_direction
-    buffer = plan.new_buffer(rows_max)
+    blocks = layout.new_blocks(chunk * len(signs))
     directions = torch.empty(chunk, space.dim, dtype=torch.float32)
-    values = torch.empty(rows_max, space.dim, dtype=torch.float32)
-    sigma = settings.sigma
     deltas = np.empty(settings.k, dtype=np.float64)
     for start in range(0, settings.k, chunk):
         stop = min(start + chunk, settings.k)
         count = stop - start
         dirs = generator.block(start, stop, out=directions)
-        torch.add(kept, dirs, alpha=sigma, out=values[:count])
-        if rows_per_direction == 2:
-            torch.add(kept, dirs, alpha=-sigma, out=values[count : 2 * count])
-        rows = count * rows_per_direction
-        plan.write_rows(buffer[:rows], values[:rows])
-        losses = loss_fn(plan.forward(xin, buffer[:rows]), y).numpy()
-        reference = base if rows_per_direction == 1 else losses[count:]
+        weights = _ChunkWeights(layout, blocks, kept, dirs, settings.sigma, signs)
+        losses = loss_fn(plan.forward(xin, weights), y).numpy()
+        reference = base if len(signs) == 1 else losses[count:]
         deltas[start:stop] = losses[:count] - reference
     return deltas, base, chunk
-
-
-def expected_chunk(
-    model: nn.Module,
-    space: KeptSpace,
-    x: torch.Tensor,
-    settings: ZOSettings,
-    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
-) -> int:
-    """The chunk :func:`fused_loss_differences` derives from ``memory_budget_mb`` for this batch."""
-    plan = get_plan(model, space)
-    measured = plan.verify(model, space, x)
-    per_row = measured.act_bytes_per_example * x.shape[0] + 8 * plan.numel + 8 * space.dim
-    rows_per_direction = 1 if settings.scheme == "forward" else 2
-    return chunk_for_budget(per_row, rows_per_direction, memory_budget_mb, settings.k)
-
