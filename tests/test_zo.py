@@ -72,10 +72,12 @@ def autograd_gradient(model, space, x, y) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- directions
 
+GOLDEN_SEED = 2703010214697296228  # BLAKE2b-64 of b"3407/int:1", shifted right by one bit
+
 
 def test_derive_seed_is_stable_and_distinct():
-    # Golden values: BLAKE2b is platform independent, so these never change.
-    assert derive_seed(3407, 1) == derive_seed(3407, 1)
+    # Golden value: BLAKE2b of the text "3407/int:1" is the same on every platform.
+    assert derive_seed(3407, 1) == derive_seed(3407, 1) == GOLDEN_SEED
     assert len({derive_seed(3407, r) for r in range(1000)}) == 1000
     assert derive_seed(1, 2) != derive_seed(2, 1)
     assert 0 <= derive_seed(-5, 2**70) < 2**63
@@ -106,7 +108,7 @@ def test_rademacher_fingerprint_is_golden_everywhere():
     # Integer-exact generator: this hash must hold on every platform (x86, ARM, any numpy>=1.17).
     assert (
         fingerprint(1000, 42, "rademacher")
-        == "f4496eb5839d68ff4e751a3f4a757ced314699cac8d16fd9a3c2dcc4aefc8ac4"
+        == "50cc50d35084f00a6c0a953f0076f55efb71a2704799a2539d183edddd5b0c4c"
     )
 
 
@@ -114,7 +116,7 @@ def test_rademacher_fingerprint_is_golden_everywhere():
 def test_gaussian_fingerprint_is_golden_on_x86_64():
     assert (
         fingerprint(1000, 42, "gaussian")
-        == "4395dde23d9428062ead3e130e47d2b1961fc82767f5196cafabe346d746cf6c"
+        == "000486d7c4dcbd7da557f5d3c91e2cb791d02d92ed56995df7b83d156edfb274"
     )
 
 

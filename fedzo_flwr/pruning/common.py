@@ -10,7 +10,6 @@ weight through :func:`torch.func.functional_call`.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import math
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from fedzo_flwr.mask import (
     total_count,
     validate_mask,
 )
+from fedzo_flwr.seeding import derive_seed  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -41,32 +41,6 @@ ScoreFn = Callable[[Mask, int], dict[str, torch.Tensor]]
 
 #: Fraction of kept weights with an exactly-zero score above which an iteration logs a warning.
 ZERO_SCORE_WARNING = 0.25
-
-
-def derive_seed(seed: int, *keys: int | str) -> int:
-    """Derive an independent 63-bit seed from ``seed`` and a tuple of stream keys.
-
-    The derivation is a BLAKE2b hash, so it is identical on every platform and Python version
-    (unlike ``hash()``), and different key tuples give unrelated streams.
-
-    Parameters
-    ----------
-    seed : int
-        Base seed.
-    *keys : int or str
-        Stream identifiers, e.g. ``("ntk-sap/weights", client, iteration)``.
-
-    Returns
-    -------
-    int
-        A seed in ``[0, 2**63)`` suitable for :meth:`torch.Generator.manual_seed`.
-
-    """
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    text = "/".join([str(seed), *(f"{type(k).__name__}:{k}" for k in keys)])
-    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def check_positive_int(value: int, name: str) -> int:

@@ -23,6 +23,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from fedzo_flwr.seeding import derive_seed
+
 DirectionKind = Literal["gaussian", "rademacher"]
 DIRECTION_KINDS: tuple[str, ...] = ("gaussian", "rademacher")
 
@@ -53,18 +55,6 @@ def check_kind(kind: str, name: str = "directions") -> str:
     if kind not in DIRECTION_KINDS:
         raise ValueError(f"{name} must be one of {', '.join(DIRECTION_KINDS)}; got {kind!r}")
     return kind
-
-
-def derive_seed(*parts: int) -> int:
-    """Hash integers into a 63-bit seed (BLAKE2b; identical on every platform).
-
-    ``derive_seed(base, round)`` gives a round seed, ``derive_seed(round_seed, k)`` the seed of
-    direction ``k``. Distinct inputs give unrelated seeds, so seeds are never reused.
-    """
-    digest = hashlib.blake2b(digest_size=8, person=b"fedzo-seed")
-    for part in parts:
-        digest.update(int(part).to_bytes(16, "little", signed=True))
-    return int.from_bytes(digest.digest(), "little") & _SEED_MASK
 
 
 class DirectionGenerator:
