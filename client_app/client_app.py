@@ -1,16 +1,24 @@
-"""ClientApp: forward-only training; receives weights and a seed, returns K loss differences."""
+"""ClientApp: forward-only training; receives weights and a seed, returns K loss differences.
+
+``method = "fedavg"`` (the backprop baseline) trains by local SGD instead and returns its kept
+weights; ``query.prune`` messages score pruning masks on local data (``snip``, ``ntk-local``).
+"""
 
 from __future__ import annotations
 
+import time
+
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedzo_flwr import client_pruning as cp
 from fedzo_flwr import protocol
+from fedzo_flwr.backprop import train_round_backprop
 from fedzo_flwr.client import train_round
 from fedzo_flwr.config import RunConfig
 from fedzo_flwr.evaluation import evaluate
-from fedzo_flwr.experiment import NUM_CLASSES, load_client_data
+from fedzo_flwr.experiment import NUM_CLASSES, load_client_data, load_partition_file
 from fedzo_flwr.mask import apply_mask_
 from fedzo_flwr.models import build_model
 from fedzo_flwr.space import KeptSpace
@@ -61,6 +69,19 @@ def masked_model(
     return _MODELS[key]
 
 
+def node_data(cfg: RunConfig, context: Context) -> tuple:
+    """The node's training partition, from its ``partition-file`` or the full dataset.
+
+    A ``partition-file`` in the node config (written by ``scripts/split_partitions.py``) lets a
+    device store only its own share; otherwise the share is cut from the full dataset.
+    """
+    partition_id, num_partitions = node_partition(context)
+    partition_file = context.node_config.get("partition-file")
+    if partition_file:
+        return load_partition_file(str(partition_file), cfg, partition_id, num_partitions)
+    return load_client_data(cfg, partition_id, num_partitions)
+
+
 def node_run_config(context: Context) -> RunConfig:
     """The run config, with this node's own ``data-dir`` (``--node-config``) taking precedence."""
     cfg = RunConfig.from_run_config(dict(context.run_config))
@@ -85,9 +106,11 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, torch.nn.Module, 
 def train(msg: Message, context: Context) -> Message:
     """One round of forward-only training: reply with the K loss differences per local step."""
     cfg, model, space = _setup(msg, context)
+    if cfg.method == "fedavg":
+        return train_fedavg(msg, context, cfg, model, space)
     config = msg.content.config_records[protocol.CONFIG_KEY]
-    partition_id, num_partitions = node_partition(context)
-    x, y = load_client_data(cfg, partition_id, num_partitions)
+    partition_id, _ = node_partition(context)
+    x, y = node_data(cfg, context)
     result = train_round(
         cfg,
         model,
@@ -134,10 +157,83 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_local(msg: Message, context: Context) -> Message:
     """Evaluate the received model on (up to 1000 examples of) the local partition."""
     cfg, model, _ = _setup(msg, context)
-    partition_id, num_partitions = node_partition(context)
-    x, y = load_client_data(cfg, partition_id, num_partitions)
+    x, y = node_data(cfg, context)
     loss, accuracy = evaluate(model, x[:1000], y[:1000], cfg.dataset)
     metrics = MetricRecord(
         {"loss": loss, "accuracy": accuracy, "num-examples": int(min(len(y), 1000))}
     )
     return Message(RecordDict({protocol.METRICS_KEY: metrics}), reply_to=msg)
+
+
+def train_fedavg(
+    msg: Message, context: Context, cfg: RunConfig, model: torch.nn.Module, space: KeptSpace
+) -> Message:
+    """The FedAvg baseline: local backprop SGD on the masked model; reply with its kept weights."""
+    config = msg.content.config_records[protocol.CONFIG_KEY]
+    partition_id, _ = node_partition(context)
+    x, y = node_data(cfg, context)
+    result = train_round_backprop(
+        cfg,
+        model,
+        space,
+        x,
+        y,
+        int(config[protocol.ROUND_SEED_KEY]),
+        partition_id,  # type: ignore[arg-type]
+    )
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "train-loss": result.train_loss,
+            "train-examples": result.train_examples,
+            "steps": result.steps,
+            "client-seconds": result.seconds,
+            "peak-mem-bytes": float(result.peak_mem_bytes),
+            "extra-mem-bytes": float(result.extra_mem_bytes),
+            "partition-id": partition_id,
+        }
+    )
+    arrays = ArrayRecord({protocol.KEPT_KEY: Array(result.weights.numpy().copy())})
+    return Message(
+        RecordDict({protocol.ARRAYS_KEY: arrays, protocol.METRICS_KEY: metrics}), reply_to=msg
+    )
+
+
+@app.query(cp.PRUNE_ACTION)
+def prune_scores(msg: Message, context: Context) -> Message:
+    """One iteration of a federated pruning phase: signed mask gradients on local data."""
+    start = time.perf_counter()
+    cfg = node_run_config(context)
+    if cfg.client_threads:
+        torch.set_num_threads(cfg.client_threads)
+    config = msg.content.config_records[cp.PRUNE_KEY]
+    model = build_model(cfg.model, NUM_CLASSES[cfg.dataset])
+    weights = msg.content.array_records.get(cp.WEIGHTS_KEY)
+    if weights is not None:  # snip scores the server's θ0
+        model.load_state_dict(weights.to_torch_state_dict())
+    mask = decode_mask(bytes(config[protocol.MASK_KEY]), model)  # type: ignore[arg-type]
+    partition_id, _ = node_partition(context)
+    x, y = node_data(cfg, context)
+    grads = cp.client_prune_gradients(
+        cfg,
+        model,
+        mask,
+        x,
+        y,
+        partition_id,
+        int(config[cp.SCORING_SEED_KEY]),  # type: ignore[arg-type]
+    )
+    record = ConfigRecord(
+        {
+            cp.GRADIENTS_KEY: cp.encode_gradients(grads, mask),
+            cp.ITERATION_KEY: int(config[cp.ITERATION_KEY]),  # type: ignore[arg-type]
+        }
+    )
+    metrics = MetricRecord(
+        {
+            "num-examples": len(y),
+            "partition-id": partition_id,
+            "client-seconds": time.perf_counter() - start,
+        }
+    )
+    return Message(RecordDict({cp.PRUNE_KEY: record, protocol.METRICS_KEY: metrics}), reply_to=msg)

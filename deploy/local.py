@@ -134,7 +134,7 @@ def flower_bin(name: str) -> str:
 
 
 def toml_string(value: str) -> str:
-    """``value`` as a TOML string that Flower's ``--node-config``/``--run-config`` parser keeps.
+    r"""``value`` as a TOML string that Flower's ``--node-config``/``--run-config`` parser keeps.
 
     Flower 1.41 splits those options with the regex ``key=('...'|"..."|\\S+)`` and then parses
     each value as TOML, so a value may hold spaces inside quotes but not the quote character
@@ -148,6 +148,11 @@ def toml_string(value: str) -> str:
     if '"' not in value:
         return '"' + value.replace("\\", "\\\\") + '"'
     raise DeployError(f"a value with both ' and \" cannot be passed through Flower: {value!r}")
+
+
+def node_path(pattern: str | None, index: int) -> str | None:
+    """``pattern`` with ``{i}`` replaced by the node index (None stays None)."""
+    return None if not pattern else str(Path(pattern.replace("{i}", str(index))).expanduser())
 
 
 def node_config(partition_id: int, num_partitions: int, data_dir: str | Path) -> str:
@@ -166,6 +171,7 @@ def free_port() -> int:
 
 
 def port_in_use(port: int) -> bool:
+    """Whether 127.0.0.1:``port`` cannot be bound right now."""
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -176,6 +182,7 @@ def port_in_use(port: int) -> bool:
 
 
 def port_open(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port``."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1):
             return True
@@ -229,6 +236,7 @@ def wait_exit(record: dict, timeout: float) -> int | None:
 
 
 def log_tail(path: str | Path, lines: int = 25) -> str:
+    """The last ``lines`` lines of a log file."""
     try:
         text = Path(path).read_text(errors="replace")
     except OSError:
@@ -310,6 +318,7 @@ def _wait_gone(procs: list[tuple[int, int]], timeout: float) -> None:
 
 
 def load_state(state_dir: str | Path = DEFAULT_STATE_DIR) -> dict | None:
+    """The deployment record (``deployment.json``) of ``state_dir``, or None."""
     path = Layout(Path(state_dir).resolve()).state_file
     if not path.is_file():
         return None
@@ -317,6 +326,7 @@ def load_state(state_dir: str | Path = DEFAULT_STATE_DIR) -> dict | None:
 
 
 def save_state(layout: Layout, state: dict) -> None:
+    """Write the deployment record atomically."""
     tmp = layout.state_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(state, indent=2) + "\n")
     tmp.replace(layout.state_file)
@@ -427,6 +437,7 @@ def spawn(layout: Layout, name: str, argv: list[str], env: dict[str, str]) -> di
 
 
 def superlink_argv(layout: Layout, mode: str, port: int) -> list[str]:
+    """The flower-superlink command line of ``mode``."""
     argv = [flower_bin("flower-superlink")]
     if mode == "insecure":
         argv.append("--insecure")
@@ -441,7 +452,8 @@ def superlink_argv(layout: Layout, mode: str, port: int) -> list[str]:
         ]
     if mode == "tls-auth":
         argv.append("--enable-supernode-auth")
-    return argv + [
+    return [
+        *argv,
         "--host",
         "127.0.0.1",
         "--port",
@@ -460,6 +472,7 @@ def supernode_argv(
     config: str,
     key: Path | None,
 ) -> list[str]:
+    """The flower-supernode command line of ``mode`` (``key``: its auth private key)."""
     argv = [flower_bin("flower-supernode")]
     if mode == "insecure":
         argv.append("--insecure")
@@ -468,7 +481,7 @@ def supernode_argv(
     argv += ["--superlink", f"127.0.0.1:{superlink_port}"]
     if key is not None:
         argv += ["--auth-supernode-private-key", str(key)]
-    return argv + ["--host", "127.0.0.1", "--port", str(port), "--node-config", config]
+    return [*argv, "--host", "127.0.0.1", "--port", str(port), "--node-config", config]
 
 
 def make_key(path: Path) -> Path:
@@ -476,8 +489,20 @@ def make_key(path: Path) -> Path:
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-C", path.name, "-f",
-             str(path)],
+            [
+                "ssh-keygen",
+                "-q",
+                "-t",
+                "ecdsa",
+                "-b",
+                "384",
+                "-N",
+                "",
+                "-C",
+                path.name,
+                "-f",
+                str(path),
+            ],
             check=True,
         )
     return path
@@ -489,8 +514,9 @@ def register_key(layout: Layout, public_key: Path) -> int | None:
     ``flwr supernode register --format json`` exits 0 even when it fails, so the JSON's
     ``success`` field decides; "Public key already in use" (a kept database) is not an error.
     """
-    proc = flwr_cli(layout, "supernode", "register", str(public_key), CONNECTION, "--format",
-                    "json")
+    proc = flwr_cli(
+        layout, "supernode", "register", str(public_key), CONNECTION, "--format", "json"
+    )
     try:
         data = json.loads(proc.stdout)
     except json.JSONDecodeError:
@@ -534,10 +560,18 @@ def start_supernode(
             state["mode"],
             state["port"],
             port,
-            node_config(index, state["nodes"], state["data_dir"]),
+            node_config(
+                index,
+                state["nodes"],
+                node_path(state.get("node_data_dir"), index) or state["data_dir"],
+            ),
             key,
         )
-    record = spawn(layout, name, argv, daemon_env(layout, name, state["data_dir"]))
+    env = daemon_env(layout, name, state["data_dir"])
+    cache = node_path(state.get("node_cache_dir"), index)
+    if cache:
+        env["FEDZO_CACHE_DIR"] = cache
+    record = spawn(layout, name, argv, env)
     state["processes"][name] = record
     save_state(layout, state)
     return record
@@ -562,6 +596,7 @@ def _require_state(layout: Layout) -> dict:
 
 
 def wait_superlink(record: dict, port: int, timeout: float) -> None:
+    """Wait until the SuperLink listens on ``port``; fail fast if it exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not is_running(record):
@@ -613,8 +648,15 @@ def up(
     timeout: float = 120.0,
     keep_state: bool = False,
     quiet: bool = False,
+    node_data_dir: str | None = None,
+    node_cache_dir: str | None = None,
 ) -> dict:
     """Start a SuperLink and ``nodes`` SuperNodes on 127.0.0.1; return the deployment state.
+
+    ``data_dir`` is the ServerApp's (the test set) and, by default, every node's ``data-dir``.
+    ``node_data_dir`` / ``node_cache_dir`` (``{i}`` = node index) give each SuperNode its own
+    ``data-dir`` in ``--node-config`` and its own ``$FEDZO_CACHE_DIR``, as separate devices
+    have (e.g. an empty data folder plus a partition file from scripts/split_partitions.py).
 
     Blocks until the SuperLink listens and every SuperNode is online (bounded by
     ``timeout``). On any failure it stops what it started and raises :class:`DeployError`.
@@ -651,8 +693,11 @@ def up(
     if mode != "insecure" and not all(
         (layout.certs / f).is_file() for f in ("ca.crt", "server.pem", "server.key")
     ):
-        subprocess.run(["bash", str(ROOT / "deploy" / "gen_certs.sh"), str(layout.certs)],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["bash", str(ROOT / "deploy" / "gen_certs.sh"), str(layout.certs)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     write_cli_config(layout, mode, port)
     state: dict = {
         "mode": mode,
@@ -660,14 +705,20 @@ def up(
         "port": port,
         "node_ports": node_ports,
         "data_dir": str(data),
+        "node_data_dir": node_data_dir,
+        "node_cache_dir": node_cache_dir,
         "connection": CONNECTION,
         "flwr_home": str(layout.cli_home),
         "processes": {},
     }
     save_state(layout, state)
     try:
-        link = spawn(layout, "superlink", superlink_argv(layout, mode, port),
-                     daemon_env(layout, "superlink", str(data)))
+        link = spawn(
+            layout,
+            "superlink",
+            superlink_argv(layout, mode, port),
+            daemon_env(layout, "superlink", str(data)),
+        )
         state["processes"]["superlink"] = link
         save_state(layout, state)
         wait_superlink(link, port, timeout)
@@ -695,6 +746,7 @@ def up(
 
 
 def summary(layout: Layout, state: dict) -> str:
+    """What ``up`` prints: addresses, PIDs, log paths, how to run and stop."""
     scheme = "http" if state["mode"] == "insecure" else "https"
     rel = _short(layout.root)
     procs = state["processes"]
@@ -705,7 +757,10 @@ def summary(layout: Layout, state: dict) -> str:
         f"  data:      {state['data_dir']} (each node: --node-config partition-id=i "
         f"num-partitions={state['nodes']} data-dir=...)",
         "  logs:",
-        *[f"    {name:<12} pid {r['pid']:<8} {_short(Path(r['log']))}" for name, r in procs.items()],
+        *[
+            f"    {name:<12} pid {r['pid']:<8} {_short(Path(r['log']))}"
+            for name, r in procs.items()
+        ],
         f"  pid files: {rel}/pids/   state: {rel}/{STATE_FILE}",
     ]
     if state["mode"] != "insecure":
@@ -729,8 +784,12 @@ def _short(path: Path) -> str:
         return str(path)
 
 
-def down(state_dir: str | Path = DEFAULT_STATE_DIR, timeout: float = 15.0,
-         purge: bool = False, quiet: bool = False) -> list[str]:
+def down(
+    state_dir: str | Path = DEFAULT_STATE_DIR,
+    timeout: float = 15.0,
+    purge: bool = False,
+    quiet: bool = False,
+) -> list[str]:
     """Stop every process the deployment recorded (SuperNodes first), by PID.
 
     Returns the names of the processes that were running. Logs, certificates and keys stay
@@ -761,18 +820,23 @@ def down(state_dir: str | Path = DEFAULT_STATE_DIR, timeout: float = 15.0,
 
 
 def status(state_dir: str | Path = DEFAULT_STATE_DIR) -> int:
+    """Print the processes and `flwr supernode list`; 0 if all are running, else 3."""
     layout = Layout(Path(state_dir).resolve())
     state = load_state(layout.root)
     if state is None:
         print(f"[deploy] no deployment in {layout.root}")
         return 1
-    print(f"[deploy] mode {state['mode']}, SuperLink 127.0.0.1:{state['port']}, "
-          f"{state['nodes']} node(s), data {state['data_dir']}")
+    print(
+        f"[deploy] mode {state['mode']}, SuperLink 127.0.0.1:{state['port']}, "
+        f"{state['nodes']} node(s), data {state['data_dir']}"
+    )
     alive = {}
     for name, record in state["processes"].items():
         alive[name] = is_running(record)
-        print(f"  {name:<12} pid {record['pid']:<8} {'running' if alive[name] else 'stopped':<8}"
-              f" log {_short(Path(record['log']))}")
+        print(
+            f"  {name:<12} pid {record['pid']:<8} {'running' if alive[name] else 'stopped':<8}"
+            f" log {_short(Path(record['log']))}"
+        )
     if alive.get("superlink"):
         proc = flwr_cli(layout, "supernode", "list", CONNECTION, check=False)
         print(proc.stdout.rstrip() or proc.stderr.rstrip())
@@ -816,6 +880,7 @@ def run_app(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point (``python -m deploy.local``)."""
     parser = argparse.ArgumentParser(
         prog="python -m deploy.local",
         description="Local Flower deployment on 127.0.0.1: a SuperLink and N SuperNodes.",
@@ -826,27 +891,59 @@ def main(argv: Sequence[str] | None = None) -> int:
     common.add_argument("--state-dir", default=argparse.SUPPRESS, help=state_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p_up = sub.add_parser("up", parents=[common], help="start a SuperLink and N SuperNodes, wait until online")
+    p_up = sub.add_parser(
+        "up", parents=[common], help="start a SuperLink and N SuperNodes, wait until online"
+    )
     p_up.add_argument("--mode", choices=MODES, default="tls-auth")
     p_up.add_argument("--nodes", type=int, default=2)
-    p_up.add_argument("--data-dir", default=None,
-                      help="folder with cifar10.npz (default $FEDZO_DATA_DIR or ../shared/data)")
+    p_up.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with cifar10.npz (default $FEDZO_DATA_DIR or ../shared/data)",
+    )
     p_up.add_argument("--port", type=int, default=9093, help="SuperLink port (default 9093)")
-    p_up.add_argument("--node-port-base", type=int, default=None,
-                      help="first SuperNode Runtime API port (default PORT+1; node i: base+i)")
+    p_up.add_argument(
+        "--node-port-base",
+        type=int,
+        default=None,
+        help="first SuperNode Runtime API port (default PORT+1; node i: base+i)",
+    )
     p_up.add_argument("--timeout", type=float, default=120.0)
-    p_up.add_argument("--keep-state", action="store_true",
-                      help="keep the SuperLink database (registered keys, runs) from last time")
+    p_up.add_argument(
+        "--node-data-dir",
+        default=None,
+        help="data-dir in each SuperNode's --node-config ({i} = node index; default: --data-dir)",
+    )
+    p_up.add_argument(
+        "--node-cache-dir",
+        default=None,
+        help="$FEDZO_CACHE_DIR of each SuperNode ({i} = node index; default: inherited)",
+    )
+    p_up.add_argument(
+        "--keep-state",
+        action="store_true",
+        help="keep the SuperLink database (registered keys, runs) from last time",
+    )
 
-    p_down = sub.add_parser("down", parents=[common], help="stop every process `up` started, by PID")
+    p_down = sub.add_parser(
+        "down", parents=[common], help="stop every process `up` started, by PID"
+    )
     p_down.add_argument("--timeout", type=float, default=15.0, help="SIGTERM grace period")
     p_down.add_argument("--purge", action="store_true", help="also delete the state directory")
 
-    sub.add_parser("status", parents=[common], help="processes, log paths and `flwr supernode list`")
+    sub.add_parser(
+        "status", parents=[common], help="processes, log paths and `flwr supernode list`"
+    )
 
-    p_run = sub.add_parser("run", parents=[common], help="flwr run . fedzo-local --stream --run-config ...")
-    p_run.add_argument("run_config", nargs="?", default="",
-                       help="run-config overrides, e.g. 'num-server-rounds=3 k=50'")
+    p_run = sub.add_parser(
+        "run", parents=[common], help="flwr run . fedzo-local --stream --run-config ..."
+    )
+    p_run.add_argument(
+        "run_config",
+        nargs="?",
+        default="",
+        help="run-config overrides, e.g. 'num-server-rounds=3 k=50'",
+    )
     p_run.add_argument("--no-stream", action="store_true")
 
     p_node = sub.add_parser("node", parents=[common], help="stop or (re)start one SuperNode")
@@ -857,8 +954,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
-            up(args.mode, args.nodes, args.data_dir, args.state_dir, args.port,
-               args.node_port_base, timeout=args.timeout, keep_state=args.keep_state)
+            up(
+                args.mode,
+                args.nodes,
+                args.data_dir,
+                args.state_dir,
+                args.port,
+                args.node_port_base,
+                timeout=args.timeout,
+                keep_state=args.keep_state,
+                node_data_dir=args.node_data_dir,
+                node_cache_dir=args.node_cache_dir,
+            )
         elif args.command == "down":
             down(args.state_dir, timeout=args.timeout, purge=args.purge)
         elif args.command == "status":

@@ -53,7 +53,7 @@ class RunConfig(BaseModel):
     )
 
     # What to train, on what.
-    method: Literal["zo-pruned", "zo-dense"] = "zo-pruned"
+    method: Literal["zo-pruned", "zo-dense", "fedavg"] = "zo-pruned"
     model: str = "lenet5"
     dataset: Literal["cifar10", "cifar100"] = "cifar10"
     data_dir: str = ""
@@ -80,6 +80,10 @@ class RunConfig(BaseModel):
     batch_size: int = Field(32, ge=1)
     local_steps: int = Field(1, ge=1)
     local_lr: float = Field(0.01, gt=0)
+    # FedAvg baseline (method fedavg): local backprop SGD; local-lr is its step size.
+    local_epochs: int = Field(1, ge=1)
+    local_batches: int = Field(0, ge=0)
+    client_optimizer: Literal["sgd", "momentum", "adam"] = "sgd"
     # Server optimizer.
     optimizer: Literal["sgd", "momentum", "adam"] = "adam"
     lr: float = Field(0.01, gt=0)
@@ -88,10 +92,11 @@ class RunConfig(BaseModel):
     clip: float = Field(0.0, ge=0)
     ema: float = Field(0.0, ge=0, lt=1)
     # Pruning (server side, before round 1).
-    prune_method: Literal["ntk", "synflow", "magnitude", "random"] = "ntk"
+    prune_method: Literal["ntk", "ntk-local", "snip", "synflow", "magnitude", "random"] = "ntk"
     density: float = Field(0.1, gt=0, le=1)
     prune_iterations: int = Field(20, ge=1)
     prune_repeats: int = Field(5, ge=1)
+    prune_samples: int = Field(100, ge=1)
     # Bookkeeping.
     client_threads: int = Field(1, ge=0)
     seed: int = Field(3407, ge=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import time
@@ -126,6 +127,37 @@ def load_client_data(
     except OSError as err:  # a read-only home must not stop training
         logger.warning("Could not cache partition at %s: %s", path, err)
     _PARTITIONS[key] = (x, y)
+    return x, y
+
+
+PARTITION_KEYS = ("dataset", "partitioner", "alpha", "shards-per-client", "seed")
+
+
+def load_partition_file(
+    path: str | Path, cfg: RunConfig, partition_id: int, num_partitions: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Load a per-device partition file written by ``scripts/split_partitions.py``.
+
+    The file records the settings that produced it; any disagreement with this run (dataset,
+    partitioner, alpha, shards, seed, partition id or count) is refused, so a device can never
+    silently train on another partition.
+    """
+    path = Path(path).expanduser()
+    try:
+        with np.load(path) as data:
+            x, y, meta = data["x"], data["y"], json.loads(str(data["meta"]))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise ValueError(
+            f"partition-file {path} is not a readable partition file ({err})"
+        ) from None
+    expected = {k: cfg.to_run_config()[k] for k in PARTITION_KEYS}
+    expected.update({"partition-id": partition_id, "num-partitions": num_partitions})
+    wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+    if wrong:
+        details = ", ".join(f"{k}: file {a!r} vs run {b!r}" for k, (a, b) in wrong.items())
+        raise ValueError(f"partition-file {path} was made for other settings ({details})")
+    if x.dtype != np.uint8 or x.ndim != 4 or len(x) != len(y):
+        raise ValueError(f"partition-file {path} holds arrays of the wrong shape or dtype")
     return x, y
 
 

@@ -82,11 +82,16 @@ class KeptSpace:
     @torch.no_grad()
     def gather(self, model: nn.Module) -> torch.Tensor:
         """Copy the kept coordinates of ``model`` into a new flat float32 tensor (``dim``,)."""
-        parts = []
-        for param, idx in zip(self._params(model), self.indices):
+        out = torch.empty(self.dim, dtype=torch.float32)
+        for param, idx, part in zip(self._params(model), self.indices, self.split(out)):
             flat = param.detach().reshape(-1)
-            parts.append(flat.clone() if idx is None else flat[idx])
-        return torch.cat(parts).to(torch.float32)
+            if idx is None:
+                part.copy_(flat)
+            elif flat.dtype == torch.float32:
+                torch.index_select(flat, 0, idx, out=part)  # no temporary copy
+            else:
+                part.copy_(flat[idx])
+        return out
 
     @torch.no_grad()
     def scatter_(self, model: nn.Module, flat: torch.Tensor) -> None:

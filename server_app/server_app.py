@@ -1,4 +1,7 @@
-"""ServerApp: prune on the server (data-free), then run FedZO rounds and record results."""
+"""ServerApp: prune, then run FedZO rounds (or the FedAvg baseline) and record results.
+
+Pruning is data-free on the server, or a federated phase for data-dependent pruners.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +16,17 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedzo_flwr.checkpoint import CheckpointError, check_compatible, load_checkpoint
+from fedzo_flwr.client_pruning import needs_client_data
 from fedzo_flwr.config import ConfigError, RunConfig
 from fedzo_flwr.data import load_dataset
-from fedzo_flwr.experiment import initial_model
+from fedzo_flwr.experiment import InitialModel, build_global_model, initial_model
 from fedzo_flwr.flops import forward_flops, zo_step_flops
-from fedzo_flwr.mask import kept_count, layer_densities, mask_density, total_count
+from fedzo_flwr.mask import apply_mask_, kept_count, layer_densities, mask_density, total_count
 from fedzo_flwr.results import RunRecorder, atomic_write_bytes
 from fedzo_flwr.server import ZOServer
 from fedzo_flwr.wire import mask_nbytes, sparse_weights_nbytes
+from server_app.fedavg_strategy import run_fedavg
+from server_app.federated_pruning import PruningPhaseError, federated_prune
 from server_app.strategy import FedZO, kept_arrays
 
 app = ServerApp()
@@ -49,13 +55,20 @@ def load_setup(run_config: dict) -> tuple[RunConfig, object]:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run a FedZO federation as configured by ``context.run_config``."""
+    """Run a federation as configured by ``context.run_config`` (``method`` picks the trainer)."""
     cfg, test_data = load_setup(dict(context.run_config))
+    if cfg.method == "fedavg" and cfg.resume_from:
+        log(ERROR, "fedzo: cannot start the run: resume-from is not supported by method fedavg")
+        raise RunSetupError("key 'resume-from': not supported by method 'fedavg'")
     run_dir = cfg.resolve_output_dir() / (cfg.run_name or default_run_name(cfg))
     recorder = RunRecorder(run_dir, cfg.to_run_config())
     log(INFO, "fedzo: results go to %s", run_dir)
 
-    init = initial_model(cfg)
+    init = starting_model(grid, cfg, recorder)
+    if cfg.method == "fedavg":
+        run_fedavg(grid, cfg, init.model, init.mask, init.prune_seconds, test_data, recorder)
+        log(INFO, "fedzo: fedavg finished; wrote %s", recorder.results_path)
+        return
     server = ZOServer(cfg, init.model, init.mask)
     start_round = resume(cfg, server, recorder) if cfg.resume_from else 0
     input_shape = tuple(test_data.x_test.shape[1:][::-1])  # HWC -> CHW
@@ -107,6 +120,26 @@ def main(grid: Grid, context: Context) -> None:
         plot,
         checkpoint,
     )
+
+
+def starting_model(grid: Grid, cfg: RunConfig, recorder: RunRecorder) -> InitialModel:
+    """θ0 and its mask: data-free pruning on the server, or a federated pruning phase.
+
+    ``snip`` and ``ntk-local`` score on client data, so the clients compute the scores
+    (``server_app.federated_pruning``); the phase's measured bytes go to ``setup.pruning_phase``.
+    """
+    if not needs_client_data(cfg):
+        return initial_model(cfg)
+    model = build_global_model(cfg)
+    started = time.perf_counter()
+    try:
+        mask, report = federated_prune(grid, cfg, model)
+    except PruningPhaseError as err:
+        log(ERROR, "fedzo: cannot start the run: %s", err)
+        raise RunSetupError(str(err)) from None
+    apply_mask_(model, mask)
+    recorder.set_setup(pruning_phase=report)
+    return InitialModel(model, mask, time.perf_counter() - started)
 
 
 def resume(cfg: RunConfig, server: ZOServer, recorder: RunRecorder) -> int:

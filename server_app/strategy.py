@@ -20,7 +20,6 @@ from flwr.app import (
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedzo_flwr import protocol
 from fedzo_flwr.checkpoint import save_checkpoint
@@ -99,6 +98,7 @@ class FedZO(FedAvg):
         self.skipped_for_memory: set[int] = set()
         self.node_partition: dict[int, int] = {}
         self.round_downlink: dict[int, int] = {}
+        self.message_node: dict[str, int] = {}
         self.round_started = 0.0
         self.start_round = start_round
         self.rejected_total = 0
@@ -152,9 +152,28 @@ class FedZO(FedAvg):
             return False
         return True
 
+    def _connected_nodes(self, grid: Grid) -> list[int]:
+        """Nodes online now, waiting at most ``round-timeout`` for ``min_available_nodes``.
+
+        Unlike ``sample_nodes`` (which waits forever), a lost node cannot hang the run: after
+        the deadline the round goes ahead with whoever is connected, or is skipped.
+        """
+        deadline = time.monotonic() + self.cfg.round_timeout
+        while True:
+            connected = sorted(grid.get_node_ids())
+            if len(connected) >= self.min_available_nodes or time.monotonic() >= deadline:
+                return connected
+            log(
+                INFO,
+                "Waiting for nodes to connect: %d connected (minimum required: %d).",
+                len(connected),
+                self.min_available_nodes,
+            )
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
     def _sample(self, grid: Grid, server_round: int) -> list[int]:
         wanted = self.cfg.clients_per_round
-        connected = sorted(sample_nodes(grid, self.min_available_nodes, 0)[1])
+        connected = self._connected_nodes(grid)
         available = [node for node in connected if self._eligible(node)]
         if not wanted or wanted >= len(available):
             return available
@@ -168,13 +187,22 @@ class FedZO(FedAvg):
         server_round += self.start_round
         self.round_started = time.perf_counter()
         node_ids = self._sample(grid, server_round)
+        if len(node_ids) < self.cfg.min_clients:
+            log(
+                WARNING,
+                "Round %d: only %d eligible nodes, min-clients is %d; skipping the round",
+                server_round,
+                len(node_ids),
+                self.cfg.min_clients,
+            )
+            node_ids = []
         log(
             INFO,
             "configure_train: %d nodes, round seed %d",
             len(node_ids),
             self.server.round_seed(server_round),
         )
-        messages, self.round_downlink = [], {}
+        messages, self.round_downlink, self.message_node = [], {}, {}
         for node_id in node_ids:
             node_config = ConfigRecord(dict(config))
             node_config[protocol.ROUND_KEY] = server_round
@@ -189,6 +217,7 @@ class FedZO(FedAvg):
                 dst_node_id=node_id,
             )
             self.round_downlink[node_id] = message_nbytes(message)
+            self.message_node[message.object_id] = node_id
             messages.append(message)
         return messages
 
@@ -202,7 +231,11 @@ class FedZO(FedAvg):
         uplink: dict[int, int] = {}
         rejected: list[dict[str, object]] = []
         for reply in replies:
-            node_id = reply.metadata.src_node_id
+            # Error replies made by the SuperLink (e.g. node unavailable) carry its own id as
+            # sender: identify the node by the message the reply answers.
+            node_id = self.message_node.get(
+                reply.metadata.reply_to_message_id, reply.metadata.src_node_id
+            )
             if reply.has_error():
                 reason = reply.error.reason
                 if protocol.MASK_MISSING in reason:

@@ -151,8 +151,9 @@ def test_tls_auth_deployment_runs_two_rounds(deployment, tmp_path):
     for i in range(NODES):
         argv = state["processes"][f"supernode-{i}"]["argv"]
         assert "--insecure" not in argv and "--auth-supernode-private-key" in argv
-        found = re.findall(r"SuperNode ID: (\d+)", Path(state["processes"][f"supernode-{i}"]["log"])
-                           .read_text())
+        found = re.findall(
+            r"SuperNode ID: (\d+)", Path(state["processes"][f"supernode-{i}"]["log"]).read_text()
+        )
         node_ids.add(int(found[-1]))
     assert node_ids == set(state["registered"].values())
 

@@ -119,19 +119,19 @@ def test_mask_is_sent_once_per_node(three_rounds):
     mask_bytes = results["setup"]["mask_bytes"]
     assert mask_bytes == mask_nbytes(build_model("lenet5")) == 7722
     for pid in down[1]:
-        # Round 1 carries the mask bitmap (plus its key and length prefix); round 2 does not.
-        assert mask_bytes <= down[1][pid] - down[2][pid] <= mask_bytes + 40
+        # Round 1 also carries the mask bitmap and the fingerprint seed (keys, prefixes, value).
+        assert mask_bytes <= down[1][pid] - down[2][pid] <= mask_bytes + 64
         assert abs(down[2][pid] - down[3][pid]) <= 2  # seed and round are varint-coded
 
 
 def test_uplink_is_k_float32_plus_fixed_envelope(three_rounds):
     _, _, results, cfg = three_rounds
-    ups = [
-        v for r in results["rounds"] if r["round"] for v in r["uplink_bytes"]["per_client"].values()
-    ]
-    envelope = [u - 4 * cfg.k for u in ups]
-    assert max(envelope) == min(envelope)  # a fixed envelope: measured values travel as doubles
-    assert 0 < min(envelope) < 1024
+    up = {r["round"]: r["uplink_bytes"]["per_client"] for r in results["rounds"] if r["round"]}
+    later = [v - 4 * cfg.k for r in (2, 3) for v in up[r].values()]
+    assert max(later) == min(later)  # a fixed envelope: measured values travel as doubles
+    assert 0 < later[0] < 1024
+    # First contact adds the generator fingerprint: its key and 64 hex digits, nothing else.
+    assert all(64 < v - 4 * cfg.k - later[0] <= 96 for v in up[1].values())
 
     # The scalars travel as float32 bytes: K more directions cost exactly 4K more bytes.
     def record_size(k: int) -> int:

@@ -337,3 +337,43 @@ def test_bad_checkpoints_are_refused(tmp_path, data_dir, uninterrupted):
         with pytest.raises(RunSetupError, match=needle):
             server_app(grid, server_context(config))
         assert grid.sent == []  # refused before anything was sent: never half-loaded
+
+
+# ------------------------------------------------------------------ per-device data files
+
+
+def test_partition_file_is_used_and_a_mismatched_one_refused(tmp_path, data_dir):
+    import subprocess
+    import sys
+
+    from inprocess_grid import ROOT
+
+    out = tmp_path / "parts"
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "split_partitions.py"),
+            "-n",
+            "3",
+            "-o",
+            str(out),
+            "--run-config",
+            f'data-dir="{data_dir}"',
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    files = sorted(out.glob("partition-*.npz"))
+    assert len(files) == 3
+    # Every node trains from its own file, with no dataset folder at all ...
+    nodes = {
+        i: {"partition-file": str(files[i]), "data-dir": str(tmp_path / "none")} for i in range(3)
+    }
+    _, results, _ = run(tmp_path, data_dir, "files", node_config=nodes)
+    assert all(r["clients"] == 3 for r in results["rounds"] if r["round"])
+    # ... and a node given another device's file is refused with the reason.
+    nodes[1]["partition-file"] = str(files[2])
+    _, results, _ = run(tmp_path, data_dir, "swapped", node_config=nodes)
+    reason = results["rounds"][1]["rejected"][0]["reason"]
+    assert "partition-id: file 2 vs run 1" in reason

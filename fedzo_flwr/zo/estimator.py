@@ -172,24 +172,27 @@ def _lean(
     generator: DirectionGenerator,
     settings: ZOSettings,
 ) -> LossDifferences:
+    # Extra memory: the saved kept values, one direction (freed before the forward pass of a
+    # forward difference) and the activations of one forward pass.
     saved = space.gather(model)
-    direction = torch.empty(space.dim, dtype=torch.float32)
 
-    def loss_at(step: float) -> float:
-        if step:
-            space.add_(model, direction, alpha=step)
-        value = float(batch_loss(model(x), y))
-        if step:
-            space.scatter_(model, saved)  # restore by copy: bit-exact, no drift
-        return value
+    def loss() -> float:
+        return float(batch_loss(model(x), y))
 
-    base = loss_at(0.0)
+    base = loss()
     deltas = np.empty(settings.k, dtype=np.float64)
     sigma = settings.sigma
     for k in range(settings.k):
-        generator.direction(k, out=direction)
-        reference = base if settings.scheme == "forward" else loss_at(-sigma)
-        deltas[k] = loss_at(sigma) - reference
+        direction = generator.direction(k)
+        reference = base
+        if settings.scheme == "central":
+            space.add_(model, direction, alpha=-sigma)
+            reference = loss()
+            space.scatter_(model, saved)  # restore by copy: bit-exact, no drift
+        space.add_(model, direction, alpha=sigma)
+        del direction
+        deltas[k] = loss() - reference
+        space.scatter_(model, saved)
     return LossDifferences(
         deltas.astype(np.float32),
         base,

@@ -31,12 +31,19 @@ forward on one example and compared with the ordinary forward pass under those w
 (:func:`torch.func.functional_call`); a mismatch means the translation is wrong for this model
 and triggers the same fallback.
 
-The weights of a chunk are built in one preallocated ``(r, n_params)`` buffer that holds the
-model's current trainable values (pruned entries 0); per chunk only the kept columns are
-overwritten, with ``w + σ s u_k`` computed for the kept coordinates only (``u_k`` is the
-direction over the KeptSpace, never expanded to the dense shape). Pruned weights are therefore
-exactly 0 in every forward pass, the model itself is never modified, and the perturbed weights
-are bit-identical to those of the ``lean`` engine (same ``torch.add(w, u, alpha=σ)``).
+Two more rewrites keep the memory-bound work small: a monotone activation (ReLU, ReLU6, ...)
+followed by a max-pool is applied after the pool (same numbers, a quarter of the values), and
+non-overlapping max-pools are an elementwise maximum of strided views.
+
+The weights of a chunk live in one preallocated ``(r, numel)`` block per parameter, reused by
+every chunk of a step. A partly pruned parameter's block holds its current values (pruned
+entries 0) and only its kept columns are overwritten, with ``w + s σ u_k`` computed for the kept
+coordinates only (``u_k`` is the direction over the KeptSpace, never expanded to the dense
+shape). Pruned weights are therefore exactly 0 in every forward pass, the model itself is never
+modified, and the perturbed weights are bit-identical to those of the ``lean`` engine (the same
+``torch.add(w, u, alpha=s σ)``). Directions come from
+:meth:`~fedzo_flwr.zo.directions.DirectionGenerator.block`, which draws the rows of a chunk on
+several threads (bit-identical to drawing them one by one).
 
 **Memory.** A chunk of ``r`` copies holds ``r`` weight copies, ``r`` directions and ``r``
 copies of the live activations. The per-copy activation bytes are measured while the plan is
@@ -71,14 +78,14 @@ __all__ = [
     "FusedPlan",
     "UnsupportedModel",
     "chunk_for_budget",
-    "planned_chunk",
     "fused_loss_differences",
     "get_plan",
+    "planned_chunk",
 ]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MEMORY_BUDGET_MB = 64.0
+DEFAULT_MEMORY_BUDGET_MB = 16.0
 """Default ceiling (MiB) on the chunk's working set: weights, directions and activations."""
 
 _CL = torch.channels_last
@@ -164,14 +171,14 @@ class _ChunkWeights:
 
     def __init__(
         self,
-        plan: _Layout,
+        layout: _Layout,
         blocks: list[torch.Tensor],
         kept: torch.Tensor,
         directions: torch.Tensor,
         sigma: float,
         signs: tuple[float, ...],
     ) -> None:
-        self.layout = plan
+        self.layout = layout
         self.blocks = blocks
         self.kept = kept
         self.directions = directions
@@ -258,9 +265,7 @@ def _linear(m: nn.Linear, v: object, rows: int, weights: _ChunkWeights) -> objec
     return _Stacked(out.view(rows, *lead_shape, out.shape[-1]), folded=False, rows=rows)
 
 
-def _affine(
-    p: torch.Tensor | None, rows: int, weights: _ChunkWeights
-) -> torch.Tensor | None:
+def _affine(p: torch.Tensor | None, rows: int, weights: _ChunkWeights) -> torch.Tensor | None:
     if p is None:
         return None
     s = weights.get(p)
@@ -288,6 +293,113 @@ def _batch_norm(m: nn.BatchNorm2d, v: object, rows: int, weights: _ChunkWeights)
     mean, var = m.running_mean.repeat(rows), m.running_var.repeat(rows)
     out = F.batch_norm(v.fold(), mean, var, w, b, False, 0.0, m.eps)
     return _Stacked(out, folded=True, rows=rows)
+
+
+def _pair(v: object) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    a, b = v  # type: ignore[misc]
+    return (int(a), int(b))
+
+
+def _max_pool2d(
+    x: torch.Tensor,
+    kernel_size: object,
+    stride: object = None,
+    padding: object = 0,
+    dilation: object = 1,
+    ceil_mode: bool = False,
+    return_indices: bool = False,
+) -> torch.Tensor:
+    """``F.max_pool2d``; non-overlapping windows as an elementwise maximum of strided views.
+
+    For ``kernel == stride``, no padding or dilation (LeNet's 2x2 pools) the maximum of the
+    ``kh * kw`` shifted views is the same number, and on a channels-last tensor it is several
+    times faster than the pooling kernel (which also writes int64 indices).
+    """
+    if return_indices:
+        raise UnsupportedModel("max pooling that returns indices")
+    kh, kw = _pair(kernel_size)
+    sh, sw = _pair(kernel_size if stride is None or stride == [] else stride)
+    h, w = x.shape[-2:]
+    ho, wo = h // kh, w // kw
+    simple = (kh, kw) == (sh, sw) and _pair(padding) == (0, 0) and _pair(dilation) == (1, 1)
+    if not simple or ceil_mode or kh * kw > 9 or ho == 0 or wo == 0:
+        return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+    views = [
+        x[..., i : i + kh * (ho - 1) + 1 : kh, j : j + kw * (wo - 1) + 1 : kw]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    if len(views) == 1:
+        return views[0].clone()
+    out = torch.maximum(views[0], views[1])
+    for view in views[2:]:
+        torch.maximum(out, view, out=out)
+    return out
+
+
+def _pool(fn: object, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    if fn is F.max_pool2d:
+        return _max_pool2d(x, *args, **kwargs)
+    if isinstance(fn, nn.MaxPool2d):
+        return _max_pool2d(
+            x, fn.kernel_size, fn.stride, fn.padding, fn.dilation, fn.ceil_mode, fn.return_indices
+        )
+    return fn(x, *args, **kwargs)  # type: ignore[operator]
+
+
+# Activations f with f(max(a, b)) == max(f(a), f(b)) exactly (non-decreasing): applied after a
+# max-pool instead of before it, they touch a quarter of the values (same numbers).
+_MONOTONE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.Hardtanh,
+    nn.Sigmoid,
+    nn.Tanh,
+)
+_MONOTONE_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.hardtanh, torch.sigmoid, torch.tanh}
+
+
+def _is_max_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A max-pool node that returns one tensor (no indices)."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        return isinstance(mod, nn.MaxPool2d) and not mod.return_indices
+    if node.op != "call_function" or node.target is not F.max_pool2d:
+        return False
+    return len(node.args) < 7 and not node.kwargs.get("return_indices", False)
+
+
+def _is_monotone(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        if isinstance(mod, nn.LeakyReLU):
+            return mod.negative_slope >= 0
+        return isinstance(mod, _MONOTONE_MODULES)
+    return node.op == "call_function" and node.target in _MONOTONE_FUNCTIONS
+
+
+def _pool_before_activation(gm: fx.GraphModule) -> int:
+    """Rewrite ``maxpool(act(z))`` as ``act(maxpool(z))`` for monotone ``act``; return count."""
+    graph = gm.graph
+    swapped = 0
+    for pool in list(graph.nodes):
+        if not _is_max_pool(gm, pool) or not pool.args or not isinstance(pool.args[0], fx.Node):
+            continue
+        act = pool.args[0]
+        if len(act.users) != 1 or not _is_monotone(gm, act) or act.kwargs.get("inplace"):
+            continue
+        with graph.inserting_after(pool):
+            moved = graph.create_node(act.op, act.target, (pool, *act.args[1:]), dict(act.kwargs))
+        pool.replace_all_uses_with(moved, delete_user_cb=lambda user, m=moved: user is not m)
+        pool.args = (act.args[0], *pool.args[1:])
+        graph.erase_node(act)
+        swapped += 1
+    if swapped:
+        graph.lint()
+        gm.recompile()
+    return swapped
 
 
 _ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
@@ -436,9 +548,12 @@ def _binary(fn: Callable, inplace: str, a: object, b: object, reuse: bool) -> ob
         return fn(a, b)
     if sa and sb:
         rows = a.rows
-        if a.folded and b.folded:
+        if len(a.shape) != len(b.shape):
+            raise UnsupportedModel("a binary op between copies of different ranks")
+        same_channels = len(a.shape) >= 2 and a.shape[1] == b.shape[1]
+        if a.folded and b.folded and same_channels:
             x, y, folded = a.data, b.data, True
-        elif len(a.shape) == 4:
+        elif len(a.shape) == 4 and same_channels:
             x, y, folded = a.fold(), b.fold(), True
         else:
             x, y, folded = a.lead(), b.lead(), False
@@ -449,9 +564,10 @@ def _binary(fn: Callable, inplace: str, a: object, b: object, reuse: bool) -> ob
         if isinstance(other, torch.Tensor) and other.dim() > len(s.shape):
             raise UnsupportedModel("a shared tensor broadcast over more dimensions than a copy")
         if isinstance(other, torch.Tensor) and other.dim() > 0:
-            x, y, folded = (s.lead(), other) if sa else (other, s.lead())
+            x, y = (s.lead(), other) if sa else (other, s.lead())
+            folded = False
         else:
-            x, y, folded = (s.data, other) if sa else (other, s.data)
+            x, y = (s.data, other) if sa else (other, s.data)
             folded = s.folded
     if reuse and sa and a.fresh and isinstance(x, torch.Tensor):
         out_shape = torch.broadcast_shapes(x.shape, y.shape if isinstance(y, torch.Tensor) else ())
@@ -499,6 +615,8 @@ class FusedPlan:
             raise UnsupportedModel("the fused engine supports float32 parameters only")
         self.nodes = list(self.gm.graph.nodes)
         self._check_graph()
+        self.pools_moved = _pool_before_activation(self.gm)
+        self.nodes = list(self.gm.graph.nodes)
         position = {n: i for i, n in enumerate(self.nodes)}
         last_use = {n: max((position[u] for u in n.users), default=position[n]) for n in self.nodes}
         self.free_after: list[list[fx.Node]] = [[] for _ in self.nodes]
@@ -581,7 +699,7 @@ class FusedPlan:
         if op == "get_attr":
             return getattr_path(self.gm, str(node.target))
         args = fx.node.map_arg(node.args, lambda n: env[n])
-        kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+        kwargs = dict(fx.node.map_arg(node.kwargs, lambda n: env[n]))
         if op == "output":
             return args[0]
         first = args[0] if args else None
@@ -621,15 +739,13 @@ class FusedPlan:
         if isinstance(mod, _POOL_MODULES):
             if len(v.shape) != 4:
                 raise UnsupportedModel("pooling of a tensor that is not (B, C, H, W)")
-            return _Stacked(mod(v.fold()), folded=True, rows=rows)
+            return _Stacked(_pool(mod, v.fold()), folded=True, rows=rows)
         inplace = _INPLACE.get(type(mod))
         if reuse and v.fresh and inplace is not None:
             return _Stacked(inplace(v.data), folded=v.folded, rows=rows)
         return _Stacked(mod(v.data), folded=v.folded, rows=rows)
 
-    def _function(
-        self, fn: object, args: tuple, kwargs: dict[str, object], reuse: bool
-    ) -> object:
+    def _function(self, fn: object, args: tuple, kwargs: dict[str, object], reuse: bool) -> object:
         if not any(isinstance(a, _Stacked) for a in (*args, *kwargs.values())):
             return fn(*args, **kwargs)
         v = args[0]
@@ -648,7 +764,7 @@ class FusedPlan:
         if fn in _POOL_FUNCTIONS:
             if len(v.shape) != 4 or kwargs.get("return_indices"):
                 raise UnsupportedModel(f"{fn.__name__} of this input")
-            return _Stacked(fn(v.fold(), *args[1:], **kwargs), folded=True, rows=v.rows)
+            return _Stacked(_pool(fn, v.fold(), *args[1:], **kwargs), folded=True, rows=v.rows)
         if fn is torch.flatten:
             return _flatten(v, *args[1:], **kwargs)
         if fn is F.pad:
@@ -657,9 +773,7 @@ class FusedPlan:
             return _getitem(v, args[1])
         raise UnsupportedModel(f"function {fn}")
 
-    def _method(
-        self, name: str, args: tuple, kwargs: dict[str, object], reuse: bool
-    ) -> object:
+    def _method(self, name: str, args: tuple, kwargs: dict[str, object], reuse: bool) -> object:
         v = args[0]
         if not isinstance(v, _Stacked):
             if any(isinstance(a, _Stacked) for a in (*args, *kwargs.values())):
@@ -669,10 +783,14 @@ class FusedPlan:
             return getattr(v, name)(*args[1:], **kwargs)
         if name == "size":
             shape = torch.Size(v.shape)
-            return shape if len(args) == 1 and not kwargs else shape[args[1] if len(args) > 1 else kwargs["dim"]]
+            if len(args) == 1 and not kwargs:
+                return shape
+            return shape[args[1] if len(args) > 1 else kwargs["dim"]]
         if name in ("view", "reshape"):
-            shape = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
-            return _Stacked(v.lead().reshape(v.rows, *shape), folded=False, rows=v.rows, fresh=False)
+            one = len(args) == 2 and isinstance(args[1], (tuple, list))
+            shape = args[1] if one else args[1:]
+            data = v.lead().reshape(v.rows, *shape)
+            return _Stacked(data, folded=False, rows=v.rows, fresh=False)
         if name == "flatten":
             return _flatten(v, *args[1:], **kwargs)
         if name in ("mean", "sum"):
@@ -706,7 +824,12 @@ class FusedPlan:
         scale = 0.1 * float(kept.abs().mean()) + 1e-3
         weights = _ChunkWeights(layout, layout.new_blocks(2), kept, noise, scale, (0.0, 1.0))
         track = [0]
-        logits = self.forward(one, weights, track)
+        try:
+            logits = self.forward(one, weights, track)
+        except UnsupportedModel:
+            raise
+        except Exception as err:  # a translation rule does not fit this model
+            raise UnsupportedModel(f"fused forward failed: {type(err).__name__}: {err}") from err
         for row in range(2):
             state = {n: weights.get(p)[row] for n, p in zip(space.names, self.space_params)}
             expected = functional_call(model, state, (x[:1],))
@@ -735,11 +858,18 @@ class _Layout:
         self.numel = sum(p.numel() for p in params)
 
     def new_blocks(self, rows: int) -> list[torch.Tensor]:
-        """One ``(rows, numel)`` block per parameter: current values (pruned 0) in every row.
+        """One ``(rows, numel)`` block per parameter.
 
-        Only the kept columns are rewritten per chunk, so pruned entries stay exactly 0.
+        A partly pruned parameter's block starts with its current values (pruned entries 0) in
+        every row and only its kept columns are rewritten per chunk, so pruned entries stay
+        exactly 0; a fully kept parameter's block is rewritten whole and starts uninitialised.
         """
-        return [p.detach().reshape(1, -1).repeat(rows, 1) for p in self.params]
+        return [
+            torch.empty(rows, p.numel(), dtype=p.dtype)
+            if idx is None
+            else p.detach().reshape(1, -1).repeat(rows, 1)
+            for p, idx in zip(self.params, self.indices)
+        ]
 
 
 def _aliases(v: _Stacked, others: object) -> bool:

@@ -1,0 +1,342 @@
+"""Client memory of one local step, measured: backprop vs zeroth-order dense vs zeroth-order pruned.
+
+Each (model, method, density, engine) runs in its own fresh Python process (``--worker``):
+
+1. import torch and the library, ``torch.set_num_threads(--threads)``; record RSS;
+2. build the model (θ0), its mask (a random global mask at the density: which weights are kept
+   does not change memory), the optimizer settings, and one real CIFAR-10 batch (``--batch``);
+3. one warm-up step (kernels, thread pools, the fused plan are set up once per process), then
+   free what the step left (gradients, optimizer), ``gc`` and ``malloc_trim``: the **idle
+   baseline** is a client that holds the model, mask and batch and nothing else;
+4. exactly one client step inside :class:`fedzo_flwr.memory.PeakMemory` (kernel ``VmHWM``):
+
+   * ``backprop``: a fresh optimizer (``--optimizer``: sgd, momentum or adam, as FedAvg creates
+     one per round), zero grads, forward, backward, mask the gradients, optimizer step, re-mask;
+   * ``zo``: :func:`fedzo_flwr.zo.estimator.loss_differences` with K directions (``--k``), for
+     each engine (``lean``: in place, one direction at a time; ``batched`` and ``fused``:
+     several directions per pass).
+
+Reported: the step's **peak RSS above the idle baseline** (``extra``), next to the analytic
+breakdown of :mod:`fedzo_flwr.memory_model` (weights, mask, batch, activations, gradients,
+optimizer state, perturbation buffers). The backprop/zeroth-order ratio is given three ways:
+extra memory of the step alone; the model's share (weights + mask + batch + extra); and the
+whole process (RSS, Python and torch included), against the paper's "9x".
+
+Usage::
+
+    python benchmarks/client_memory.py [--quick] [--json PATH] [--models lenet5 resnet18]
+        [--batch 32] [--k 16] [--optimizer sgd adam] [--threads 1] [--data-dir DIR]
+
+``--quick`` (CI): lenet5, batch 32, SGD and the lean engine only. The lean engine's memory does not
+depend on K; the batched/fused engines' depends on their chunk (<= K), hence K = 16 by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+MB = 2**20
+PAPER_RATIO = 9.0
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _trim() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def data_dir(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    env = os.environ.get("FEDZO_DATA_DIR")
+    return Path(env) if env else ROOT.parent / "shared" / "data"
+
+
+# ------------------------------------------------------------------------------ worker
+
+
+def worker(job: dict) -> dict:
+    """One measurement in this (fresh) process."""
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    from torch.nn import functional as F
+
+    from fedzo_flwr.backprop import mask_gradients_
+    from fedzo_flwr.config import RunConfig
+    from fedzo_flwr.data import clear_cache, load_dataset, to_tensor
+    from fedzo_flwr.mask import apply_mask_, dense_mask
+    from fedzo_flwr.memory import PeakMemory
+    from fedzo_flwr.memory_model import backprop_breakdown, zo_breakdown
+    from fedzo_flwr.models import build_model
+    from fedzo_flwr.pruning import prune
+    from fedzo_flwr.space import KeptSpace
+    from fedzo_flwr.zo.estimator import loss_differences
+    from fedzo_flwr.zo.settings import ZOSettings
+
+    rss_imports = _status_bytes("VmRSS")
+    data = load_dataset("cifar10", job["data_dir"])
+    x = to_tensor(data.x_train[: job["batch"]], "cifar10")
+    y = torch.tensor(data.y_train[: job["batch"]], dtype=torch.long)
+    del data
+    clear_cache()  # a client holds its batch, not the whole dataset
+    model = build_model(job["model"], seed=3407)
+    density = job["density"]
+    mask = prune("random", model, job["model"], density, seed=0) if density < 1 else None
+    full_mask = mask if mask is not None else dense_mask(model)
+    if mask is not None:
+        apply_mask_(model, mask)
+    cfg = RunConfig(client_optimizer=job.get("optimizer", "sgd"), local_lr=0.01)
+
+    if job["method"] == "backprop":
+        from fedzo_flwr.backprop import client_optimizer
+
+        analytic = backprop_breakdown(model, mask, x, cfg.client_optimizer)
+
+        def step() -> None:
+            optimizer = client_optimizer(cfg, model)
+            optimizer.zero_grad(set_to_none=False)
+            with torch.enable_grad():
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+            mask_gradients_(model, full_mask)
+            optimizer.step()
+            apply_mask_(model, full_mask)
+            del optimizer, loss
+
+        def reset() -> None:
+            for p in model.parameters():
+                p.grad = None
+
+    else:
+        space = KeptSpace(model, mask)
+        settings = ZOSettings(k=job["k"], sigma=1e-3)
+        analytic = zo_breakdown(model, mask, x)
+
+        def step() -> None:
+            loss_differences(model, space, x, y, 3407, settings, engine=job["engine"])
+
+        def reset() -> None:
+            pass
+
+    step()  # warm-up: lazy initialisation (kernels, thread pools, the fused plan)
+    reset()
+    _trim()
+    rss_idle = _status_bytes("VmRSS")
+    started = time.perf_counter()
+    with PeakMemory() as memory:
+        step()
+    seconds = time.perf_counter() - started
+    reset()
+    return {
+        "rss_after_imports": rss_imports,
+        "rss_idle": rss_idle,
+        "step_peak_rss": memory.peak_bytes,
+        "extra": memory.extra_bytes,
+        "method_of_measurement": memory.method,
+        "step_seconds": seconds,
+        "analytic": analytic.as_dict(),
+        "param_count": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def run_worker(job: dict) -> dict:
+    """Run :func:`worker` in a fresh interpreter and return its JSON result."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker failed for {job}:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -------------------------------------------------------------------------------- main
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def plan(args: argparse.Namespace) -> list[dict]:
+    """The jobs: per model, backprop dense and masked, then ZO dense and pruned per engine."""
+    engines = ["lean"] if args.quick else args.engines
+    jobs = []
+    for model in args.models:
+        base = {
+            "model": model,
+            "batch": args.batch,
+            "k": args.k,
+            "threads": args.threads,
+            "data_dir": str(data_dir(args.data_dir)),
+        }
+        for optimizer in ["sgd"] if args.quick else args.optimizer:
+            for density in (1.0, args.density):
+                jobs.append(
+                    {**base, "method": "backprop", "optimizer": optimizer, "density": density}
+                )
+        for engine in engines:
+            for density in (1.0, args.density):
+                jobs.append({**base, "method": "zo", "engine": engine, "density": density})
+    return jobs
+
+
+def label(job: dict) -> str:
+    if job["method"] == "backprop":
+        kind = "backprop" + (f" masked d={job['density']:g}" if job["density"] < 1 else " dense")
+        return f"{kind} ({job['optimizer']})"
+    kind = f"ZO pruned d={job['density']:g}" if job["density"] < 1 else "ZO dense"
+    return f"{kind} ({job['engine']})"
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Backprop dense (each optimizer) / each ZO row, per model: extra, model share, process."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        dense_bp = [r for r in mine if r["method"] == "backprop" and r["density"] == 1]
+        for bp in dense_bp:
+            for r in (r for r in mine if r["method"] == "zo"):
+                share = r["analytic"]["weights"] + r["analytic"]["mask"] + r["analytic"]["batch"]
+                bp_share = bp["analytic"]["weights"] + bp["analytic"]["batch"]
+                out.append(
+                    {
+                        "model": model,
+                        "backprop": label(bp),
+                        "zo": label(r),
+                        "extra_ratio": bp["extra"] / max(r["extra"], 1),
+                        "model_share_ratio": (bp_share + bp["extra"]) / (share + r["extra"]),
+                        "process_ratio": bp["step_peak_rss"] / r["step_peak_rss"],
+                        "analytic_step_ratio": bp["analytic"]["step_bytes"]
+                        / r["analytic"]["step_bytes"],
+                        "analytic_total_ratio": bp["analytic"]["total_bytes"]
+                        / r["analytic"]["total_bytes"],
+                    }
+                )
+    return out
+
+
+def print_tables(rows: list[dict], ratio_rows: list[dict]) -> None:
+    print(
+        "| model | method | measured extra (MB) | analytic step (MB) | activations | gradients "
+        "| optimizer | perturbation | weights | mask | idle RSS (MB) | step time (s) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        a = r["analytic"]
+        print(
+            f"| {r['model']} | {label(r)} | {r['extra'] / MB:.2f} | {a['step_bytes'] / MB:.2f} "
+            f"| {a['activations'] / MB:.2f} | {a['gradients'] / MB:.2f} "
+            f"| {a['optimizer_state'] / MB:.2f} | {a['perturbation'] / MB:.2f} "
+            f"| {a['weights'] / MB:.2f} | {a['mask'] / MB:.2f} | {r['rss_idle'] / MB:.0f} "
+            f"| {r['step_seconds']:.2f} |"
+        )
+    print()
+    print(
+        "| model | backprop | zeroth-order | extra (measured) | model share (measured) "
+        "| whole process | analytic step | analytic total | paper |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for q in ratio_rows:
+        print(
+            f"| {q['model']} | {q['backprop']} | {q['zo']} | {q['extra_ratio']:.1f}x "
+            f"| {q['model_share_ratio']:.1f}x "
+            f"| {q['process_ratio']:.2f}x | {q['analytic_step_ratio']:.1f}x "
+            f"| {q['analytic_total_ratio']:.1f}x | {PAPER_RATIO:g}x |"
+        )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    parser.add_argument("--quick", action="store_true", help="CI: lenet5, lean engine only")
+    parser.add_argument("--models", nargs="+", default=None)
+    parser.add_argument("--engines", nargs="+", default=["lean", "batched", "fused"])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--k", type=int, default=16)
+    parser.add_argument("--density", type=float, default=0.1)
+    parser.add_argument(
+        "--optimizer", nargs="+", default=["sgd", "adam"], choices=["sgd", "momentum", "adam"]
+    )
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    args.models = args.models or (["lenet5"] if args.quick else ["lenet5", "resnet18"])
+    import torch
+
+    started = time.perf_counter()
+    machine = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": args.threads,
+        "load_before": os.getloadavg(),
+    }
+    rows = []
+    for job in plan(args):
+        result = run_worker(job)
+        rows.append({**job, **result})
+        print(
+            f"# {job['model']} {label(job)}: extra {result['extra'] / MB:.2f} MB "
+            f"(analytic {result['analytic']['step_bytes'] / MB:.2f} MB)",
+            flush=True,
+        )
+    ratio_rows = ratios(rows)
+    print_tables(rows, ratio_rows)
+    machine["load_after"] = os.getloadavg()
+    result = {
+        "machine": machine,
+        "settings": {
+            "batch": args.batch,
+            "k": args.k,
+            "density": args.density,
+            "mask": "random global mask (prune('random', seed=0)); memory does not depend on which",
+            "optimizer": args.optimizer,
+            "threads": args.threads,
+            "quick": args.quick,
+        },
+        "rows": rows,
+        "ratios": ratio_rows,
+        "paper_ratio": PAPER_RATIO,
+        "seconds": time.perf_counter() - started,
+    }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""The pruning phase over Flower messages, for pruners that need client data (snip, ntk-local).
+
+Before round 1 the ServerApp sends every connected node a ``query.prune`` message per scoring
+iteration: the current mask (bitmap), the iteration and the node's scoring seed (``snip``: also
+θ0 as an ArrayRecord). Each ClientApp answers with its signed mask gradients on its own
+examples as float32 bytes; the server adds them weighted by the nodes' example counts, takes
+``|·|`` and keeps the global top-k of the schedule (see :mod:`fedzo_flwr.client_pruning`). No
+client data leaves a client; the bytes of every message are measured and recorded in
+``results.json`` under ``setup.pruning_phase``.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO, WARNING
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from torch import nn
+
+from fedzo_flwr import client_pruning as cp
+from fedzo_flwr import protocol
+from fedzo_flwr.config import RunConfig
+from fedzo_flwr.mask import Mask, dense_mask
+from fedzo_flwr.pruning.common import check_result, iterative_prune, one_shot_prune
+from fedzo_flwr.wire import encode_mask
+from server_app.message_size import message_nbytes
+
+PRUNE_MESSAGE_TYPE = f"{MessageType.QUERY}.{cp.PRUNE_ACTION}"
+
+
+class PruningPhaseError(RuntimeError):
+    """Too few valid replies to score the mask."""
+
+
+def federated_prune(grid: Grid, cfg: RunConfig, model: nn.Module) -> tuple[Mask, dict[str, Any]]:
+    """Compute the run's mask with ``cfg.prune_method`` from the connected nodes' data.
+
+    Parameters
+    ----------
+    grid : Grid
+        The ServerApp's grid; every connected node takes part (at least ``min-clients``).
+    cfg : RunConfig
+        ``prune-method`` must be in :data:`fedzo_flwr.client_pruning.DATA_PRUNERS`.
+    model : nn.Module
+        The global model at θ0 (not modified).
+
+    Returns
+    -------
+    (Mask, dict)
+        The mask (exact kept count, no empty layer) and the phase report for ``results.json``:
+        nodes, iterations, measured downlink/uplink bytes (total and per iteration), seconds.
+
+    Raises
+    ------
+    PruningPhaseError
+        If an iteration gets fewer than ``min-clients`` valid replies.
+    """
+    if cfg.prune_method not in cp.DATA_PRUNERS:
+        raise ValueError(f"prune-method {cfg.prune_method!r} needs no pruning phase")
+    started = time.perf_counter()
+    _, connected = sample_nodes(grid, max(cfg.min_clients, cfg.clients_per_round, 1), 0)
+    node_ids = sorted(connected)
+    stream = {node: i for i, node in enumerate(node_ids)}
+    weights_record = ArrayRecord(model.state_dict()) if cfg.prune_method == "snip" else None
+    iterations: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+
+    def score(mask: Mask, t: int) -> dict[str, torch.Tensor]:
+        mask_bytes = encode_mask(mask)
+        messages, down = [], 0
+        for node in node_ids:
+            config = ConfigRecord(
+                {
+                    cp.ITERATION_KEY: t,
+                    cp.SCORING_SEED_KEY: cp.scoring_seed_for(cfg, stream[node], t),
+                    protocol.MASK_KEY: mask_bytes,
+                }
+            )
+            content = RecordDict({cp.PRUNE_KEY: config})
+            if weights_record is not None:
+                content[cp.WEIGHTS_KEY] = weights_record
+            message = Message(content, dst_node_id=node, message_type=PRUNE_MESSAGE_TYPE)
+            down += message_nbytes(message)
+            messages.append(message)
+        replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+        valid: dict[int, tuple[dict[str, torch.Tensor], int]] = {}
+        up = 0
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            try:
+                if reply.has_error():
+                    raise ValueError(f"client error: {reply.error.reason}")
+                record = reply.content.config_records.get(cp.PRUNE_KEY)
+                metrics = reply.content.metric_records.get(protocol.METRICS_KEY)
+                if record is None or metrics is None:
+                    raise ValueError("reply lacks the 'prune' or 'metrics' record")
+                if int(record[cp.ITERATION_KEY]) != t:  # type: ignore[call-overload]
+                    raise ValueError(f"reply is for iteration {record[cp.ITERATION_KEY]}")
+                examples = metrics.get("num-examples")
+                if not isinstance(examples, int) or examples < 1:
+                    raise ValueError(f"num-examples must be a positive int, got {examples!r}")
+                grads = cp.decode_gradients(bytes(record[cp.GRADIENTS_KEY]), mask)  # type: ignore[arg-type]
+            except (KeyError, TypeError, ValueError) as err:
+                log(WARNING, "Pruning iteration %d: dropped reply of node %d: %s", t, node, err)
+                failures.append({"iteration": t, "node_id": node, "reason": str(err)})
+                continue
+            valid[stream[node]] = (grads, examples)
+            up += message_nbytes(reply)
+        if len(valid) < cfg.min_clients:
+            raise PruningPhaseError(
+                f"pruning iteration {t}: {len(valid)} valid replies, min-clients is "
+                f"{cfg.min_clients}; cannot compute the {cfg.prune_method} mask"
+            )
+        order = sorted(valid)  # node order: sums do not depend on arrival order
+        iterations.append(
+            {"iteration": t, "clients": len(valid), "downlink_bytes": down, "uplink_bytes": up}
+        )
+        log(
+            INFO,
+            "[fedzo] pruning (%s) iteration %d: %d clients, down %d B, up %d B",
+            cfg.prune_method,
+            t,
+            len(valid),
+            down,
+            up,
+        )
+        return cp.aggregate_scores([valid[s][0] for s in order], [valid[s][1] for s in order], mask)
+
+    if cfg.prune_method == "snip":
+        mask = one_shot_prune(model, cfg.density, score(dense_mask(model), 1))
+    else:
+        mask = iterative_prune(
+            model, cfg.density, cp.prune_iterations(cfg), score, method="NTK-SAP (client data)"
+        )
+    mask = check_result(model, mask, cfg.density, cfg.prune_method)
+    report = {
+        "method": cfg.prune_method,
+        "nodes": len(node_ids),
+        "iterations": len(iterations),
+        "prune_samples_per_client": cfg.prune_samples,
+        "downlink_bytes": sum(i["downlink_bytes"] for i in iterations),
+        "uplink_bytes": sum(i["uplink_bytes"] for i in iterations),
+        "per_iteration": iterations,
+        "failures": failures,
+        "seconds": time.perf_counter() - started,
+    }
+    return mask, report
