@@ -16,7 +16,9 @@ Each (model, method, density, engine) runs in its own fresh Python process (``--
      each engine (``lean``: in place, one direction at a time; ``batched`` and ``fused``:
      several directions per pass).
 
-Reported: the step's **peak RSS above the idle baseline** (``extra``), next to the analytic
+Reported: the step's **peak RSS above the idle baseline** (``extra``), the same for one plain
+no-grad forward pass of the batch (``forward_extra``: activations plus the framework's
+convolution workspace, which the analytic activations leave out), next to the analytic
 breakdown of :mod:`fedzo_flwr.memory_model` (weights, mask, batch, activations, gradients,
 optimizer state, perturbation buffers). The backprop/zeroth-order ratio is given three ways:
 extra memory of the step alone; the model's share (weights + mask + batch + extra); and the
@@ -25,8 +27,11 @@ whole process (RSS, Python and torch included), against the paper's "9x".
 Usage::
 
     python benchmarks/client_memory.py [--quick] [--json PATH] [--models lenet5 resnet18]
-        [--batch 32] [--k 16] [--optimizer sgd adam] [--threads 1] [--data-dir DIR]
+        [--batch 32 128] [--large-batch-models resnet18] [--k 16] [--optimizer sgd adam]
+        [--threads 1] [--data-dir DIR]
 
+By default every model is measured at batch 32 and ResNet-18 also at batch 128 (where
+activations weigh more; the ``batched`` engine is skipped there, its vmap copies need many GB).
 ``--quick`` (CI): lenet5, batch 32, SGD and the lean engine only. The lean engine's memory does not
 depend on K; the batched/fused engines' depends on their chunk (<= K), hence K = 16 by default.
 """
@@ -144,6 +149,9 @@ def worker(job: dict) -> dict:
     step()  # warm-up: lazy initialisation (kernels, thread pools, the fused plan)
     reset()
     _trim()
+    with torch.no_grad(), PeakMemory() as forward:  # one plain forward pass, for reference
+        model(x)
+    _trim()
     rss_idle = _status_bytes("VmRSS")
     started = time.perf_counter()
     with PeakMemory() as memory:
@@ -155,6 +163,7 @@ def worker(job: dict) -> dict:
         "rss_idle": rss_idle,
         "step_peak_rss": memory.peak_bytes,
         "extra": memory.extra_bytes,
+        "forward_extra": forward.extra_bytes,
         "method_of_measurement": memory.method,
         "step_seconds": seconds,
         "analytic": analytic.as_dict(),
@@ -187,24 +196,30 @@ def cpu_model() -> str:
 
 def plan(args: argparse.Namespace) -> list[dict]:
     """The jobs: per model, backprop dense and masked, then ZO dense and pruned per engine."""
-    engines = ["lean"] if args.quick else args.engines
     jobs = []
+    batches = [args.batch[0]] if args.quick else args.batch
     for model in args.models:
-        base = {
-            "model": model,
-            "batch": args.batch,
-            "k": args.k,
-            "threads": args.threads,
-            "data_dir": str(data_dir(args.data_dir)),
-        }
-        for optimizer in ["sgd"] if args.quick else args.optimizer:
-            for density in (1.0, args.density):
-                jobs.append(
-                    {**base, "method": "backprop", "optimizer": optimizer, "density": density}
-                )
-        for engine in engines:
-            for density in (1.0, args.density):
-                jobs.append({**base, "method": "zo", "engine": engine, "density": density})
+        for i, batch in enumerate(batches):
+            if i and model not in args.large_batch_models:
+                continue
+            engines = ["lean"] if args.quick else args.engines
+            if i:  # larger batches: vmap's memory grows to many GB, the others suffice
+                engines = [e for e in engines if e != "batched"]
+            base = {
+                "model": model,
+                "batch": batch,
+                "k": args.k,
+                "threads": args.threads,
+                "data_dir": str(data_dir(args.data_dir)),
+            }
+            for optimizer in ["sgd"] if args.quick else args.optimizer:
+                for density in (1.0, args.density):
+                    jobs.append(
+                        {**base, "method": "backprop", "optimizer": optimizer, "density": density}
+                    )
+            for engine in engines:
+                for density in (1.0, args.density):
+                    jobs.append({**base, "method": "zo", "engine": engine, "density": density})
     return jobs
 
 
@@ -219,8 +234,8 @@ def label(job: dict) -> str:
 def ratios(rows: list[dict]) -> list[dict]:
     """Backprop dense (each optimizer) / each ZO row, per model: extra, model share, process."""
     out = []
-    for model in dict.fromkeys(r["model"] for r in rows):
-        mine = [r for r in rows if r["model"] == model]
+    for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in rows):
+        mine = [r for r in rows if r["model"] == model and r["batch"] == batch]
         dense_bp = [r for r in mine if r["method"] == "backprop" and r["density"] == 1]
         for bp in dense_bp:
             for r in (r for r in mine if r["method"] == "zo"):
@@ -229,6 +244,7 @@ def ratios(rows: list[dict]) -> list[dict]:
                 out.append(
                     {
                         "model": model,
+                        "batch": batch,
                         "backprop": label(bp),
                         "zo": label(r),
                         "extra_ratio": bp["extra"] / max(r["extra"], 1),
@@ -245,14 +261,16 @@ def ratios(rows: list[dict]) -> list[dict]:
 
 def print_tables(rows: list[dict], ratio_rows: list[dict]) -> None:
     print(
-        "| model | method | measured extra (MB) | analytic step (MB) | activations | gradients "
-        "| optimizer | perturbation | weights | mask | idle RSS (MB) | step time (s) |"
+        "| model | batch | method | measured extra (MB) | one forward (MB) | analytic step (MB) "
+        "| activations | gradients | optimizer | perturbation | weights | mask | idle RSS (MB) "
+        "| step time (s) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         a = r["analytic"]
         print(
-            f"| {r['model']} | {label(r)} | {r['extra'] / MB:.2f} | {a['step_bytes'] / MB:.2f} "
+            f"| {r['model']} | {r['batch']} | {label(r)} | {r['extra'] / MB:.2f} "
+            f"| {r['forward_extra'] / MB:.2f} | {a['step_bytes'] / MB:.2f} "
             f"| {a['activations'] / MB:.2f} | {a['gradients'] / MB:.2f} "
             f"| {a['optimizer_state'] / MB:.2f} | {a['perturbation'] / MB:.2f} "
             f"| {a['weights'] / MB:.2f} | {a['mask'] / MB:.2f} | {r['rss_idle'] / MB:.0f} "
@@ -260,13 +278,14 @@ def print_tables(rows: list[dict], ratio_rows: list[dict]) -> None:
         )
     print()
     print(
-        "| model | backprop | zeroth-order | extra (measured) | model share (measured) "
+        "| model | batch | backprop | zeroth-order | extra (measured) | model share (measured) "
         "| whole process | analytic step | analytic total | paper |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for q in ratio_rows:
         print(
-            f"| {q['model']} | {q['backprop']} | {q['zo']} | {q['extra_ratio']:.1f}x "
+            f"| {q['model']} | {q['batch']} | {q['backprop']} | {q['zo']} "
+            f"| {q['extra_ratio']:.1f}x "
             f"| {q['model_share_ratio']:.1f}x "
             f"| {q['process_ratio']:.2f}x | {q['analytic_step_ratio']:.1f}x "
             f"| {q['analytic_total_ratio']:.1f}x | {PAPER_RATIO:g}x |"
@@ -279,7 +298,15 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="CI: lenet5, lean engine only")
     parser.add_argument("--models", nargs="+", default=None)
     parser.add_argument("--engines", nargs="+", default=["lean", "batched", "fused"])
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument(
+        "--batch", type=int, nargs="+", default=[32, 128], help="batch sizes (first: all models)"
+    )
+    parser.add_argument(
+        "--large-batch-models",
+        nargs="+",
+        default=["resnet18"],
+        help="models also measured at the later --batch sizes",
+    )
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--density", type=float, default=0.1)
     parser.add_argument(
@@ -302,10 +329,11 @@ def main() -> int:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": args.threads,
-        "load_before": os.getloadavg(),
+        "load_before": [round(x, 1) for x in os.getloadavg()],
     }
     rows = []
-    for job in plan(args):
+    jobs = plan(args)
+    for job in jobs:
         result = run_worker(job)
         rows.append({**job, **result})
         print(
@@ -315,11 +343,11 @@ def main() -> int:
         )
     ratio_rows = ratios(rows)
     print_tables(rows, ratio_rows)
-    machine["load_after"] = os.getloadavg()
+    machine["load_after"] = [round(x, 1) for x in os.getloadavg()]
     result = {
         "machine": machine,
         "settings": {
-            "batch": args.batch,
+            "batch": sorted({job["batch"] for job in jobs}),
             "k": args.k,
             "density": args.density,
             "mask": "random global mask (prune('random', seed=0)); memory does not depend on which",

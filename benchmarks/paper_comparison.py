@@ -275,10 +275,10 @@ def plots(summaries: list[dict[str, Any]], memory: dict | None, fig_dir: Path) -
 
     if memory:
         rows = memory["rows"]
-        models = list(dict.fromkeys(r["model"] for r in rows))
-        fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
-        for ax, model in zip(axes[0], models):
-            mine = [r for r in rows if r["model"] == model]
+        groups = list(dict.fromkeys((r["model"], r["batch"]) for r in rows))
+        fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 3.6), squeeze=False)
+        for ax, (model, batch) in zip(axes[0], groups):
+            mine = [r for r in rows if r["model"] == model and r["batch"] == batch]
             names = [memory_label(r) for r in mine]
             ax.barh(names, [r["extra"] / MB for r in mine], label="measured (peak RSS - idle)")
             ax.barh(
@@ -288,7 +288,7 @@ def plots(summaries: list[dict[str, Any]], memory: dict | None, fig_dir: Path) -
                 label="analytic (lean for ZO)",
             )
             ax.set_xscale("log")
-            ax.set_title(f"{model}: one client step")
+            ax.set_title(f"{model}, batch {batch}: one client step", fontsize=9)
             ax.set_xlabel("MB above the idle client")
             ax.tick_params(axis="y", labelsize=7)
             ax.legend(fontsize=7)
@@ -376,29 +376,32 @@ def verdicts(summaries: list[dict[str, Any]], memory: dict | None) -> list[dict[
     if memory:
         ratios = memory["ratios"]
 
-        def pick(bp: str, zo: str, model: str) -> dict | None:
+        def pick(bp: str, zo: str, model: str, batch: int) -> dict | None:
             return next(
                 (
                     q
                     for q in ratios
-                    if q["model"] == model and q["backprop"].startswith(bp) and q["zo"] == zo
+                    if q["model"] == model
+                    and q.get("batch") == batch
+                    and q["backprop"].startswith(bp)
+                    and q["zo"] == zo
                 ),
                 None,
             )
 
         parts = []
         best_model_share = 0.0
-        for model in dict.fromkeys(q["model"] for q in ratios):
+        for model, batch in dict.fromkeys((q["model"], q.get("batch")) for q in ratios):
             for bp in ("backprop dense (sgd)", "backprop dense (adam)"):
                 for zo in (
                     "ZO dense (lean)",
                     f"ZO pruned d={memory['settings']['density']:g} (lean)",
                 ):
-                    q = pick(bp, zo, model)
+                    q = pick(bp, zo, model, batch)
                     if q:
                         best_model_share = max(best_model_share, q["model_share_ratio"])
                         parts.append(
-                            f"{model} {bp.removeprefix('backprop dense ')} vs {zo}: step "
+                            f"{model} b{batch} {bp.removeprefix('backprop dense ')} vs {zo}: step "
                             f"{q['extra_ratio']:.1f}x, model share {q['model_share_ratio']:.1f}x, "
                             f"process {q['process_ratio']:.2f}x"
                         )
@@ -439,6 +442,30 @@ def verdicts(summaries: list[dict[str, Any]], memory: dict | None) -> list[dict[
 
 def fmt_bytes(n: float) -> str:
     return f"{n / 1024:.1f} KiB" if n < MB else f"{n / MB:.2f} MiB"
+
+
+NOTES = [
+    "## Caveats and what is not done",
+    "",
+    "* **Scale.** The paper's Figure 2 is LeNet on CIFAR-10 with K = 200 for 3000 rounds; this "
+    "matrix is K = 50 and a few hundred rounds on a shared 2-core CPU (see the scale table). "
+    "Zeroth-order training is far from converged here, so the accuracy gaps are early-training "
+    "gaps. No GPU was lent to this session, so the paper-scale run was not attempted; it is the "
+    "same command with `--rounds 3000 --k 200 --clients 10` (several days on this CPU).",
+    "* **One seed per configuration.** No repetitions, hence no error bars; differences of a "
+    "couple of points are not significant.",
+    "* **FLOPs are counted, not realised.** Pruned weights are stored as zeros in dense "
+    "tensors, so the pruned runs do the dense arithmetic (compare client seconds); the FLOPs "
+    "column is what a sparse kernel would execute.",
+    "* **Memory.** For the same reason the weights of a pruned model take the dense space; "
+    "pruning only shrinks the zeroth-order perturbation buffers (saved kept values and one "
+    "direction). The measured step memory includes framework workspace (convolution buffers, "
+    "allocator slack) that the analytic breakdown leaves out; the *one forward* column shows it.",
+    "* **Engine.** ZO clients in the matrix use the `fused` engine for speed (identical loss "
+    "differences up to float32 rounding); client memory is measured per engine separately.",
+    "* **Data-dependent pruners** (`ntk-local`, `snip`) run as a federated phase before round "
+    "1 over Flower `query.prune` messages; their traffic is in the pruning-phase column.",
+]
 
 
 def commands(info: dict[str, Any]) -> list[str]:
@@ -579,14 +606,16 @@ def write_report(
             "loaded, after a warm-up step and `malloc_trim`). Analytic: "
             "`fedzo_flwr.memory_model` (ZO rows: the lean engine).",
             "",
-            "| model | method | measured extra | analytic step | activations | gradients "
-            "| optimizer state | perturbation buffers | weights | idle RSS |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| model | batch | method | measured extra | one forward (measured) | analytic step "
+            "| activations | gradients | optimizer state | perturbation buffers | weights "
+            "| idle RSS |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in memory["rows"]:
             a = r["analytic"]
             lines.append(
-                f"| {r['model']} | {memory_label(r)} | {r['extra'] / MB:.2f} MiB "
+                f"| {r['model']} | {r['batch']} | {memory_label(r)} | {r['extra'] / MB:.2f} MiB "
+                f"| {r.get('forward_extra', 0) / MB:.2f} MiB "
                 f"| {a['step_bytes'] / MB:.2f} MiB | {a['activations'] / MB:.2f} "
                 f"| {a['gradients'] / MB:.2f} | {a['optimizer_state'] / MB:.2f} "
                 f"| {a['perturbation'] / MB:.2f} | {a['weights'] / MB:.2f} "
@@ -598,19 +627,20 @@ def write_report(
             "step; *model share*: weights + mask + batch + measured extra; *process*: whole "
             "peak RSS (Python and torch included); *analytic*: the breakdown's step and total.",
             "",
-            "| model | backprop | zeroth-order | step | model share | process | analytic step "
-            "| analytic total |",
-            "|---|---|---|---|---|---|---|---|",
+            "| model | batch | backprop | zeroth-order | step | model share | process "
+            "| analytic step | analytic total |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for q in memory["ratios"]:
             lines.append(
-                f"| {q['model']} | {q['backprop']} | {q['zo']} | {q['extra_ratio']:.1f}x "
+                f"| {q['model']} | {q.get('batch')} | {q['backprop']} | {q['zo']} "
+                f"| {q['extra_ratio']:.1f}x "
                 f"| {q['model_share_ratio']:.1f}x | {q['process_ratio']:.2f}x "
                 f"| {q['analytic_step_ratio']:.1f}x | {q['analytic_total_ratio']:.1f}x |"
             )
     else:
         lines.append("Not measured in this run (run `benchmarks/client_memory.py` first).")
-    lines += ["", *info.get("notes", []), ""]
+    lines += ["", *NOTES, ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
 

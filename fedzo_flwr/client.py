@@ -78,7 +78,8 @@ def train_round(
             zo_settings(cfg),
             cfg.local_lr,
             engine=cfg.engine,
-            chunk_size=cfg.chunk_size,
+            chunk_size=cfg.chunk_size or None,
+            memory_budget_mb=cfg.engine_memory_mb,
         )
     seconds = time.perf_counter() - start
     return ClientResult(

@@ -75,8 +75,9 @@ class RunConfig(BaseModel):
     fd: Literal["forward", "central"] = "forward"
     directions: Literal["gaussian", "rademacher"] = "gaussian"
     seed_mode: Literal["per-client", "shared"] = "shared"
-    engine: Literal["lean", "batched"] = "lean"
-    chunk_size: int = Field(16, ge=1)
+    engine: Literal["fused", "lean", "batched"] = "fused"
+    chunk_size: int = Field(0, ge=0)
+    engine_memory_mb: float = Field(16.0, gt=0)
     batch_size: int = Field(32, ge=1)
     local_steps: int = Field(1, ge=1)
     local_lr: float = Field(0.01, gt=0)
@@ -91,7 +92,7 @@ class RunConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     clip: float = Field(0.0, ge=0)
     ema: float = Field(0.0, ge=0, lt=1)
-    # Pruning (server side, before round 1).
+    # Pruning before round 1: on the server (data-free) or federated (ntk-local, snip).
     prune_method: Literal["ntk", "ntk-local", "snip", "synflow", "magnitude", "random"] = "ntk"
     density: float = Field(0.1, gt=0, le=1)
     prune_iterations: int = Field(20, ge=1)

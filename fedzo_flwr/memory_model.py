@@ -23,10 +23,19 @@ perturbation       none                                            saved kept va
 =================  ==============================================  ==========================
 
 ``step_bytes`` (what one step adds on top of an idle client that already holds the weights,
-mask and batch) is activations + gradients + optimizer state + perturbation buffers; the
-benchmark ``benchmarks/client_memory.py`` measures the same quantity (peak RSS above the idle
-baseline) in an isolated process. ``total_bytes`` adds the weights, mask and batch: the model's
-share of a device's memory, without the Python/torch runtime (which no method avoids).
+mask and batch) is the **peak** of those items, not their sum, because some never coexist
+(``overlap`` is subtracted):
+
+* backprop: the saved activations are freed during the backward pass, before the optimizer
+  step allocates its state, so the peak is ``gradients + max(activations, optimizer state)``;
+* zeroth-order ``lean``: each direction is freed before the perturbed forward pass, so the peak
+  is ``saved kept values + index tables + max(direction, activations)``.
+
+The benchmark ``benchmarks/client_memory.py`` measures the same quantity (peak RSS above the
+idle baseline) in an isolated process; it also includes the framework's workspace
+(convolution buffers, allocator slack), which this breakdown leaves out. ``total_bytes`` adds
+the weights, mask and batch: the model's share of a device's memory, without the Python/torch
+runtime (which no method avoids).
 """
 
 from __future__ import annotations
@@ -61,11 +70,18 @@ class MemoryBreakdown:
     gradients: int
     optimizer_state: int
     perturbation: int
+    overlap: int = 0
 
     @property
     def step_bytes(self) -> int:
-        """What the step adds to an idle client holding the weights, mask and batch."""
-        return self.activations + self.gradients + self.optimizer_state + self.perturbation
+        """Peak the step adds to an idle client holding the weights, mask and batch."""
+        return (
+            self.activations
+            + self.gradients
+            + self.optimizer_state
+            + self.perturbation
+            - self.overlap
+        )
 
     @property
     def total_bytes(self) -> int:
@@ -140,6 +156,7 @@ def backprop_breakdown(
     """
     weights, mask_bytes, params = _weights_and_mask(model, mask)
     saved, _ = activation_bytes(model, x)
+    state = 4 * params * OPTIMIZER_STATE_FLOATS[optimizer]
     return MemoryBreakdown(
         kind=f"backprop ({optimizer})",
         weights=weights,
@@ -147,8 +164,9 @@ def backprop_breakdown(
         batch=_nbytes(x),
         activations=saved,
         gradients=4 * params,
-        optimizer_state=4 * params * OPTIMIZER_STATE_FLOATS[optimizer],
+        optimizer_state=state,
         perturbation=0,
+        overlap=min(saved, state),  # activations are freed before the state exists
     )
 
 
@@ -158,6 +176,7 @@ def zo_breakdown(model: nn.Module, mask: Mask | None, x: torch.Tensor) -> Memory
     _, peak = activation_bytes(model, x)
     space = KeptSpace(model, mask)
     index_bytes = sum(8 * int(idx.numel()) for idx in space.indices if idx is not None)
+    direction = 4 * space.dim
     return MemoryBreakdown(
         kind="zeroth-order (lean)",
         weights=weights,
@@ -166,5 +185,6 @@ def zo_breakdown(model: nn.Module, mask: Mask | None, x: torch.Tensor) -> Memory
         activations=peak,
         gradients=0,
         optimizer_state=0,
-        perturbation=2 * 4 * space.dim + index_bytes,
+        perturbation=4 * space.dim + direction + index_bytes,
+        overlap=min(direction, peak),  # each direction is freed before its forward pass
     )

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from inprocess_grid import InProcessGrid, app_config, server_context
+from inprocess_grid import ROOT, InProcessGrid, app_config, server_context
 
 from client_app.client_app import app as client_app
 from fedzo_flwr import client_pruning as cp
@@ -244,3 +244,52 @@ def test_fedavg_cannot_resume(tmp_path, data_dir):
     )
     with pytest.raises(RunSetupError, match="resume-from"):
         server_app(InProcessGrid(client_app, 1, config), server_context(config))
+
+
+def test_memory_breakdown_peaks_not_sums():
+    from fedzo_flwr.memory_model import activation_bytes, backprop_breakdown, zo_breakdown
+
+    model = build_global_model(RunConfig())
+    x = torch.zeros(8, 3, 32, 32)
+    saved, peak = activation_bytes(model, x)
+    assert saved > peak > 0
+    sgd = backprop_breakdown(model, None, x, "sgd")
+    adam = backprop_breakdown(model, None, x, "adam")
+    params = sum(p.numel() for p in model.parameters())
+    assert sgd.gradients == 4 * params and adam.optimizer_state == 8 * params
+    assert adam.step_bytes == adam.gradients + max(saved, adam.optimizer_state)
+    mask = prune("random", model, "lenet5", 0.1, seed=0)
+    dense, pruned = zo_breakdown(model, None, x), zo_breakdown(model, mask, x)
+    assert dense.gradients == dense.optimizer_state == 0
+    assert dense.step_bytes == 4 * params + max(4 * params, peak)
+    assert pruned.perturbation < dense.perturbation and pruned.weights == dense.weights
+
+
+def test_comparison_matrix_varies_only_the_method_keys(tmp_path, data_dir):
+    import argparse
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import paper_comparison as pc
+
+    runs = pc.matrix(quick=False)
+    assert {r["alpha"] for r in runs} == {"0.1", "0.5", "iid"}
+    methods = {(r["method"], r.get("prune-method", "ntk")) for r in runs}
+    for pruner in ("ntk", "ntk-local", "snip", "synflow", "magnitude", "random"):
+        assert ("zo-pruned", pruner) in methods
+    assert ("zo-dense", "ntk") in methods and ("fedavg", "ntk") in methods
+    args = argparse.Namespace(
+        data_dir=data_dir,
+        out_dir=tmp_path,
+        rounds=5,
+        eval_every=5,
+        k=10,
+        local_batches=5,
+        fedavg_lr=0.05,
+        prune_iterations=2,
+        prune_repeats=1,
+    )
+    configs = [RunConfig.from_run_config(pc.run_config(r, args)).to_run_config() for r in runs]
+    allowed = {"method", "prune-method", "density", "partitioner", "alpha", "run-name"}
+    for config in configs[1:]:
+        assert {k for k in config if config[k] != configs[0][k]} <= allowed

@@ -23,7 +23,8 @@ def run_local_steps(
     settings: ZOSettings,
     local_lr: float,
     engine: str = "lean",
-    chunk_size: int = 16,
+    chunk_size: int | None = None,
+    memory_budget_mb: float | None = None,
 ) -> tuple[list[ScalarStep], list[LossDifferences]]:
     """Take one zeroth-order step per seed and return the ``(seed, deltas)`` of each.
 
@@ -47,7 +48,7 @@ def run_local_steps(
         Estimator settings.
     local_lr : float
         Local SGD learning rate η (unused with a single step).
-    engine, chunk_size
+    engine, chunk_size, memory_budget_mb
         Passed to :func:`~fedzo_flwr.zo.estimator.loss_differences`.
     """
     if len(step_seeds) == 0:
@@ -57,7 +58,17 @@ def run_local_steps(
     theta = space.gather(model) if len(step_seeds) > 1 else None
     for j, seed in enumerate(step_seeds):
         x, y = batch_for_step(j)
-        result = loss_differences(model, space, x, y, seed, settings, engine, chunk_size)
+        result = loss_differences(
+            model,
+            space,
+            x,
+            y,
+            seed,
+            settings,
+            engine,
+            chunk_size,
+            memory_budget_mb=memory_budget_mb,
+        )
         step = ScalarStep(int(seed), result.deltas)
         steps.append(step)
         results.append(result)
