@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from stop_local_superlink import our_superlinks  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -29,6 +36,9 @@ def test_flwr_run_simulation_writes_results(tmp_path, data_dir):
         "MPLCONFIGDIR": str(tmp_path / "mpl"),
         "RAY_TMPDIR": str(tmp_path / "ray"),
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        # Our own local SuperLink ports, so a user's running simulation cannot collide with it.
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
     }
     run_config = (
         f'num-server-rounds=2 k=10 prune-iterations=2 eval-every=2 data-dir="{data_dir}" '
