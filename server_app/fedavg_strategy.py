@@ -33,7 +33,6 @@ from flwr.app import (
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from torch import nn
 
 from fedzo_flwr import protocol
@@ -117,6 +116,7 @@ class MaskedFedAvg(FedAvg):
         self.nodes_with_mask: set[int] = set()
         self.node_partition: dict[int, int] = {}
         self.round_downlink: dict[int, int] = {}
+        self.message_node: dict[str, int] = {}
         self.round_started = 0.0
         self.rejected_total = 0
 
@@ -150,10 +150,20 @@ class MaskedFedAvg(FedAvg):
 
     # ------------------------------------------------------------------------------ train
 
+    def _connected_nodes(self, grid: Grid) -> list[int]:
+        """Nodes online now, waiting at most ``round-timeout`` for ``min_available_nodes``."""
+        deadline = time.monotonic() + self.cfg.round_timeout
+        while True:
+            connected = sorted(grid.get_node_ids())
+            if len(connected) >= self.min_available_nodes or time.monotonic() >= deadline:
+                return connected
+            log(INFO, "Waiting for nodes: %d of %d", len(connected), self.min_available_nodes)
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
     def _sample(self, grid: Grid, server_round: int) -> list[int]:
         """Nodes of the round: the same rule (and seed) as ``FedZO``."""
         wanted = self.cfg.clients_per_round
-        available = sorted(sample_nodes(grid, self.min_available_nodes, 0)[1])
+        available = self._connected_nodes(grid)
         if not wanted or wanted >= len(available):
             return available
         chooser = random.Random(derive_seed(self.cfg.seed, server_round, 0x73616D70))
@@ -164,7 +174,7 @@ class MaskedFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """Send each sampled node the kept weights, the round seed and (once) the mask."""
         self.round_started = time.perf_counter()
-        messages, self.round_downlink = [], {}
+        messages, self.round_downlink, self.message_node = [], {}, {}
         for node_id in self._sample(grid, server_round):
             node_config = ConfigRecord(dict(config))
             node_config[protocol.ROUND_KEY] = server_round
@@ -178,6 +188,7 @@ class MaskedFedAvg(FedAvg):
                 dst_node_id=node_id,
             )
             self.round_downlink[node_id] = message_nbytes(message)
+            self.message_node[message.object_id] = node_id
             messages.append(message)
         log(INFO, "configure_train: %d nodes (FedAvg)", len(messages))
         return messages
@@ -212,7 +223,11 @@ class MaskedFedAvg(FedAvg):
         per_client: dict[int, MetricRecord] = {}
         uplink: dict[int, int] = {}
         for reply in list(replies):
-            node_id = reply.metadata.src_node_id
+            # Error replies made by the SuperLink carry its own id as sender: identify the node
+            # by the message the reply answers.
+            node_id = self.message_node.get(
+                reply.metadata.reply_to_message_id, reply.metadata.src_node_id
+            )
             try:
                 metrics = self._check(reply)
                 pid = int(metrics["partition-id"])  # type: ignore[call-overload]

@@ -19,7 +19,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from torch import nn
 
 from fedzo_flwr import client_pruning as cp
@@ -35,6 +34,17 @@ PRUNE_MESSAGE_TYPE = f"{MessageType.QUERY}.{cp.PRUNE_ACTION}"
 
 class PruningPhaseError(RuntimeError):
     """Too few valid replies to score the mask."""
+
+
+def _connected_nodes(grid: Grid, wanted: int, cfg: RunConfig) -> list[int]:
+    """Nodes online now, waiting at most ``round-timeout`` for ``wanted`` of them."""
+    deadline = time.monotonic() + cfg.round_timeout
+    while True:
+        connected = sorted(grid.get_node_ids())
+        if len(connected) >= wanted or time.monotonic() >= deadline:
+            return connected
+        log(INFO, "Pruning phase: waiting for nodes, %d of %d", len(connected), wanted)
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
 def federated_prune(grid: Grid, cfg: RunConfig, model: nn.Module) -> tuple[Mask, dict[str, Any]]:
@@ -63,8 +73,7 @@ def federated_prune(grid: Grid, cfg: RunConfig, model: nn.Module) -> tuple[Mask,
     if cfg.prune_method not in cp.DATA_PRUNERS:
         raise ValueError(f"prune-method {cfg.prune_method!r} needs no pruning phase")
     started = time.perf_counter()
-    _, connected = sample_nodes(grid, max(cfg.min_clients, cfg.clients_per_round, 1), 0)
-    node_ids = sorted(connected)
+    node_ids = _connected_nodes(grid, max(cfg.min_clients, cfg.clients_per_round, 1), cfg)
     stream = {node: i for i, node in enumerate(node_ids)}
     weights_record = ArrayRecord(model.state_dict()) if cfg.prune_method == "snip" else None
     iterations: list[dict[str, Any]] = []
