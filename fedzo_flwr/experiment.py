@@ -50,8 +50,10 @@ def build_global_model(cfg: RunConfig) -> nn.Module:
 def initial_model(cfg: RunConfig) -> InitialModel:
     """Draw θ0 and prune it on the server, data-free, as the run config says.
 
-    ``zo-dense`` (or density 1) returns the dense mask. Data-needing pruners are not accepted
-    by :class:`~fedzo_flwr.config.RunConfig`, so this never touches client data.
+    ``zo-dense`` (or density 1) returns the dense mask. Data-needing pruners (``snip``,
+    ``ntk-local``) are not handled here: the ServerApp runs them as a federated pruning phase
+    over Flower messages (``server_app/federated_pruning.py``), so the server never reads
+    client data.
     """
     model = build_global_model(cfg)
     start = time.perf_counter()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ def free_port() -> int:
 def test_flwr_run_simulation_writes_results(tmp_path, data_dir):
     flwr_home = tmp_path / "flwr-home"
     flwr_home.mkdir()
+    ray_tmp = tempfile.mkdtemp(prefix="ray-")
     bin_dir = Path(sys.executable).parent
     env = {
         **os.environ,
@@ -34,7 +37,8 @@ def test_flwr_run_simulation_writes_results(tmp_path, data_dir):
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "MPLCONFIGDIR": str(tmp_path / "mpl"),
-        "RAY_TMPDIR": str(tmp_path / "ray"),
+        # Ray's socket paths must stay under 107 bytes: a short temporary folder, not tmp_path.
+        "RAY_TMPDIR": ray_tmp,
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
         # Our own local SuperLink ports, so a user's running simulation cannot collide with it.
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
@@ -61,6 +65,7 @@ def test_flwr_run_simulation_writes_results(tmp_path, data_dir):
     finally:
         for pid in our_superlinks(str(flwr_home)):
             os.kill(pid, 15)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     log = proc.stdout + proc.stderr
     results_path = tmp_path / "out" / "ci" / "results.json"
     assert results_path.is_file(), log[-4000:]
