@@ -18,7 +18,7 @@ from fedzo_flwr.models import build_model
 from fedzo_flwr.space import KeptSpace
 from fedzo_flwr.zo import fast_engine
 from fedzo_flwr.zo.directions import DirectionGenerator
-from fedzo_flwr.zo.estimator import ENGINES, loss_differences
+from fedzo_flwr.zo.estimator import ENGINES, batch_loss, loss_differences
 from fedzo_flwr.zo.settings import ZOSettings
 
 RTOL, ATOL = 1e-4, 1e-6
@@ -196,6 +196,8 @@ def test_chunk_from_memory_budget(cifar):
     assert chunks == sorted(chunks) and len(set(chunks)) == 4
     central = fast_engine.planned_chunk(model, space, x, ZOSettings(40, 1e-3, "central"), 8)
     assert central == pytest.approx(chunks[2] / 2, abs=1)
+    two_workers = fast_engine.planned_chunk(model, space, x, settings, 8, workers=2)
+    assert two_workers == pytest.approx(chunks[2] / 2, abs=1)
     default = fast_engine.planned_chunk(model, space, x, settings)
     assert default == fast_engine.planned_chunk(
         model, space, x, settings, fast_engine.DEFAULT_MEMORY_BUDGET_MB
@@ -207,6 +209,25 @@ def test_chunk_from_memory_budget(cifar):
     explicit = loss_differences(model, space, x, y, 3, settings, "fused", chunk_size=7).deltas
     for deltas in [*results[1:], explicit]:
         np.testing.assert_allclose(deltas, results[0], rtol=1e-5, atol=1e-7)
+
+
+def test_parallel_workers_give_the_same_deltas_and_restore_threads(cifar):
+    model, space, _ = masked(build_model("lenet-gn", seed=8), 0.5)
+    x, y = cifar(200, 8)
+    settings = ZOSettings(k=11, sigma=1e-3, scheme="central")
+    threads = torch.get_num_threads()
+    results = []
+    for workers in (1, 2, 3):
+        gen = DirectionGenerator(space.dim, 4)
+        deltas, _, chunk = fast_engine.fused_loss_differences(
+            model, space, x, y, gen, settings, batch_loss, 2, None, workers
+        )
+        assert chunk == 2 and torch.get_num_threads() == threads
+        results.append(deltas)
+    lean = loss_differences(model, space, x, y, 4, settings, engine="lean").deltas
+    for deltas in results:
+        np.testing.assert_allclose(deltas, lean, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-6, atol=1e-8)
 
 
 def test_chunk_for_budget_arithmetic():

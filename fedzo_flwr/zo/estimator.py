@@ -13,7 +13,8 @@ differences. Two engines compute the same numbers:
 * ``fused``: the fastest. The model's forward pass is rewritten (via :mod:`torch.fx`) so that a
   chunk of perturbed copies runs as one wide first layer, grouped convolutions and batched
   matrix products (see :mod:`fedzo_flwr.zo.fast_engine`). The chunk is derived from
-  ``memory_budget_mb`` unless ``chunk_size`` is given. A model it cannot translate falls back to
+  ``memory_budget_mb`` unless ``chunk_size`` is given; with ``torch.get_num_threads()`` = n > 1,
+  n chunks run at once on n single-threaded workers. A model it cannot translate falls back to
   ``lean`` with a warning.
 """
 

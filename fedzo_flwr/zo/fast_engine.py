@@ -42,15 +42,21 @@ coordinates only (``u_k`` is the direction over the KeptSpace, never expanded to
 shape). Pruned weights are therefore exactly 0 in every forward pass, the model itself is never
 modified, and the perturbed weights are bit-identical to those of the ``lean`` engine (the same
 ``torch.add(w, u, alpha=s σ)``). Directions come from
-:meth:`~fedzo_flwr.zo.directions.DirectionGenerator.block`, which draws the rows of a chunk on
-several threads (bit-identical to drawing them one by one).
+:meth:`~fedzo_flwr.zo.directions.DirectionGenerator.block`, one chunk at a time.
+
+**Threads.** With ``n = torch.get_num_threads()`` > 1, ``n`` chunks run at once on their own
+threads (``workers``), each with one intra-op thread, instead of one chunk at a time on ``n``
+OpenMP threads: every kernel of a chunk is large enough for one core, and independent workers
+need no barrier per kernel (on a shared 2-core machine, OpenMP barriers with a busy second core
+cost more than the work). torch is set to one intra-op thread for the duration of the call.
 
 **Memory.** A chunk of ``r`` copies holds ``r`` weight copies, ``r`` directions and ``r``
-copies of the live activations. The per-copy activation bytes are measured while the plan is
-verified (peak of the live folded/leading tensors on one example, scaled by the batch size), and
-the chunk is the largest that keeps the total under ``memory_budget_mb``
-(:func:`chunk_for_budget`). The default budget (:data:`DEFAULT_MEMORY_BUDGET_MB`) is set where
-larger chunks stop paying off on a 2-core CPU (see ``docs/performance.md``).
+copies of the live activations; ``workers`` chunks are in flight at once. The per-copy
+activation bytes are measured while the plan is verified (peak of the live folded/leading
+tensors on one example, scaled by the batch size), and the chunk is the largest that keeps the
+total of all workers under ``memory_budget_mb`` (:func:`chunk_for_budget`). The default budget
+(:data:`DEFAULT_MEMORY_BUDGET_MB`) is set where larger chunks stop paying off on a 2-core CPU
+(see ``docs/performance.md``).
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ import logging
 import operator
 import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -936,16 +943,21 @@ def planned_chunk(
     x: torch.Tensor,
     settings: ZOSettings,
     memory_budget_mb: float | None = None,
+    workers: int = 1,
 ) -> int:
-    """The chunk :func:`fused_loss_differences` derives from ``memory_budget_mb`` for ``x``."""
+    """The chunk :func:`fused_loss_differences` derives from ``memory_budget_mb`` for ``x``.
+
+    The budget is shared by ``workers`` chunks in flight at once.
+    """
     plan = get_plan(model, space)
     measured = plan.verify(model, space, x)
     per_row = _per_row_bytes(measured, plan.layout(space), space.dim, x.shape[0])
     budget = DEFAULT_MEMORY_BUDGET_MB if memory_budget_mb is None else memory_budget_mb
     rows_per_direction = 1 if settings.scheme == "forward" else 2
-    return chunk_for_budget(per_row, rows_per_direction, budget, settings.k)
+    return chunk_for_budget(per_row, rows_per_direction, budget / workers, settings.k)
 
 
+@torch.no_grad()
 def fused_loss_differences(
     model: nn.Module,
     space: KeptSpace,
@@ -956,11 +968,18 @@ def fused_loss_differences(
     loss_fn: LossFn,
     chunk_size: int | None = None,
     memory_budget_mb: float | None = None,
+    workers: int | None = None,
 ) -> tuple[np.ndarray, float, int]:
     """``(deltas float64 (K,), base_loss, chunk)`` of one step with the fused forward.
 
     ``loss_fn(logits (..., B, C), y)`` must return the per-copy losses (float64). The base loss
     is computed by the model's own forward pass, exactly as in the ``lean`` engine.
+
+    ``workers`` chunks run at once on their own threads, each with one intra-op thread
+    (default: ``torch.get_num_threads()``). On a small CPU this scales better than one chunk at
+    a time on several OpenMP threads: no barrier per kernel, and a worker that loses its core
+    to another process delays only its own chunks. For the duration of the call torch is set to
+    one intra-op thread (restored on return). The memory budget is shared by the workers.
 
     Raises
     ------
@@ -970,24 +989,46 @@ def fused_loss_differences(
     if x.dtype != torch.float32:
         raise UnsupportedModel("the fused engine supports float32 inputs only")
     plan = get_plan(model, space)
-    chunk = chunk_size or planned_chunk(model, space, x, settings, memory_budget_mb)
     plan.verify(model, space, x)
-    chunk = min(chunk, settings.k)
+    workers = torch.get_num_threads() if workers is None else workers
+    if chunk_size is None:
+        chunk_size = planned_chunk(model, space, x, settings, memory_budget_mb, workers)
+    chunk = min(chunk_size, settings.k)
     signs = (1.0,) if settings.scheme == "forward" else (1.0, -1.0)
 
     base = float(loss_fn(model(x), y))
     xin = x.contiguous(memory_format=_CL) if x.dim() == 4 else x
     layout = plan.layout(space)
     kept = space.gather(model)
-    blocks = layout.new_blocks(chunk * len(signs))
-    directions = torch.empty(chunk, space.dim, dtype=torch.float32)
     deltas = np.empty(settings.k, dtype=np.float64)
-    for start in range(0, settings.k, chunk):
-        stop = min(start + chunk, settings.k)
-        count = stop - start
-        dirs = generator.block(start, stop, out=directions)
-        weights = _ChunkWeights(layout, blocks, kept, dirs, settings.sigma, signs)
-        losses = loss_fn(plan.forward(xin, weights), y).numpy()
-        reference = base if len(signs) == 1 else losses[count:]
-        deltas[start:stop] = losses[:count] - reference
+    starts = list(range(0, settings.k, chunk))
+    workers = max(1, min(workers, len(starts)))
+
+    def run(worker: int) -> None:
+        if workers > 1:
+            torch.set_num_threads(1)
+            gen = DirectionGenerator(space.dim, generator.seed, generator.kind)
+        else:
+            gen = generator
+        blocks = layout.new_blocks(chunk * len(signs))
+        directions = torch.empty(chunk, space.dim, dtype=torch.float32)
+        for start in starts[worker::workers]:
+            stop = min(start + chunk, settings.k)
+            count = stop - start
+            dirs = gen.block(start, stop, out=directions, threads=1 if workers > 1 else None)
+            weights = _ChunkWeights(layout, blocks, kept, dirs, settings.sigma, signs)
+            losses = loss_fn(plan.forward(xin, weights), y).numpy()
+            reference = base if len(signs) == 1 else losses[count:]
+            deltas[start:stop] = losses[:count] - reference
+
+    if workers == 1:
+        run(0)
+    else:
+        threads = torch.get_num_threads()
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="fedzo-fused") as pool:
+                for future in [pool.submit(run, w) for w in range(workers)]:
+                    future.result()
+        finally:
+            torch.set_num_threads(threads)
     return deltas, base, chunk
