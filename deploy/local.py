@@ -48,7 +48,7 @@ CONNECTION = "fedzo-local"
 MODES = ("insecure", "tls", "tls-auth")
 STATE_FILE = "deployment.json"
 
-# Offline switches (docs: /work/shared/notes/flower-1.41.md, section 8).
+# Offline switches (the team notes on Flower 1.41, section 8).
 OFFLINE_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
