@@ -39,8 +39,6 @@ depend on K; the batched/fused engines' depends on their chunk (<= K), hence K =
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import platform
@@ -48,6 +46,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine import cpu_model, data_dir, trim_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -62,21 +62,6 @@ def _status_bytes(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-def _trim() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-def data_dir(arg: str | None) -> Path:
-    if arg:
-        return Path(arg)
-    env = os.environ.get("FEDZO_DATA_DIR")
-    return Path(env) if env else ROOT.parent / "shared" / "data"
 
 
 # ------------------------------------------------------------------------------ worker
@@ -148,10 +133,10 @@ def worker(job: dict) -> dict:
 
     step()  # warm-up: lazy initialisation (kernels, thread pools, the fused plan)
     reset()
-    _trim()
+    trim_memory()
     with torch.no_grad(), PeakMemory() as forward:  # one plain forward pass, for reference
         model(x)
-    _trim()
+    trim_memory()
     rss_idle = _status_bytes("VmRSS")
     started = time.perf_counter()
     with PeakMemory() as memory:
@@ -182,16 +167,6 @@ def run_worker(job: dict) -> dict:
 
 
 # -------------------------------------------------------------------------------- main
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def plan(args: argparse.Namespace) -> list[dict]:

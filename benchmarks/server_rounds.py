@@ -11,8 +11,14 @@ forward differences, Adam, in both seed modes:
   (O(C·K·kept)): the time grows linearly in C.
 
 Each point is the median over ``--repeats`` rounds (fewer for the slow per-client points: the
-total time per point is capped by ``--max-seconds``). No Flower, no network: the strategy's
-arithmetic only.
+total time per point is capped by ``--max-seconds``).
+
+A second table times the Flower strategy itself (``FedZO``, shared seeds, density 0.1) around
+the same arithmetic: ``configure_train`` (one message per node, each message's serialized size
+measured) and ``aggregate_train`` (every reply validated, measured and parsed, the round
+applied, ``results.json`` rewritten). The clients are stand-ins that answer each message the
+way the real ClientApp does (K random float32 loss differences, the expected seeds, the metric
+record) at no compute cost; their time is not counted. No network, no Ray: an in-process grid.
 
 Usage::
 
@@ -25,21 +31,32 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from machine import ROOT, cpu_model, data_dir
 
+from fedzo_flwr import protocol
 from fedzo_flwr.config import RunConfig
+from fedzo_flwr.data import load_dataset
 from fedzo_flwr.mask import apply_mask_, dense_mask
 from fedzo_flwr.models import build_model
 from fedzo_flwr.pruning import prune
-from fedzo_flwr.server import ClientUpdate, ZOServer
+from fedzo_flwr.results import RunRecorder
+from fedzo_flwr.server import ClientUpdate, ZOServer, client_step_seeds
+from fedzo_flwr.wire import encode_scalars
+from fedzo_flwr.zo.directions import fingerprint
 from fedzo_flwr.zo.reconstruct import ScalarStep
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from zo_client import cpu_model
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+from inprocess_grid import InProcessGrid
+
+from server_app.strategy import FedZO, kept_arrays
 
 
 def make_server(model_name: str, density: float, seed_mode: str, k: int) -> ZOServer:
@@ -88,6 +105,80 @@ def time_rounds(server: ZOServer, clients: int, repeats: int, max_seconds: float
     }
 
 
+def stand_in_client(k: int, seed_mode: str, directions: str):
+    """A ClientApp stand-in: answers a train message as the real one does, without computing."""
+
+    def answer(message: Message, context: Context) -> Message:
+        config = message.content.config_records[protocol.CONFIG_KEY]
+        pid = int(context.node_config["partition-id"])
+        rng = np.random.default_rng(pid)
+        seeds = client_step_seeds(int(config[protocol.ROUND_SEED_KEY]), seed_mode, pid, 1)
+        zo = ConfigRecord(
+            {
+                protocol.DELTAS_KEY: encode_scalars(1e-3 * rng.standard_normal(k)),
+                protocol.STEP_SEEDS_KEY: seeds,
+                protocol.ROUND_KEY: int(config[protocol.ROUND_KEY]),
+            }
+        )
+        if protocol.FINGERPRINT_SEED_KEY in config:
+            kept = message.content.array_records[protocol.ARRAYS_KEY][protocol.KEPT_KEY]
+            zo[protocol.FINGERPRINT_KEY] = fingerprint(
+                int(kept.shape[0]), int(config[protocol.FINGERPRINT_SEED_KEY]), directions
+            )
+        metrics = MetricRecord(
+            {
+                "num-examples": int(rng.integers(16, 512)),
+                "base-loss": 2.3,
+                "client-seconds": 0.1,
+                "peak-mem-bytes": 1e8,
+                "extra-mem-bytes": 1e6,
+                "partition-id": pid,
+            }
+        )
+        return Message(
+            RecordDict({protocol.ZO_KEY: zo, protocol.METRICS_KEY: metrics}), reply_to=message
+        )
+
+    return answer
+
+
+def time_strategy(clients: int, k: int, rounds: int, out_dir: Path, test_data) -> dict:
+    """Median ``configure_train`` and ``aggregate_train`` seconds of FedZO with ``clients``."""
+    server = make_server("lenet5", 0.1, "shared", k)
+    cfg = server.cfg
+    recorder = RunRecorder(out_dir / f"strategy-{clients}", cfg.to_run_config())
+    strategy = FedZO(server, recorder, test_data, forward_flops=0)
+    grid = InProcessGrid(stand_in_client(k, cfg.seed_mode, cfg.directions), clients, {})
+    configure, aggregate = [], []
+    arrays = kept_arrays(server)
+    for server_round in range(1, rounds + 1):
+        t0 = time.perf_counter()
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+        t1 = time.perf_counter()
+        replies = list(grid.send_and_receive(messages))
+        t2 = time.perf_counter()
+        arrays_out, _ = strategy.aggregate_train(server_round, replies)
+        t3 = time.perf_counter()
+        assert isinstance(arrays_out, ArrayRecord)
+        assert recorder.round_entry(server_round)["clients"] == clients
+        arrays = arrays_out
+        if server_round > 1:  # round 1 carries the mask and the fingerprint check
+            configure.append(t1 - t0)
+            aggregate.append(t3 - t2)
+    round_s = float(np.median(configure) + np.median(aggregate))
+    return {
+        "clients": clients,
+        "k": k,
+        "kept_coordinates": server.space.dim,
+        "configure_train_s": float(np.median(configure)),
+        "aggregate_train_s": float(np.median(aggregate)),
+        "round_s": round_s,
+        "rounds_per_s": 1.0 / round_s,
+        "rounds_timed": len(configure),
+        "results_json_bytes": recorder.results_path.stat().st_size,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path)
@@ -97,6 +188,8 @@ def main() -> int:
     parser.add_argument("--max-seconds", type=float, default=60.0, help="cap per point")
     parser.add_argument("--k", type=int, default=None)
     parser.add_argument("--clients", type=int, nargs="+", default=None)
+    parser.add_argument("--strategy-rounds", type=int, default=6, help="FedZO rounds per point")
+    parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     k = args.k or (50 if args.quick else 200)
@@ -134,10 +227,28 @@ def main() -> int:
                     f"| {point['reconstructions_per_round']} |",
                     flush=True,
                 )
+    print()
+    print(
+        "| strategy (FedZO, shared, d=0.1) | clients | configure_train (s) | aggregate_train (s) "
+        "| rounds/s |"
+    )
+    print("|---|---|---|---|---|")
+    test_data = load_dataset("cifar10", data_dir(args.data_dir))
+    strategy_rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for clients in counts:
+            point = time_strategy(clients, k, args.strategy_rounds, Path(tmp), test_data)
+            strategy_rows.append(point)
+            print(
+                f"| FedZO | {clients} | {point['configure_train_s']:.4f} "
+                f"| {point['aggregate_train_s']:.4f} | {point['rounds_per_s']:.2f} |",
+                flush=True,
+            )
     info["load_after"] = os.getloadavg()
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
+        result = {"machine": info, "rows": rows, "strategy_rows": strategy_rows}
+        args.json.write_text(json.dumps(result, indent=2))
     return 0
 
 

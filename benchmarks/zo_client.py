@@ -43,8 +43,6 @@ The data folder is ``--data-dir``, else ``$FEDZO_DATA_DIR``, else ``../shared/da
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import platform
@@ -55,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_model, data_dir, trim_memory
 
 from fedzo_flwr.data import load_dataset, to_tensor
 from fedzo_flwr.flops import zo_step_flops
@@ -117,13 +116,6 @@ def naive_loss_differences(
 # ----------------------------------------------------------------------------- set-up
 
 
-def data_dir(arg: str | None) -> Path:
-    if arg:
-        return Path(arg)
-    env = os.environ.get("FEDZO_DATA_DIR")
-    return Path(env) if env else ROOT.parent / "shared" / "data"
-
-
 def setup(model_name: str, density: float, data: str | None):
     """Model (masked), its KeptSpace, mask and the first CIFAR-10 training batch of 32."""
     dataset = load_dataset("cifar10", data_dir(data))
@@ -141,14 +133,6 @@ def step_fn(engine: str, model, space, x, y, settings: ZOSettings):
     if engine == "naive":
         return lambda: naive_loss_differences(model, space, x, y, SEED, settings)
     return lambda: loss_differences(model, space, x, y, SEED, settings, engine=engine).deltas
-
-
-def _trim() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
 
 
 # ---------------------------------------------------------------------------- workers
@@ -199,12 +183,12 @@ def memory_worker(job: dict) -> dict:
     fn = step_fn(job["engine"], model, space, x, y, settings)
     with torch.no_grad():
         model(x)
-    _trim()
+    trim_memory()
     with torch.no_grad(), PeakMemory() as forward:
         for _ in range(5):
             model(x)
     fn()  # warm-up: lazy initialisation (kernels, thread pools, the fused plan)
-    _trim()
+    trim_memory()
     with PeakMemory() as step:
         fn()
     return {
@@ -228,16 +212,6 @@ def run_worker(kind: str, job: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- machine
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def matmul_gflops(threads: int, n: int = 1024, repeats: int = 15) -> dict[str, float]:

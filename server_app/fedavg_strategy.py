@@ -13,7 +13,6 @@ density) and ``model.pt`` match the zeroth-order runs, so the two are compared l
 from __future__ import annotations
 
 import io
-import random
 import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
@@ -26,13 +25,10 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Message,
-    MessageType,
     MetricRecord,
-    RecordDict,
 )
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
 from fedzo_flwr import protocol
@@ -52,7 +48,7 @@ from fedzo_flwr.results import RunRecorder, atomic_write_bytes, per_client_summa
 from fedzo_flwr.server import round_seed
 from fedzo_flwr.space import KeptSpace
 from fedzo_flwr.wire import encode_mask, mask_nbytes, sparse_weights_nbytes
-from fedzo_flwr.zo.directions import derive_seed
+from server_app.masked_rounds import MaskedRounds
 from server_app.message_size import message_nbytes
 
 #: Metrics every FedAvg train reply carries.
@@ -66,7 +62,7 @@ FEDAVG_METRICS = (
 )
 
 
-class MaskedFedAvg(FedAvg):
+class MaskedFedAvg(MaskedRounds):
     """FedAvg over the kept coordinates of a (possibly pruned) model.
 
     Parameters
@@ -94,31 +90,13 @@ class MaskedFedAvg(FedAvg):
         test_data: DatasetArrays,
         flops_per_example: int,
     ) -> None:
-        wanted = cfg.clients_per_round or 1
-        super().__init__(
-            fraction_train=1.0,
-            fraction_evaluate=cfg.fraction_evaluate,
-            min_train_nodes=wanted,
-            min_evaluate_nodes=1,
-            min_available_nodes=max(cfg.min_clients, wanted),
-            arrayrecord_key=protocol.ARRAYS_KEY,
-            configrecord_key=protocol.CONFIG_KEY,
-        )
-        self.cfg = cfg
+        super().__init__(cfg, encode_mask(mask))
         self.model = model
         self.mask = mask
         self.space = KeptSpace(model, mask)
         self.recorder = recorder
         self.test_data = test_data
         self.flops_per_example = flops_per_example
-        self.mask_bytes = encode_mask(mask)
-        self.mask_id = protocol.mask_id(self.mask_bytes)
-        self.nodes_with_mask: set[int] = set()
-        self.node_partition: dict[int, int] = {}
-        self.round_downlink: dict[int, int] = {}
-        self.message_node: dict[str, int] = {}
-        self.round_started = 0.0
-        self.rejected_total = 0
 
     def kept_arrays(self) -> ArrayRecord:
         """The global model's kept coordinates as the ArrayRecord clients receive."""
@@ -150,46 +128,13 @@ class MaskedFedAvg(FedAvg):
 
     # ------------------------------------------------------------------------------ train
 
-    def _connected_nodes(self, grid: Grid) -> list[int]:
-        """Nodes online now, waiting at most ``round-timeout`` for ``min_available_nodes``."""
-        deadline = time.monotonic() + self.cfg.round_timeout
-        while True:
-            connected = sorted(grid.get_node_ids())
-            if len(connected) >= self.min_available_nodes or time.monotonic() >= deadline:
-                return connected
-            log(INFO, "Waiting for nodes: %d of %d", len(connected), self.min_available_nodes)
-            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-
-    def _sample(self, grid: Grid, server_round: int) -> list[int]:
-        """Nodes of the round: the same rule (and seed) as ``FedZO``."""
-        wanted = self.cfg.clients_per_round
-        available = self._connected_nodes(grid)
-        if not wanted or wanted >= len(available):
-            return available
-        chooser = random.Random(derive_seed(self.cfg.seed, server_round, 0x73616D70))
-        return sorted(chooser.sample(available, wanted))
-
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Send each sampled node the kept weights, the round seed and (once) the mask."""
-        self.round_started = time.perf_counter()
-        messages, self.round_downlink, self.message_node = [], {}, {}
-        for node_id in self._sample(grid, server_round):
-            node_config = ConfigRecord(dict(config))
-            node_config[protocol.ROUND_KEY] = server_round
-            node_config[protocol.ROUND_SEED_KEY] = round_seed(self.cfg.seed, server_round)
-            node_config[protocol.MASK_ID_KEY] = self.mask_id
-            if node_id not in self.nodes_with_mask:
-                node_config[protocol.MASK_KEY] = self.mask_bytes
-            message = Message(
-                content=RecordDict({protocol.ARRAYS_KEY: arrays, protocol.CONFIG_KEY: node_config}),
-                message_type=MessageType.TRAIN,
-                dst_node_id=node_id,
-            )
-            self.round_downlink[node_id] = message_nbytes(message)
-            self.message_node[message.object_id] = node_id
-            messages.append(message)
+        node_ids = self.round_nodes(grid, server_round)
+        seed = round_seed(self.cfg.seed, server_round)
+        messages = self.train_messages(server_round, seed, arrays, config, node_ids)
         log(INFO, "configure_train: %d nodes (FedAvg)", len(messages))
         return messages
 
@@ -223,11 +168,7 @@ class MaskedFedAvg(FedAvg):
         per_client: dict[int, MetricRecord] = {}
         uplink: dict[int, int] = {}
         for reply in list(replies):
-            # Error replies made by the SuperLink carry its own id as sender: identify the node
-            # by the message the reply answers.
-            node_id = self.message_node.get(
-                reply.metadata.reply_to_message_id, reply.metadata.src_node_id
-            )
+            node_id = self.reply_node(reply)
             try:
                 metrics = self._check(reply)
                 pid = int(metrics["partition-id"])  # type: ignore[call-overload]
@@ -241,18 +182,13 @@ class MaskedFedAvg(FedAvg):
                 )
                 rejected.append({"node_id": node_id, "reason": str(err)})
                 continue
-            self.nodes_with_mask.add(node_id)
-            self.node_partition[node_id] = pid
+            self.accept(node_id, pid)
             per_client[pid] = metrics
             uplink[pid] = message_nbytes(reply)
             valid.append(reply)
         self.rejected_total += len(rejected)
-        downlink = {
-            self.node_partition.get(node, -node): size for node, size in self.round_downlink.items()
-        }
         entry: dict[str, object] = {
-            "downlink_bytes": per_client_summary(downlink),
-            "uplink_bytes": per_client_summary(uplink),
+            **self.round_bytes(uplink),
             "density": self.cfg.effective_density,
             "clients": len(valid),
             "rejected": rejected,
@@ -301,18 +237,11 @@ class MaskedFedAvg(FedAvg):
             {
                 "train-loss": train_loss,
                 "clients": len(valid),
-                "uplink-bytes": sum(uplink.values()),
-                "downlink-bytes": sum(downlink.values()),
+                "uplink-bytes": entry["uplink_bytes"]["total"],  # type: ignore[index]
+                "downlink-bytes": entry["downlink_bytes"]["total"],  # type: ignore[index]
             }
         )
         return self.kept_arrays(), metrics
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Federated evaluation (``fraction-evaluate`` > 0) with the mask id the client needs."""
-        config[protocol.MASK_ID_KEY] = self.mask_id
-        return super().configure_evaluate(server_round, arrays, config, grid)
 
     # ------------------------------------------------------------------------- evaluate
 

@@ -28,23 +28,13 @@ from fedzo_flwr.mask import Mask, dense_mask
 from fedzo_flwr.pruning.common import check_result, iterative_prune, one_shot_prune
 from fedzo_flwr.wire import encode_mask
 from server_app.message_size import message_nbytes
+from server_app.nodes import wait_for_nodes
 
 PRUNE_MESSAGE_TYPE = f"{MessageType.QUERY}.{cp.PRUNE_ACTION}"
 
 
 class PruningPhaseError(RuntimeError):
     """Too few valid replies to score the mask."""
-
-
-def _connected_nodes(grid: Grid, wanted: int, cfg: RunConfig) -> list[int]:
-    """Nodes online now, waiting at most ``round-timeout`` for ``wanted`` of them."""
-    deadline = time.monotonic() + cfg.round_timeout
-    while True:
-        connected = sorted(grid.get_node_ids())
-        if len(connected) >= wanted or time.monotonic() >= deadline:
-            return connected
-        log(INFO, "Pruning phase: waiting for nodes, %d of %d", len(connected), wanted)
-        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
 def federated_prune(grid: Grid, cfg: RunConfig, model: nn.Module) -> tuple[Mask, dict[str, Any]]:
@@ -73,7 +63,8 @@ def federated_prune(grid: Grid, cfg: RunConfig, model: nn.Module) -> tuple[Mask,
     if cfg.prune_method not in cp.DATA_PRUNERS:
         raise ValueError(f"prune-method {cfg.prune_method!r} needs no pruning phase")
     started = time.perf_counter()
-    node_ids = _connected_nodes(grid, max(cfg.min_clients, cfg.clients_per_round, 1), cfg)
+    wanted = max(cfg.min_clients, cfg.clients_per_round, 1)
+    node_ids = wait_for_nodes(grid, wanted, cfg.round_timeout, "pruning phase")
     stream = {node: i for i, node in enumerate(node_ids)}
     weights_record = ArrayRecord(model.state_dict()) if cfg.prune_method == "snip" else None
     iterations: list[dict[str, Any]] = []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
@@ -13,13 +12,10 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Message,
-    MessageType,
     MetricRecord,
-    RecordDict,
 )
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 
 from fedzo_flwr import protocol
 from fedzo_flwr.checkpoint import save_checkpoint
@@ -30,6 +26,7 @@ from fedzo_flwr.server import ClientUpdate, ZOServer
 from fedzo_flwr.wire import encode_mask
 from fedzo_flwr.zo.directions import derive_seed, fingerprint
 from fedzo_flwr.zo.reconstruct import ScalarStep
+from server_app.masked_rounds import MaskedRounds
 from server_app.message_size import message_nbytes
 
 
@@ -38,7 +35,7 @@ def kept_arrays(server: ZOServer) -> ArrayRecord:
     return ArrayRecord({protocol.KEPT_KEY: Array(server.kept_values().numpy().copy())})
 
 
-class FedZO(FedAvg):
+class FedZO(MaskedRounds):
     """Seed-and-scalars federated zeroth-order training over a server-pruned model.
 
     Each round it samples nodes, sends them the kept weights and the round seed (and the mask
@@ -69,39 +66,22 @@ class FedZO(FedAvg):
         forward_flops: int,
         start_round: int = 0,
     ) -> None:
-        cfg = server.cfg
-        wanted = cfg.clients_per_round or 1
-        super().__init__(
-            fraction_train=1.0,
-            fraction_evaluate=cfg.fraction_evaluate,
-            min_train_nodes=wanted,
-            min_evaluate_nodes=1,
-            min_available_nodes=max(cfg.min_clients, wanted),
-        )
+        super().__init__(server.cfg, encode_mask(server.mask))
         self.server = server
-        self.cfg = cfg
         self.recorder = recorder
         self.test_data = test_data
         self.forward_flops = forward_flops
-        self.mask_bytes = encode_mask(server.mask)
-        self.mask_id = protocol.mask_id(self.mask_bytes)
-        self.nodes_with_mask: set[int] = set()
         # Generator agreement: the fingerprint every node must reproduce at first contact.
-        self.fingerprint_seed = derive_seed(cfg.seed, 0x66696E67)
+        self.fingerprint_seed = derive_seed(self.cfg.seed, 0x66696E67)
         self.expected_fingerprint = fingerprint(
-            server.space.dim, self.fingerprint_seed, cfg.directions
+            server.space.dim, self.fingerprint_seed, self.cfg.directions
         )
         self.refused_nodes: dict[int, str] = {}
         # Memory: each node's declared budget and the largest peak measured on any client.
         self.node_budget_bytes: dict[int, float] = {}
         self.required_bytes = 0.0
         self.skipped_for_memory: set[int] = set()
-        self.node_partition: dict[int, int] = {}
-        self.round_downlink: dict[int, int] = {}
-        self.message_node: dict[str, int] = {}
-        self.round_started = 0.0
         self.start_round = start_round
-        self.rejected_total = 0
 
     def summary(self) -> None:
         """Log the strategy's configuration."""
@@ -134,7 +114,8 @@ class FedZO(FedAvg):
 
     # ------------------------------------------------------------------------------ train
 
-    def _eligible(self, node_id: int) -> bool:
+    def eligible(self, node_id: int) -> bool:
+        """Not refused for a generator mismatch, and not below the measured memory need."""
         if node_id in self.refused_nodes:
             return False
         budget = self.node_budget_bytes.get(node_id)
@@ -152,41 +133,17 @@ class FedZO(FedAvg):
             return False
         return True
 
-    def _connected_nodes(self, grid: Grid) -> list[int]:
-        """Nodes online now, waiting at most ``round-timeout`` for ``min_available_nodes``.
-
-        Unlike ``sample_nodes`` (which waits forever), a lost node cannot hang the run: after
-        the deadline the round goes ahead with whoever is connected, or is skipped.
-        """
-        deadline = time.monotonic() + self.cfg.round_timeout
-        while True:
-            connected = sorted(grid.get_node_ids())
-            if len(connected) >= self.min_available_nodes or time.monotonic() >= deadline:
-                return connected
-            log(
-                INFO,
-                "Waiting for nodes to connect: %d connected (minimum required: %d).",
-                len(connected),
-                self.min_available_nodes,
-            )
-            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-
-    def _sample(self, grid: Grid, server_round: int) -> list[int]:
-        wanted = self.cfg.clients_per_round
-        connected = self._connected_nodes(grid)
-        available = [node for node in connected if self._eligible(node)]
-        if not wanted or wanted >= len(available):
-            return available
-        chooser = random.Random(derive_seed(self.cfg.seed, server_round, 0x73616D70))
-        return sorted(chooser.sample(available, wanted))
+    def first_contact_config(self) -> dict[str, bytes | int]:
+        """The mask, and the seed of the generator fingerprint the node must return."""
+        extra = {protocol.FINGERPRINT_SEED_KEY: self.fingerprint_seed}
+        return {**super().first_contact_config(), **extra}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Send each sampled node the kept weights, the round seed and (once) the mask."""
         server_round += self.start_round
-        self.round_started = time.perf_counter()
-        node_ids = self._sample(grid, server_round)
+        node_ids = self.round_nodes(grid, server_round)
         if len(node_ids) < self.cfg.min_clients:
             log(
                 WARNING,
@@ -196,30 +153,9 @@ class FedZO(FedAvg):
                 self.cfg.min_clients,
             )
             node_ids = []
-        log(
-            INFO,
-            "configure_train: %d nodes, round seed %d",
-            len(node_ids),
-            self.server.round_seed(server_round),
-        )
-        messages, self.round_downlink, self.message_node = [], {}, {}
-        for node_id in node_ids:
-            node_config = ConfigRecord(dict(config))
-            node_config[protocol.ROUND_KEY] = server_round
-            node_config[protocol.ROUND_SEED_KEY] = self.server.round_seed(server_round)
-            node_config[protocol.MASK_ID_KEY] = self.mask_id
-            if node_id not in self.nodes_with_mask:  # first contact: mask + generator check
-                node_config[protocol.MASK_KEY] = self.mask_bytes
-                node_config[protocol.FINGERPRINT_SEED_KEY] = self.fingerprint_seed
-            message = Message(
-                content=RecordDict({protocol.ARRAYS_KEY: arrays, protocol.CONFIG_KEY: node_config}),
-                message_type=MessageType.TRAIN,
-                dst_node_id=node_id,
-            )
-            self.round_downlink[node_id] = message_nbytes(message)
-            self.message_node[message.object_id] = node_id
-            messages.append(message)
-        return messages
+        round_seed = self.server.round_seed(server_round)
+        log(INFO, "configure_train: %d nodes, round seed %d", len(node_ids), round_seed)
+        return self.train_messages(server_round, round_seed, arrays, config, node_ids)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -231,11 +167,7 @@ class FedZO(FedAvg):
         uplink: dict[int, int] = {}
         rejected: list[dict[str, object]] = []
         for reply in replies:
-            # Error replies made by the SuperLink (e.g. node unavailable) carry its own id as
-            # sender: identify the node by the message the reply answers.
-            node_id = self.message_node.get(
-                reply.metadata.reply_to_message_id, reply.metadata.src_node_id
-            )
+            node_id = self.reply_node(reply)
             if reply.has_error():
                 reason = reply.error.reason
                 if protocol.MASK_MISSING in reason:
@@ -269,8 +201,7 @@ class FedZO(FedAvg):
                 )
                 rejected.append({"node_id": node_id, "reason": str(err)})
                 continue
-            self.nodes_with_mask.add(node_id)
-            self.node_partition[node_id] = result.partition_id
+            self.accept(node_id, result.partition_id)
             self.required_bytes = max(self.required_bytes, float(result.peak_mem_bytes))
             budget_mb = metrics.get(protocol.MEMORY_BUDGET_KEY)
             if budget_mb:
@@ -278,12 +209,8 @@ class FedZO(FedAvg):
             parsed[result.partition_id] = result
             uplink[result.partition_id] = message_nbytes(reply)
         self.rejected_total += len(rejected)
-        downlink = {
-            self.node_partition.get(node, -node): size for node, size in self.round_downlink.items()
-        }
         entry: dict[str, object] = {
-            "downlink_bytes": per_client_summary(downlink),
-            "uplink_bytes": per_client_summary(uplink),
+            **self.round_bytes(uplink),
             "density": self.cfg.effective_density,
             "clients": len(parsed),
             "rejected": rejected,
@@ -330,8 +257,8 @@ class FedZO(FedAvg):
             {
                 "train-loss": summary.train_loss,
                 "clients": len(parsed),
-                "uplink-bytes": sum(uplink.values()),
-                "downlink-bytes": sum(downlink.values()),
+                "uplink-bytes": entry["uplink_bytes"]["total"],  # type: ignore[index]
+                "downlink-bytes": entry["downlink_bytes"]["total"],  # type: ignore[index]
             }
         )
         return kept_arrays(self.server), metrics

@@ -195,6 +195,30 @@ def test_node_that_lost_its_mask_gets_it_again(tmp_path, data_dir):
     assert rounds[3]["clients"] == 3  # the server re-sent the mask
 
 
+@pytest.mark.parametrize("method", ["zo-pruned", "fedavg"])
+def test_federated_evaluation_reaches_every_node(tmp_path, data_dir, method):
+    evaluations = []
+
+    def capture(node_index, message, reply):
+        if message.metadata.message_type == "evaluate":
+            evaluations.append(reply)
+        return reply
+
+    run_inprocess(
+        tmp_path,
+        data_dir,
+        num_nodes=3,
+        intercept=capture,
+        method=method,
+        **{"num-server-rounds": 1, "fraction-evaluate": 1.0, "local-batches": 1},
+    )
+    assert len(evaluations) == 3
+    for reply in evaluations:
+        assert not reply.has_error(), reply.error.reason
+        metrics = reply.content.metric_records["metrics"]
+        assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["num-examples"] > 0
+
+
 @pytest.mark.parametrize(
     ("overrides", "needle"),
     [
