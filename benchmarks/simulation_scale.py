@@ -6,8 +6,9 @@ For each client count N it runs the real thing — ``flwr run .`` with a local S
 CIFAR-10, and records:
 
 * whether every round completed with the expected number of valid replies;
-* wall time: the whole command (Ray and SuperLink start-up, server pruning, the rounds) and the
-  median round as the strategy measured it (``round_seconds`` in ``results.json``);
+* wall time: the whole command (Ray and SuperLink start-up, server pruning, the rounds), the
+  first round (which also starts the ClientApps: torch import, partitioning) and the median of
+  the later rounds as the strategy measured them (``round_seconds`` in ``results.json``);
 * memory: the peak, sampled every 0.5 s, of the summed proportional set size (PSS: shared pages
   split between the processes that map them, so nothing is counted twice) of every process of the
   run (``flwr``, the SuperLink, the simulation runtime, Ray's daemons and actors), and the peak
@@ -42,7 +43,7 @@ import argparse
 import json
 import os
 import shutil
-import socket
+import signal
 import subprocess
 import sys
 import tempfile
@@ -55,15 +56,10 @@ import psutil
 from machine import ROOT, cpu_model, data_dir
 
 sys.path.insert(0, str(ROOT / "scripts"))
+from flwr_sandbox import sandbox_env
 from stop_local_superlink import our_superlinks
 
 MB = 2**20
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def used_memory() -> int:
@@ -115,23 +111,10 @@ class TreeSampler(threading.Thread):
 def run_once(clients: int, per_round: int, args: argparse.Namespace) -> dict:
     """One ``flwr run .`` with ``clients`` SuperNodes; its outcome, times and memory."""
     work = Path(tempfile.mkdtemp(prefix="fedzo-scale-"))
-    flwr_home = work / "flwr-home"
-    flwr_home.mkdir()
-    ray_tmp = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths must stay < 107 bytes
+    env, ray_tmp = sandbox_env(work)
+    env["FEDZO_CACHE_DIR"] = str(work / "cache")
+    flwr_home = env["FLWR_HOME"]
     bin_dir = Path(sys.executable).parent
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "MPLCONFIGDIR": str(work / "mpl"),
-        "RAY_TMPDIR": ray_tmp,
-        "FEDZO_CACHE_DIR": str(work / "cache"),
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-    }
     out_dir = work / "out"
     run_config = (
         f"num-server-rounds={args.rounds} clients-per-round={per_round} "
@@ -154,20 +137,21 @@ def run_once(clients: int, per_round: int, args: argparse.Namespace) -> dict:
     log_path = work / "flwr.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(command, env=env, cwd=work, stdout=log, stderr=subprocess.STDOUT)
-        sampler = TreeSampler(proc.pid, str(flwr_home))
+        sampler = TreeSampler(proc.pid, flwr_home)
         sampler.start()
         timed_out = False
         try:
             proc.wait(timeout=args.timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
-            proc.terminate()
-            proc.wait(30)
-        finally:
+        finally:  # also on SIGTERM/Ctrl-C: nothing of the run is left behind
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(30)
             sampler.stop_event.set()
             sampler.join()
-            for pid in our_superlinks(str(flwr_home)):
-                os.kill(pid, 15)
+            for pid in our_superlinks(flwr_home):
+                os.kill(pid, signal.SIGTERM)
     seconds = time.perf_counter() - start
     results_path = out_dir / "scale" / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
@@ -176,7 +160,8 @@ def run_once(clients: int, per_round: int, args: argparse.Namespace) -> dict:
     complete = len(trained) == args.rounds and all(
         r.get("clients") == expected and not r.get("rejected") for r in trained
     )
-    round_seconds = [r["round_seconds"] for r in trained if "round_seconds" in r]
+    # Round 1 also starts the ClientApps (torch import, partitioning): steady state from round 2.
+    round_seconds = [r["round_seconds"] for r in trained[1:] if "round_seconds" in r]
     tail = log_path.read_text()[-2000:]
     row = {
         "clients": clients,
@@ -187,6 +172,7 @@ def run_once(clients: int, per_round: int, args: argparse.Namespace) -> dict:
         "timed_out": timed_out,
         "returncode": proc.returncode,
         "wall_seconds": seconds,
+        "first_round_seconds": trained[0].get("round_seconds") if trained else None,
         "median_round_seconds": float(np.median(round_seconds)) if round_seconds else None,
         "prune_seconds": results.get("setup", {}).get("prune_seconds"),
         "peak_pss_bytes": sampler.peak_pss,
@@ -204,14 +190,16 @@ def run_once(clients: int, per_round: int, args: argparse.Namespace) -> dict:
 def print_row(row: dict, header: bool) -> None:
     if header:
         print(
-            "| clients | per round | complete | wall (s) | median round (s) | peak PSS (MB) "
+            "| clients | per round | complete | wall (s) | round 1 (s) | later rounds (s) "
+            "| peak PSS (MB) "
             "| used-memory rise (MB) | processes |"
         )
-        print("|---|---|---|---|---|---|---|---|")
-    med = row["median_round_seconds"]
+        print("|---|---|---|---|---|---|---|---|---|")
+    med, first = row["median_round_seconds"], row["first_round_seconds"]
     print(
         f"| {row['clients']} | {row['clients_per_round']} | {'yes' if row['complete'] else 'NO'} "
-        f"| {row['wall_seconds']:.0f} | {'-' if med is None else f'{med:.2f}'} "
+        f"| {row['wall_seconds']:.0f} | {'-' if first is None else f'{first:.1f}'} "
+        f"| {'-' if med is None else f'{med:.2f}'} "
         f"| {row['peak_pss_bytes'] / MB:.0f} | {row['peak_used_rise_bytes'] / MB:.0f} "
         f"| {row['peak_processes']} |",
         flush=True,
@@ -219,6 +207,8 @@ def print_row(row: dict, header: bool) -> None:
 
 
 def main() -> int:
+    # SIGTERM unwinds like Ctrl-C, so the run's SuperLink is stopped (by PID) on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=None)
     parser.add_argument("--per-round", type=int, default=10, help="sampled regime: nodes/round")
@@ -233,7 +223,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="10 and 50 clients, 2 rounds")
     args = parser.parse_args()
     sizes = args.clients or ([10, 50] if args.quick else [10, 100, 1000, 5000, 10000])
-    args.rounds = args.rounds or (2 if args.quick else 3)
+    args.rounds = args.rounds or (2 if args.quick else 4)
     all_max = args.all_max if args.all_max is not None else (50 if args.quick else 1000)
 
     info = {

@@ -5,6 +5,9 @@ export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export PYTHONUNBUFFERED=1
+# Ray (the simulation's actors) binds to and talks over 127.0.0.1 only; without this it picks
+# the machine's network address for its own daemons.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="${RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER:-0}"
 _fedzo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _fedzo_cache="${XDG_CACHE_HOME:-$HOME/.cache}/fedzo-flwr"
 # Flower's home (config, local SuperLink state, installed app bundles): outside the app folder.

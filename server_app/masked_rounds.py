@@ -19,7 +19,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedzo_flwr import protocol
 from fedzo_flwr.config import RunConfig
 from fedzo_flwr.results import per_client_summary
-from server_app.message_size import message_nbytes
+from server_app.message_size import SizeCache, message_nbytes
 from server_app.nodes import sample_round_nodes, wait_for_nodes
 
 
@@ -90,6 +90,7 @@ class MaskedRounds(FedAvg):
         """One train message per node; records each message's measured size and its node."""
         messages: list[Message] = []
         self.round_downlink, self.message_node = {}, {}
+        sizes = SizeCache()  # the nodes share one ArrayRecord: serialize it once
         for node_id in node_ids:
             node_config = ConfigRecord(dict(config))
             node_config[protocol.ROUND_KEY] = server_round
@@ -103,7 +104,7 @@ class MaskedRounds(FedAvg):
                 message_type=MessageType.TRAIN,
                 dst_node_id=node_id,
             )
-            self.round_downlink[node_id] = message_nbytes(message)
+            self.round_downlink[node_id] = message_nbytes(message, sizes)
             self.message_node[message.object_id] = node_id
             messages.append(message)
         return messages

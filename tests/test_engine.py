@@ -5,6 +5,7 @@ Real CIFAR-10 batches, real models; small K so the whole file runs in seconds.
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import numpy as np
@@ -179,7 +180,13 @@ def test_perturbed_weights_are_bit_identical_to_lean(cifar, monkeypatch):
         return built
 
     monkeypatch.setattr(fast_engine._ChunkWeights, "get", spy)
-    loss_differences(model, space, *cifar(0, 4), 11, ZOSettings(k=3, sigma=0.01), "fused")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one worker, one chunk of 3: row 2 is direction 2
+    try:
+        settings = ZOSettings(k=3, sigma=0.01)
+        loss_differences(model, space, *cifar(0, 4), 11, settings, "fused", chunk_size=3)
+    finally:
+        torch.set_num_threads(threads)
     expected = space.expand(torch.add(theta, direction, alpha=0.01))
     for name, p in model.named_parameters():
         assert torch.equal(rows[id(p)][2], expected[name]), name
@@ -228,6 +235,25 @@ def test_parallel_workers_give_the_same_deltas_and_restore_threads(cifar):
     for deltas in results:
         np.testing.assert_allclose(deltas, lean, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(results[1], results[0], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    ("k", "chunk", "workers", "sizes"),
+    [
+        (200, 16, 2, [15] * 4 + [14] * 10),  # 14 chunks (7 per worker), not 12x16 + 8
+        (200, 8, 1, [8] * 25),
+        (200, 8, 2, [8] * 18 + [7] * 8),  # 26 chunks: an even split between two workers
+        (10, 4, 3, [4, 3, 3]),
+        (5, 100, 8, [1] * 5),  # never more chunks than directions
+    ],
+)
+def test_balanced_chunks_cover_k_evenly(k, chunk, workers, sizes):
+    bounds = fast_engine.balanced_chunks(k, chunk, workers)
+    assert [stop - start for start, stop in bounds] == sizes
+    assert bounds[0][0] == 0 and bounds[-1][1] == k
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
+    with pytest.raises(ValueError, match="chunk"):
+        fast_engine.balanced_chunks(k, 0, workers)
 
 
 def test_chunk_for_budget_arithmetic():

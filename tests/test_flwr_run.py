@@ -5,45 +5,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
+from flwr_sandbox import sandbox_env  # noqa: E402
 from stop_local_superlink import our_superlinks  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow
 def test_flwr_run_simulation_writes_results(tmp_path, data_dir):
-    flwr_home = tmp_path / "flwr-home"
-    flwr_home.mkdir()
-    ray_tmp = tempfile.mkdtemp(prefix="ray-")
+    env, ray_tmp = sandbox_env(tmp_path)
+    flwr_home = env["FLWR_HOME"]
     bin_dir = Path(sys.executable).parent
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "MPLCONFIGDIR": str(tmp_path / "mpl"),
-        # Ray's socket paths must stay under 107 bytes: a short temporary folder, not tmp_path.
-        "RAY_TMPDIR": ray_tmp,
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-        # Our own local SuperLink ports, so a user's running simulation cannot collide with it.
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-    }
     run_config = (
         f'num-server-rounds=2 k=10 prune-iterations=2 eval-every=2 data-dir="{data_dir}" '
         f'output-dir="{tmp_path / "out"}" run-name="ci"'
@@ -63,7 +41,7 @@ def test_flwr_run_simulation_writes_results(tmp_path, data_dir):
             command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=480
         )
     finally:
-        for pid in our_superlinks(str(flwr_home)):
+        for pid in our_superlinks(flwr_home):
             os.kill(pid, 15)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     log = proc.stdout + proc.stderr

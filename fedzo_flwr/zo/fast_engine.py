@@ -44,11 +44,14 @@ modified, and the perturbed weights are bit-identical to those of the ``lean`` e
 ``torch.add(w, u, alpha=s σ)``). Directions come from
 :meth:`~fedzo_flwr.zo.directions.DirectionGenerator.block`, one chunk at a time.
 
-**Threads.** With ``n = torch.get_num_threads()`` > 1, ``n`` chunks run at once on their own
-threads (``workers``), each with one intra-op thread, instead of one chunk at a time on ``n``
-OpenMP threads: every kernel of a chunk is large enough for one core, and independent workers
-need no barrier per kernel (on a shared 2-core machine, OpenMP barriers with a busy second core
-cost more than the work). torch is set to one intra-op thread for the duration of the call.
+**Threads.** With ``n = torch.get_num_threads()`` > 1, ``n`` workers (threads with one
+intra-op thread each) take chunks from a shared queue, instead of one chunk at a time on ``n``
+OpenMP threads: every kernel of a chunk is large enough for one core, independent workers need
+no barrier per kernel, and a worker that loses its core to another process simply takes fewer
+chunks. The ``K`` directions are cut into chunks of equal size (±1) whose number is a multiple
+of ``n`` (:func:`balanced_chunks`), so no worker waits on a last, lone chunk. torch is set to
+one intra-op thread for the duration of the call. Which worker evaluates a chunk does not
+change its numbers: the result is deterministic.
 
 **Memory.** A chunk of ``r`` copies holds ``r`` weight copies, ``r`` directions and ``r``
 copies of the live activations; ``workers`` chunks are in flight at once. The per-copy
@@ -63,6 +66,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -84,6 +88,7 @@ __all__ = [
     "SUPPORTED_MODULES",
     "FusedPlan",
     "UnsupportedModel",
+    "balanced_chunks",
     "chunk_for_budget",
     "fused_loss_differences",
     "get_plan",
@@ -92,7 +97,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MEMORY_BUDGET_MB = 16.0
+DEFAULT_MEMORY_BUDGET_MB = 32.0
 """Default ceiling (MiB) on the chunk's working set: weights, directions and activations."""
 
 _CL = torch.channels_last
@@ -932,6 +937,27 @@ def chunk_for_budget(
     return max(1, min(k, chunk))
 
 
+def balanced_chunks(k: int, chunk: int, workers: int = 1) -> list[tuple[int, int]]:
+    """``(start, stop)`` ranges covering ``0..k-1`` in chunks of at most ``chunk`` directions.
+
+    The chunks have equal sizes (±1), and their number is a multiple of ``workers`` where ``k``
+    allows it, so that no worker is left with a last, lone chunk: 200 directions in chunks of
+    at most 16 on 2 workers are 14 chunks of 14 or 15, not 12 of 16 and one of 8.
+    """
+    if k < 1 or chunk < 1 or workers < 1:
+        raise ValueError(f"k, chunk and workers must be >= 1, got {k}, {chunk}, {workers}")
+    count = -(-k // chunk)
+    if workers > 1:
+        count = min(k, -(-count // workers) * workers)
+    size, extra = divmod(k, count)
+    bounds, start = [], 0
+    for i in range(count):
+        stop = start + size + (1 if i < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
 def _per_row_bytes(measured: _Measured, layout: _Layout, dim: int, batch: int) -> float:
     # Activations of one copy, its weight copy, and its direction row.
     return measured.act_bytes_per_example * batch + 4 * layout.numel + 4 * dim
@@ -993,7 +1019,8 @@ def fused_loss_differences(
     workers = torch.get_num_threads() if workers is None else workers
     if chunk_size is None:
         chunk_size = planned_chunk(model, space, x, settings, memory_budget_mb, workers)
-    chunk = min(chunk_size, settings.k)
+    bounds = balanced_chunks(settings.k, chunk_size, workers)
+    chunk = max(stop - start for start, stop in bounds)
     signs = (1.0,) if settings.scheme == "forward" else (1.0, -1.0)
 
     base = float(loss_fn(model(x), y))
@@ -1001,8 +1028,9 @@ def fused_loss_differences(
     layout = plan.layout(space)
     kept = space.gather(model)
     deltas = np.empty(settings.k, dtype=np.float64)
-    starts = list(range(0, settings.k, chunk))
-    workers = max(1, min(workers, len(starts)))
+    workers = max(1, min(workers, len(bounds)))
+    pending = iter(bounds)
+    lock = threading.Lock()
 
     def run(worker: int) -> None:
         if workers > 1:
@@ -1012,8 +1040,12 @@ def fused_loss_differences(
             gen = generator
         blocks = layout.new_blocks(chunk * len(signs))
         directions = torch.empty(chunk, space.dim, dtype=torch.float32)
-        for start in starts[worker::workers]:
-            stop = min(start + chunk, settings.k)
+        while True:
+            with lock:  # dynamic scheduling: a worker slowed by another process does less
+                item = next(pending, None)
+            if item is None:
+                return
+            start, stop = item
             count = stop - start
             dirs = gen.block(start, stop, out=directions, threads=1 if workers > 1 else None)
             weights = _ChunkWeights(layout, blocks, kept, dirs, settings.sigma, signs)
