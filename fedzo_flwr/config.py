@@ -60,6 +60,7 @@ class RunConfig(BaseModel):
     partitioner: Literal["iid", "dirichlet", "shards"] = "dirichlet"
     alpha: float = Field(0.5, gt=0)
     shards_per_client: int = Field(2, ge=1)
+    min_partition_size: int = Field(10, ge=1)
     # Federation.
     num_server_rounds: int = Field(300, ge=1)
     clients_per_round: int = Field(0, ge=0)

@@ -100,20 +100,10 @@ def load_client_data(
     ``.npz`` (a deployed SuperNode starts a fresh ClientApp process per message), so the
     dataset is decompressed and partitioned once per node, not once per round.
     """
-    key = (
-        cfg.dataset,
-        str(cfg.resolve_data_dir()),
-        cfg.partitioner,
-        cfg.alpha,
-        cfg.shards_per_client,
-        cfg.seed,
-        partition_id,
-        num_partitions,
-    )
+    key = partition_key(cfg, str(cfg.resolve_data_dir()), partition_id, num_partitions)
     if key in _PARTITIONS:
         return _PARTITIONS[key]
-    digest = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
-    path = partition_cache_dir() / f"{cfg.dataset}-p{partition_id}of{num_partitions}-{digest}.npz"
+    path = partition_cache_dir() / partition_cache_name(key)
     if path.is_file():
         try:
             with np.load(path) as cached:
@@ -121,7 +111,8 @@ def load_client_data(
             return _PARTITIONS[key]
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
             logger.warning("Ignoring unreadable partition cache %s", path)
-    x, y = _partition(cfg, partition_id, num_partitions)
+    data = load_dataset(cfg.dataset, cfg.resolve_data_dir())
+    x, y = partition_of(cfg, data, partition_id, num_partitions)
     try:
         buffer = io.BytesIO()
         np.savez(buffer, x=x, y=y)
@@ -132,7 +123,51 @@ def load_client_data(
     return x, y
 
 
-PARTITION_KEYS = ("dataset", "partitioner", "alpha", "shards-per-client", "seed")
+PARTITION_KEYS = (
+    "dataset",
+    "partitioner",
+    "alpha",
+    "shards-per-client",
+    "min-partition-size",
+    "seed",
+)
+"""The run-config keys that decide a client's partition (all the others do not)."""
+
+
+def partition_key(
+    cfg: RunConfig, data_dir: str, partition_id: int, num_partitions: int
+) -> tuple[object, ...]:
+    """What identifies one client's partition: the data folder and :data:`PARTITION_KEYS`."""
+    settings = cfg.to_run_config()
+    return (
+        str(Path(data_dir)),
+        *(settings[k] for k in PARTITION_KEYS),
+        partition_id,
+        num_partitions,
+    )
+
+
+def partition_cache_name(key: tuple[object, ...]) -> str:
+    """File name of a cached partition: ``<dataset>-p<i>of<n>-<digest of key>.npz``."""
+    digest = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+    dataset, partition_id, num_partitions = key[1], key[-2], key[-1]
+    return f"{dataset}-p{partition_id}of{num_partitions}-{digest}.npz"
+
+
+def partition_of(
+    cfg: RunConfig, data: DatasetArrays, partition_id: int, num_partitions: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One client's ``(x, y)`` of ``data`` under the run's partitioner settings."""
+    return client_partition(
+        data,
+        partition_id,
+        num_partitions,
+        cfg.partitioner,
+        alpha=cfg.alpha,
+        shards_per_partition=cfg.shards_per_client,
+        seed=cfg.seed,
+        min_partition_size=cfg.min_partition_size,
+    )
 
 
 def load_partition_file(
@@ -161,18 +196,3 @@ def load_partition_file(
     if x.dtype != np.uint8 or x.ndim != 4 or len(x) != len(y):
         raise ValueError(f"partition-file {path} holds arrays of the wrong shape or dtype")
     return x, y
-
-
-def _partition(
-    cfg: RunConfig, partition_id: int, num_partitions: int
-) -> tuple[np.ndarray, np.ndarray]:
-    data: DatasetArrays = load_dataset(cfg.dataset, cfg.resolve_data_dir())
-    return client_partition(
-        data,
-        partition_id,
-        num_partitions,
-        cfg.partitioner,
-        alpha=cfg.alpha,
-        shards_per_partition=cfg.shards_per_client,
-        seed=cfg.seed,
-    )

@@ -39,10 +39,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fedzo_flwr.config import RunConfig  # noqa: E402
-from fedzo_flwr.data import client_partition, load_dataset  # noqa: E402
-
-# The keys that decide the partition (everything else in a run config is irrelevant here).
-PARTITION_KEYS = ("dataset", "partitioner", "alpha", "shards-per-client", "seed")
+from fedzo_flwr.data import load_dataset  # noqa: E402
+from fedzo_flwr.experiment import (  # noqa: E402
+    PARTITION_KEYS,
+    partition_cache_name,
+    partition_key,
+    partition_of,
+)
 
 
 def run_config(overrides: str) -> RunConfig:
@@ -58,18 +61,7 @@ def run_config(overrides: str) -> RunConfig:
 
 def cache_name(cfg: RunConfig, device_data_dir: str, pid: int, num_partitions: int) -> str:
     """File name ``load_client_data`` looks for on a device with ``data-dir=device_data_dir``."""
-    key = (
-        cfg.dataset,
-        str(Path(device_data_dir)),
-        cfg.partitioner,
-        cfg.alpha,
-        cfg.shards_per_client,
-        cfg.seed,
-        pid,
-        num_partitions,
-    )
-    digest = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
-    return f"{cfg.dataset}-p{pid}of{num_partitions}-{digest}.npz"
+    return partition_cache_name(partition_key(cfg, device_data_dir, pid, num_partitions))
 
 
 def verify_cache(
@@ -125,15 +117,7 @@ def split(
     }
     total = 0
     for pid in range(num_partitions):
-        x, y = client_partition(
-            data,
-            pid,
-            num_partitions,
-            cfg.partitioner,
-            alpha=cfg.alpha,
-            shards_per_partition=cfg.shards_per_client,
-            seed=cfg.seed,
-        )
+        x, y = partition_of(cfg, data, pid, num_partitions)
         meta = json.dumps({**settings, "partition-id": pid, "num-partitions": num_partitions})
         buffer = io.BytesIO()
         # Uncompressed (loads fast on a Pi; images barely compress). `meta` (a str array, no

@@ -489,3 +489,25 @@ def test_dirichlet_unsatisfiable_min_size_names_alpha() -> None:
 def test_sample_batch_bad_arguments(args: tuple[int, int, int], name: str) -> None:
     with pytest.raises(ValueError, match=name):
         sample_batch(*args)
+
+
+@pytest.mark.filterwarnings("ignore:The specified min_partition_size")
+def test_min_partition_size_decides_how_many_dirichlet_clients_fit(
+    tmp_path, data_dir, monkeypatch
+) -> None:
+    # CIFAR-10 under Dirichlet(0.5): 2,000 clients with >= 10 examples each cannot be drawn in
+    # 10 tries; with >= 1 example each they can, and the run config carries the setting.
+    from fedzo_flwr.config import RunConfig
+    from fedzo_flwr.experiment import load_client_data
+
+    monkeypatch.setenv("FEDZO_CACHE_DIR", str(tmp_path))
+    base = {"data-dir": str(data_dir), "partitioner": "dirichlet", "alpha": 0.5}
+    strict = RunConfig.from_run_config(base)
+    loose = RunConfig.from_run_config({**base, "min-partition-size": 1})
+    assert strict.min_partition_size == 10 and loose.min_partition_size == 1
+    with pytest.raises(ValueError, match="min_partition_size=10"):
+        load_client_data(strict, 0, 2000)
+    x, y = load_client_data(loose, 0, 2000)
+    assert len(y) >= 1 and x.shape == (len(y), 32, 32, 3)
+    cached = [p.name for p in tmp_path.iterdir()]  # one partition file, under the cache dir
+    assert len(cached) == 1 and cached[0].startswith("cifar10-p0of2000-")
