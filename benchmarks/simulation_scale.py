@@ -56,7 +56,7 @@ import psutil
 from machine import ROOT, cpu_model, data_dir
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from flwr_sandbox import sandbox_env
+from flwr_sandbox import flwr_run_command, sandbox_env
 from stop_local_superlink import our_superlinks
 
 MB = 2**20
@@ -114,7 +114,6 @@ def run_once(clients: int, per_round: int, args: argparse.Namespace) -> dict:
     env, ray_tmp = sandbox_env(work)
     env["FEDZO_CACHE_DIR"] = str(work / "cache")
     flwr_home = env["FLWR_HOME"]
-    bin_dir = Path(sys.executable).parent
     out_dir = work / "out"
     run_config = (
         f"num-server-rounds={args.rounds} clients-per-round={per_round} "
@@ -122,16 +121,7 @@ def run_once(clients: int, per_round: int, args: argparse.Namespace) -> dict:
         f"eval-every={args.rounds} checkpoint-every=0 k={args.k} "
         f'data-dir="{data_dir(args.data_dir)}" output-dir="{out_dir}" run-name="scale"'
     )
-    command = [
-        str(bin_dir / "flwr"),
-        "run",
-        str(ROOT),
-        "--stream",
-        "--federation-config",
-        f"num-supernodes={clients} client-resources-num-cpus=1",
-        "--run-config",
-        run_config,
-    ]
+    command = flwr_run_command(ROOT, clients, run_config)
     before = used_memory()
     start = time.perf_counter()
     log_path = work / "flwr.log"

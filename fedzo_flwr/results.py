@@ -100,6 +100,13 @@ class RunRecorder:
         self.data["final"].update(fields)
         self.write()
 
+    def finish(self, **fields: Any) -> dict[str, Any]:
+        """Record the end of the run: the last evaluated accuracy and loss, plus ``fields``."""
+        evaluated = [r for r in self.data["rounds"] if "accuracy" in r]
+        last = evaluated[-1] if evaluated else {}
+        self.set_final(accuracy=last.get("accuracy"), loss=last.get("loss"), **fields)
+        return self.data["final"]
+
     def write(self) -> None:
         """Rewrite ``results.json`` atomically."""
         text = json.dumps(self.data, indent=2, sort_keys=False, allow_nan=False)

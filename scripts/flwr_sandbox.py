@@ -22,6 +22,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def flwr_run_command(app_dir: Path, num_supernodes: int, run_config: str) -> list[str]:
+    """``flwr run <app_dir> --stream`` with ``num_supernodes`` simulated nodes, one core each."""
+    return [
+        str(Path(sys.executable).parent / "flwr"),
+        "run",
+        str(app_dir),
+        "--stream",
+        "--federation-config",
+        f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
+        "--run-config",
+        run_config,
+    ]
+
+
 def sandbox_env(work: Path) -> tuple[dict[str, str], str]:
     """``(environment, ray_tmp)`` for a ``flwr run`` whose state lives under ``work``.
 

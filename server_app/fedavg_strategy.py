@@ -319,11 +319,7 @@ def run_fedavg(
         buffer,
     )
     atomic_write_bytes(checkpoint, buffer.getvalue())
-    evaluated = [r for r in recorder.data["rounds"] if "accuracy" in r]
-    final = evaluated[-1] if evaluated else {}
-    recorder.set_final(
-        accuracy=final.get("accuracy"),
-        loss=final.get("loss"),
+    recorder.finish(
         rounds=cfg.num_server_rounds,
         seconds=time.perf_counter() - started,
         rejected_replies=strategy.rejected_total,

@@ -101,11 +101,7 @@ def main(grid: Grid, context: Context) -> None:
     buffer = _serialize_checkpoint(cfg, server)
     server.restore_training_weights()
     atomic_write_bytes(checkpoint, buffer)
-    evaluated = [r for r in recorder.data["rounds"] if "accuracy" in r]
-    final = evaluated[-1] if evaluated else {}
-    recorder.set_final(
-        accuracy=final.get("accuracy"),
-        loss=final.get("loss"),
+    final = recorder.finish(
         rounds=cfg.num_server_rounds,
         seconds=time.perf_counter() - started,
         rejected_replies=strategy.rejected_total,

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from flwr_sandbox import sandbox_env  # noqa: E402
+from flwr_sandbox import flwr_run_command, sandbox_env  # noqa: E402
 from stop_local_superlink import our_superlinks  # noqa: E402
 
 
@@ -21,21 +21,11 @@ from stop_local_superlink import our_superlinks  # noqa: E402
 def test_flwr_run_simulation_writes_results(tmp_path, data_dir):
     env, ray_tmp = sandbox_env(tmp_path)
     flwr_home = env["FLWR_HOME"]
-    bin_dir = Path(sys.executable).parent
     run_config = (
         f'num-server-rounds=2 k=10 prune-iterations=2 eval-every=2 data-dir="{data_dir}" '
         f'output-dir="{tmp_path / "out"}" run-name="ci"'
     )
-    command = [
-        str(bin_dir / "flwr"),
-        "run",
-        str(ROOT),
-        "--stream",
-        "--federation-config",
-        "num-supernodes=3 client-resources-num-cpus=1",
-        "--run-config",
-        run_config,
-    ]
+    command = flwr_run_command(ROOT, 3, run_config)
     try:
         proc = subprocess.run(
             command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=480
