@@ -100,10 +100,11 @@ def load_client_data(
     ``.npz`` (a deployed SuperNode starts a fresh ClientApp process per message), so the
     dataset is decompressed and partitioned once per node, not once per round.
     """
-    key = partition_key(cfg, str(cfg.resolve_data_dir()), partition_id, num_partitions)
+    data_dir = str(cfg.resolve_data_dir())
+    key = partition_key(cfg, data_dir, partition_id, num_partitions)
     if key in _PARTITIONS:
         return _PARTITIONS[key]
-    path = partition_cache_dir() / partition_cache_name(key)
+    path = partition_cache_dir() / partition_cache_name(cfg, data_dir, partition_id, num_partitions)
     if path.is_file():
         try:
             with np.load(path) as cached:
@@ -147,11 +148,13 @@ def partition_key(
     )
 
 
-def partition_cache_name(key: tuple[object, ...]) -> str:
-    """File name of a cached partition: ``<dataset>-p<i>of<n>-<digest of key>.npz``."""
+def partition_cache_name(
+    cfg: RunConfig, data_dir: str, partition_id: int, num_partitions: int
+) -> str:
+    """File name of a cached partition: ``<dataset>-p<i>of<n>-<digest of its key>.npz``."""
+    key = partition_key(cfg, data_dir, partition_id, num_partitions)
     digest = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
-    dataset, partition_id, num_partitions = key[1], key[-2], key[-1]
-    return f"{dataset}-p{partition_id}of{num_partitions}-{digest}.npz"
+    return f"{cfg.dataset}-p{partition_id}of{num_partitions}-{digest}.npz"
 
 
 def partition_of(

@@ -43,7 +43,6 @@ from fedzo_flwr.data import load_dataset  # noqa: E402
 from fedzo_flwr.experiment import (  # noqa: E402
     PARTITION_KEYS,
     partition_cache_name,
-    partition_key,
     partition_of,
 )
 
@@ -61,7 +60,7 @@ def run_config(overrides: str) -> RunConfig:
 
 def cache_name(cfg: RunConfig, device_data_dir: str, pid: int, num_partitions: int) -> str:
     """File name ``load_client_data`` looks for on a device with ``data-dir=device_data_dir``."""
-    return partition_cache_name(partition_key(cfg, device_data_dir, pid, num_partitions))
+    return partition_cache_name(cfg, device_data_dir, pid, num_partitions)
 
 
 def verify_cache(
