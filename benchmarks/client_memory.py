@@ -8,7 +8,7 @@ Each (model, method, density, engine) runs in its own fresh Python process (``--
 3. one warm-up step (kernels, thread pools, the fused plan are set up once per process), then
    free what the step left (gradients, optimizer), ``gc`` and ``malloc_trim``: the **idle
    baseline** is a client that holds the model, mask and batch and nothing else;
-4. exactly one client step inside :class:`fedzo_flwr.memory.PeakMemory` (kernel ``VmHWM``):
+4. exactly one client step inside :class:`fedzo_flwr.measure.memory.PeakMemory` (kernel ``VmHWM``):
 
    * ``backprop``: a fresh optimizer (``--optimizer``: sgd, momentum or adam, as FedAvg creates
      one per round), zero grads, forward, backward, mask the gradients, optimizer step, re-mask;
@@ -19,7 +19,7 @@ Each (model, method, density, engine) runs in its own fresh Python process (``--
 Reported: the step's **peak RSS above the idle baseline** (``extra``), the same for one plain
 no-grad forward pass of the batch (``forward_extra``: activations plus the framework's
 convolution workspace, which the analytic activations leave out), next to the analytic
-breakdown of :mod:`fedzo_flwr.memory_model` (weights, mask, batch, activations, gradients,
+breakdown of :mod:`fedzo_flwr.measure.memory_model` (weights, mask, batch, activations, gradients,
 optimizer state, perturbation buffers). The backprop/zeroth-order ratio is given three ways:
 extra memory of the step alone; the model's share (weights + mask + batch + extra); and the
 whole process (RSS, Python and torch included), against the paper's "9x".
@@ -74,15 +74,15 @@ def worker(job: dict) -> dict:
     torch.set_num_threads(job["threads"])
     from torch.nn import functional as F
 
-    from fedzo_flwr.backprop import mask_gradients_
     from fedzo_flwr.config import RunConfig
     from fedzo_flwr.data import clear_cache, load_dataset, to_tensor
-    from fedzo_flwr.mask import apply_mask_, dense_mask
-    from fedzo_flwr.memory import PeakMemory
-    from fedzo_flwr.memory_model import backprop_breakdown, zo_breakdown
+    from fedzo_flwr.fedavg.client import mask_gradients_
+    from fedzo_flwr.measure.memory import PeakMemory
+    from fedzo_flwr.measure.memory_model import backprop_breakdown, zo_breakdown
     from fedzo_flwr.models import build_model
     from fedzo_flwr.pruning import prune
-    from fedzo_flwr.space import KeptSpace
+    from fedzo_flwr.sparse.mask import apply_mask_, dense_mask
+    from fedzo_flwr.sparse.space import KeptSpace
     from fedzo_flwr.zo.estimator import loss_differences
     from fedzo_flwr.zo.settings import ZOSettings
 
@@ -101,7 +101,7 @@ def worker(job: dict) -> dict:
     cfg = RunConfig(client_optimizer=job.get("optimizer", "sgd"), local_lr=0.01)
 
     if job["method"] == "backprop":
-        from fedzo_flwr.backprop import client_optimizer
+        from fedzo_flwr.fedavg.client import client_optimizer
 
         analytic = backprop_breakdown(model, mask, x, cfg.client_optimizer)
 

@@ -733,7 +733,7 @@ def write_report(
             f"{memory['machine']['load_before']}): each row is a fresh process; **extra** = "
             "peak RSS of exactly one client step above the idle client (model, mask and batch "
             "loaded, after a warm-up step and `malloc_trim`). Analytic: "
-            "`fedzo_flwr.memory_model` (ZO rows: the lean engine).",
+            "`fedzo_flwr.measure.memory_model` (ZO rows: the lean engine).",
             "",
             "| model | batch | method | measured extra | one forward (measured) | analytic step "
             "| activations | gradients | optimizer state | perturbation buffers | weights "

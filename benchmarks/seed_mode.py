@@ -17,14 +17,16 @@ from collections import defaultdict
 
 import torch
 
-from fedzo_flwr.client import batch_seed, train_round
 from fedzo_flwr.config import RunConfig
 from fedzo_flwr.data import sample_batch, to_tensor
-from fedzo_flwr.experiment import initial_model, load_client_data
-from fedzo_flwr.inprocess import run_inprocess
-from fedzo_flwr.server import ClientUpdate, ZOServer
+from fedzo_flwr.data.client_data import load_client_data
+from fedzo_flwr.run.inprocess import run_inprocess
+from fedzo_flwr.run.setup import initial_model
+from fedzo_flwr.seeding import batch_seed
+from fedzo_flwr.zo.client import train_round
 from fedzo_flwr.zo.estimator import batch_loss
 from fedzo_flwr.zo.reconstruct import ScalarStep, accumulate_steps, aggregate_deltas
+from fedzo_flwr.zo.server import ClientUpdate, ZOServer
 
 
 def true_gradient(server: ZOServer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

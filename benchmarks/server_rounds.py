@@ -1,6 +1,7 @@
 """Rounds per second of the server side alone: aggregation, reconstruction and the step.
 
-Times :meth:`fedzo_flwr.server.ZOServer.apply_round` on synthetic client replies (the seeds the
+Times :meth:`fedzo_flwr.zo.server.ZOServer.apply_round` on synthetic client replies (the seeds
+the
 server expects, random float32 loss differences, random example counts) for 10, 100 and 1000
 clients, ``lenet5`` dense and at density 0.1 (random mask, ``prune("random", seed=0)``), K = 200,
 forward differences, Adam, in both seed modes:
@@ -43,14 +44,15 @@ from machine import ROOT, cpu_model, data_dir
 from fedzo_flwr import protocol
 from fedzo_flwr.config import RunConfig
 from fedzo_flwr.data import load_dataset
-from fedzo_flwr.mask import apply_mask_, dense_mask
 from fedzo_flwr.models import build_model
+from fedzo_flwr.protocol.wire import encode_scalars
 from fedzo_flwr.pruning import prune
-from fedzo_flwr.results import RunRecorder
-from fedzo_flwr.server import ClientUpdate, ZOServer, client_step_seeds
-from fedzo_flwr.wire import encode_scalars
+from fedzo_flwr.run.results import RunRecorder
+from fedzo_flwr.seeding import client_step_seeds
+from fedzo_flwr.sparse.mask import apply_mask_, dense_mask
 from fedzo_flwr.zo.directions import fingerprint
 from fedzo_flwr.zo.reconstruct import ScalarStep
+from fedzo_flwr.zo.server import ClientUpdate, ZOServer
 
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))

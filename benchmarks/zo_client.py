@@ -16,7 +16,7 @@ atol 1e-6; the maximum absolute difference is reported) or the script exits with
   are run round robin so a change of machine load hits all of them alike. The median CPU time
   of the process (all threads) is recorded too: on a shared machine it is the steadier measure
   of the work done.
-* **Memory**: peak extra resident memory of one step (:class:`fedzo_flwr.memory.PeakMemory`,
+* **Memory**: peak extra resident memory of one step (:class:`fedzo_flwr.measure.memory.PeakMemory`,
   kernel high-water mark), each (engine, model, density) in its own fresh subprocess, after a
   warm-up step and ``malloc_trim``. The subprocess runs with
   ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=65536:glibc.malloc.trim_threshold=131072``: every
@@ -56,12 +56,12 @@ import torch
 from machine import cpu_model, data_dir, trim_memory
 
 from fedzo_flwr.data import load_dataset, to_tensor
-from fedzo_flwr.flops import zo_step_flops
-from fedzo_flwr.mask import apply_mask_
-from fedzo_flwr.memory import PeakMemory
+from fedzo_flwr.measure.flops import zo_step_flops
+from fedzo_flwr.measure.memory import PeakMemory
 from fedzo_flwr.models import build_model
 from fedzo_flwr.pruning import prune
-from fedzo_flwr.space import KeptSpace
+from fedzo_flwr.sparse.mask import apply_mask_
+from fedzo_flwr.sparse.space import KeptSpace
 from fedzo_flwr.zo.directions import DirectionGenerator
 from fedzo_flwr.zo.estimator import batch_loss, loss_differences
 from fedzo_flwr.zo.fast_engine import DEFAULT_MEMORY_BUDGET_MB, planned_chunk

@@ -12,17 +12,18 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedzo_flwr import client_pruning as cp
 from fedzo_flwr import protocol
-from fedzo_flwr.backprop import train_round_backprop
-from fedzo_flwr.client import train_round
 from fedzo_flwr.config import RunConfig
-from fedzo_flwr.evaluation import evaluate
-from fedzo_flwr.experiment import NUM_CLASSES, load_client_data, load_partition_file
-from fedzo_flwr.mask import apply_mask_
+from fedzo_flwr.data import NUM_CLASSES
+from fedzo_flwr.data.client_data import load_client_data, load_partition_file
+from fedzo_flwr.fedavg.client import train_round_backprop
 from fedzo_flwr.models import build_model
-from fedzo_flwr.space import KeptSpace
-from fedzo_flwr.wire import decode_mask, encode_scalars
+from fedzo_flwr.protocol.wire import decode_mask, encode_scalars
+from fedzo_flwr.pruning import client as cp
+from fedzo_flwr.run.evaluation import evaluate
+from fedzo_flwr.sparse.mask import apply_mask_
+from fedzo_flwr.sparse.space import KeptSpace
+from fedzo_flwr.zo.client import train_round
 from fedzo_flwr.zo.directions import fingerprint
 
 app = ClientApp()

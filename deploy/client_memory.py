@@ -10,7 +10,7 @@ message) with ``torch.set_num_threads(1)``: import torch, Flower's ClientApp run
 as from round 2 on, or as from a per-device partition file); build the model and apply the mask
 decoded from its wire bytes as the ClientApp does (density from the run config; a random mask made
 in the warm-up run: which weights are kept does not change memory); then one
-:func:`fedzo_flwr.client.train_round` inside :class:`fedzo_flwr.memory.PeakMemory`.
+:func:`fedzo_flwr.zo.client.train_round` inside :class:`fedzo_flwr.measure.memory.PeakMemory`.
 
 Reported per model (bytes): RSS after the imports, RSS before training, the train round's peak
 (``client_peak_mem_bytes`` in results.json measures the same) and its extra over the entry RSS,
@@ -51,14 +51,15 @@ def measure_one(model: str, data_dir: str, k: int, run_config: dict) -> dict:
     import flwr.clientapp  # noqa: F401  (the ClientApp runtime a SuperNode starts)
 
     from client_app import client_app  # noqa: F401  (what the FAB's ClientApp imports)
-    from fedzo_flwr.client import train_round
     from fedzo_flwr.config import RunConfig
-    from fedzo_flwr.experiment import NUM_CLASSES, load_client_data
-    from fedzo_flwr.mask import apply_mask_, dense_mask, kept_count, total_count
+    from fedzo_flwr.data import NUM_CLASSES
+    from fedzo_flwr.data.client_data import load_client_data
     from fedzo_flwr.models import build_model
+    from fedzo_flwr.protocol.wire import decode_mask, encode_mask
     from fedzo_flwr.pruning import prune
-    from fedzo_flwr.space import KeptSpace
-    from fedzo_flwr.wire import decode_mask, encode_mask
+    from fedzo_flwr.sparse.mask import apply_mask_, dense_mask, kept_count, total_count
+    from fedzo_flwr.sparse.space import KeptSpace
+    from fedzo_flwr.zo.client import train_round
 
     rss_imports = _status_bytes("VmRSS")
     cfg = RunConfig.from_run_config(

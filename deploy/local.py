@@ -42,6 +42,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedzo_flwr.errors import DeploymentError
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STATE_DIR = ROOT / ".deploy"
 CONNECTION = "fedzo-local"
@@ -69,7 +71,7 @@ SUPERNODE_EXIT_CODES = {
 _CHILDREN: dict[int, subprocess.Popen] = {}
 
 
-class DeployError(RuntimeError):
+class DeployError(DeploymentError):
     """The deployment could not be started, found or stopped; the message says why."""
 
 

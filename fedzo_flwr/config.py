@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fedzo_flwr.errors import ConfigError
 from fedzo_flwr.models import MODELS
 
 DATA_DIR_ENV = "FEDZO_DATA_DIR"
@@ -35,10 +36,6 @@ BOOKKEEPING_KEYS = frozenset(
         "resume-from",
     }
 )
-
-
-class ConfigError(ValueError):
-    """A run-config value is invalid; the message names the key."""
 
 
 def _kebab(name: str) -> str:

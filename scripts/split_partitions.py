@@ -18,7 +18,7 @@ file under the name the ClientApp's on-disk partition cache looks for when the S
 ``data-dir='/home/pi/fedzo-data'`` in its ``--node-config``. Put it in the device's
 ``$FEDZO_CACHE_DIR`` (default ``~/.cache/fedzo-flwr``) and the ClientApp reads it without ever
 loading the full dataset (the folder may stay empty). This works with the current ClientApp; the
-script verifies every name by loading it back through ``fedzo_flwr.experiment.load_client_data``
+script verifies every name by loading it back through ``client_data.load_client_data``
 and fails if the cache naming ever changes.
 """
 
@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fedzo_flwr.config import RunConfig  # noqa: E402
-from fedzo_flwr.data import load_dataset  # noqa: E402
-from fedzo_flwr.experiment import (  # noqa: E402
+from fedzo_flwr.data import client_data, load_dataset  # noqa: E402
+from fedzo_flwr.data.client_data import (  # noqa: E402
     PARTITION_KEYS,
     partition_cache_name,
     partition_of,
@@ -73,14 +73,12 @@ def verify_cache(
     y: np.ndarray,
 ) -> None:
     """Load partition ``pid`` back the way the ClientApp does, from ``cache_dir`` only."""
-    from fedzo_flwr import experiment
-
     device_cfg = cfg.model_copy(update={"data_dir": device_data_dir})
-    old = os.environ.get(experiment.CACHE_DIR_ENV)
-    os.environ[experiment.CACHE_DIR_ENV] = str(cache_dir)
-    experiment._PARTITIONS.clear()
+    old = os.environ.get(client_data.CACHE_DIR_ENV)
+    os.environ[client_data.CACHE_DIR_ENV] = str(cache_dir)
+    client_data._PARTITIONS.clear()
     try:
-        original = experiment._partition
+        original = client_data.partition_of
 
         def refuse(*_args, **_kwargs):
             raise RuntimeError(
@@ -88,15 +86,15 @@ def verify_cache(
                 f"{cache_dir / cache_name(cfg, device_data_dir, pid, n)}"
             )
 
-        experiment._partition = refuse
-        got_x, got_y = experiment.load_client_data(device_cfg, pid, n)
+        client_data.partition_of = refuse
+        got_x, got_y = client_data.load_client_data(device_cfg, pid, n)
     finally:
-        experiment._partition = original
-        experiment._PARTITIONS.clear()
+        client_data.partition_of = original
+        client_data._PARTITIONS.clear()
         if old is None:
-            os.environ.pop(experiment.CACHE_DIR_ENV, None)
+            os.environ.pop(client_data.CACHE_DIR_ENV, None)
         else:
-            os.environ[experiment.CACHE_DIR_ENV] = old
+            os.environ[client_data.CACHE_DIR_ENV] = old
     if not (np.array_equal(got_x, x) and np.array_equal(got_y, y)):
         raise RuntimeError(f"partition {pid} read back from the cache differs")
 

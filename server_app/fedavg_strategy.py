@@ -34,9 +34,13 @@ from torch import nn
 from fedzo_flwr import protocol
 from fedzo_flwr.config import RunConfig
 from fedzo_flwr.data import DatasetArrays
-from fedzo_flwr.evaluation import evaluate
-from fedzo_flwr.flops import forward_backward_flops, forward_flops
-from fedzo_flwr.mask import (
+from fedzo_flwr.files import atomic_write_bytes
+from fedzo_flwr.measure.flops import forward_backward_flops, forward_flops
+from fedzo_flwr.protocol.wire import encode_mask, mask_nbytes, sparse_weights_nbytes
+from fedzo_flwr.run.evaluation import evaluate
+from fedzo_flwr.run.results import RunRecorder, per_client_summary
+from fedzo_flwr.seeding import round_seed
+from fedzo_flwr.sparse.mask import (
     Mask,
     apply_mask_,
     kept_count,
@@ -44,10 +48,7 @@ from fedzo_flwr.mask import (
     mask_density,
     total_count,
 )
-from fedzo_flwr.results import RunRecorder, atomic_write_bytes, per_client_summary
-from fedzo_flwr.server import round_seed
-from fedzo_flwr.space import KeptSpace
-from fedzo_flwr.wire import encode_mask, mask_nbytes, sparse_weights_nbytes
+from fedzo_flwr.sparse.space import KeptSpace
 from server_app.masked_rounds import MaskedRounds
 from server_app.message_size import message_nbytes
 

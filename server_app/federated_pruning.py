@@ -4,7 +4,7 @@ Before round 1 the ServerApp sends every connected node a ``query.prune`` messag
 iteration: the current mask (bitmap), the iteration and the node's scoring seed (``snip``: also
 θ0 as an ArrayRecord). Each ClientApp answers with its signed mask gradients on its own
 examples as float32 bytes; the server adds them weighted by the nodes' example counts, takes
-``|·|`` and keeps the global top-k of the schedule (see :mod:`fedzo_flwr.client_pruning`). No
+``|·|`` and keeps the global top-k of the schedule (see :mod:`fedzo_flwr.pruning.client`). No
 client data leaves a client; the bytes of every message are measured and recorded in
 ``results.json`` under ``setup.pruning_phase``.
 """
@@ -21,19 +21,20 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from torch import nn
 
-from fedzo_flwr import client_pruning as cp
 from fedzo_flwr import protocol
 from fedzo_flwr.config import RunConfig
-from fedzo_flwr.mask import Mask, dense_mask
+from fedzo_flwr.errors import PruningError
+from fedzo_flwr.protocol.wire import encode_mask
+from fedzo_flwr.pruning import client as cp
 from fedzo_flwr.pruning.common import check_result, iterative_prune, one_shot_prune
-from fedzo_flwr.wire import encode_mask
+from fedzo_flwr.sparse.mask import Mask, dense_mask
 from server_app.message_size import message_nbytes
 from server_app.nodes import wait_for_nodes
 
 PRUNE_MESSAGE_TYPE = f"{MessageType.QUERY}.{cp.PRUNE_ACTION}"
 
 
-class PruningPhaseError(RuntimeError):
+class PruningPhaseError(PruningError):
     """Too few valid replies to score the mask."""
 
 
@@ -45,7 +46,7 @@ def federated_prune(grid: Grid, cfg: RunConfig, model: nn.Module) -> tuple[Mask,
     grid : Grid
         The ServerApp's grid; every connected node takes part (at least ``min-clients``).
     cfg : RunConfig
-        ``prune-method`` must be in :data:`fedzo_flwr.client_pruning.DATA_PRUNERS`.
+        ``prune-method`` must be in :data:`fedzo_flwr.pruning.client.DATA_PRUNERS`.
     model : nn.Module
         The global model at θ0 (not modified).
 

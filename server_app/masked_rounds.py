@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedzo_flwr import protocol
 from fedzo_flwr.config import RunConfig
-from fedzo_flwr.results import per_client_summary
+from fedzo_flwr.run.results import per_client_summary
 from server_app.message_size import SizeCache, message_nbytes
 from server_app.nodes import sample_round_nodes, wait_for_nodes
 
@@ -31,7 +31,7 @@ class MaskedRounds(FedAvg):
     cfg : RunConfig
         The validated run config (sampling, timeouts, evaluation fraction).
     mask_bytes : bytes
-        The encoded mask bitmap (:func:`fedzo_flwr.wire.encode_mask`).
+        The encoded mask bitmap (:func:`fedzo_flwr.protocol.wire.encode_mask`).
     """
 
     def __init__(self, cfg: RunConfig, mask_bytes: bytes) -> None:

@@ -15,9 +15,7 @@ from logging import INFO
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedzo_flwr.seeding import derive_seed
-
-_SAMPLE_STREAM = 0x73616D70  # "samp"
+from fedzo_flwr.seeding import node_sample_seed
 
 
 def wait_for_nodes(grid: Grid, wanted: int, timeout: float, what: str = "round") -> list[int]:
@@ -64,5 +62,5 @@ def sample_round_nodes(
     """
     if not wanted or wanted >= len(available):
         return list(available)
-    chooser = random.Random(derive_seed(seed, server_round, _SAMPLE_STREAM))
+    chooser = random.Random(node_sample_seed(seed, server_round))
     return sorted(chooser.sample(available, wanted))

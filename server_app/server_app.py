@@ -15,25 +15,29 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedzo_flwr.checkpoint import CheckpointError, check_compatible, load_checkpoint
-from fedzo_flwr.client_pruning import needs_client_data
 from fedzo_flwr.config import ConfigError, RunConfig
 from fedzo_flwr.data import load_dataset
-from fedzo_flwr.experiment import InitialModel, build_global_model, initial_model
-from fedzo_flwr.flops import forward_flops, zo_step_flops
-from fedzo_flwr.mask import apply_mask_, kept_count, layer_densities, mask_density, total_count
-from fedzo_flwr.results import RunRecorder, atomic_write_bytes
-from fedzo_flwr.server import ZOServer
-from fedzo_flwr.wire import mask_nbytes, sparse_weights_nbytes
+from fedzo_flwr.errors import RunSetupError
+from fedzo_flwr.files import atomic_write_bytes
+from fedzo_flwr.measure.flops import forward_flops, zo_step_flops
+from fedzo_flwr.protocol.wire import mask_nbytes, sparse_weights_nbytes
+from fedzo_flwr.pruning.client import needs_client_data
+from fedzo_flwr.run.checkpoint import CheckpointError, check_compatible, load_checkpoint
+from fedzo_flwr.run.results import RunRecorder
+from fedzo_flwr.run.setup import InitialModel, build_global_model, initial_model
+from fedzo_flwr.sparse.mask import (
+    apply_mask_,
+    kept_count,
+    layer_densities,
+    mask_density,
+    total_count,
+)
+from fedzo_flwr.zo.server import ZOServer
 from server_app.fedavg_strategy import run_fedavg
 from server_app.federated_pruning import PruningPhaseError, federated_prune
 from server_app.strategy import FedZO, kept_arrays
 
 app = ServerApp()
-
-
-class RunSetupError(RuntimeError):
-    """The run cannot start; the message says which key or path is wrong."""
 
 
 def default_run_name(cfg: RunConfig) -> str:

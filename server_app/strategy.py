@@ -18,14 +18,15 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedzo_flwr import protocol
-from fedzo_flwr.checkpoint import save_checkpoint
 from fedzo_flwr.data import DatasetArrays
-from fedzo_flwr.evaluation import evaluate
-from fedzo_flwr.results import RunRecorder, per_client_summary
-from fedzo_flwr.server import ClientUpdate, ZOServer
-from fedzo_flwr.wire import encode_mask
-from fedzo_flwr.zo.directions import derive_seed, fingerprint
+from fedzo_flwr.protocol.wire import encode_mask
+from fedzo_flwr.run.checkpoint import save_checkpoint
+from fedzo_flwr.run.evaluation import evaluate
+from fedzo_flwr.run.results import RunRecorder, per_client_summary
+from fedzo_flwr.seeding import fingerprint_seed
+from fedzo_flwr.zo.directions import fingerprint
 from fedzo_flwr.zo.reconstruct import ScalarStep
+from fedzo_flwr.zo.server import ClientUpdate, ZOServer
 from server_app.masked_rounds import MaskedRounds
 from server_app.message_size import message_nbytes
 
@@ -72,7 +73,7 @@ class FedZO(MaskedRounds):
         self.test_data = test_data
         self.forward_flops = forward_flops
         # Generator agreement: the fingerprint every node must reproduce at first contact.
-        self.fingerprint_seed = derive_seed(self.cfg.seed, 0x66696E67)
+        self.fingerprint_seed = fingerprint_seed(self.cfg.seed)
         self.expected_fingerprint = fingerprint(
             server.space.dim, self.fingerprint_seed, self.cfg.directions
         )

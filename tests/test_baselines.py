@@ -10,14 +10,15 @@ import torch
 from inprocess_grid import ROOT, InProcessGrid, app_config, server_context
 
 from client_app.client_app import app as client_app
-from fedzo_flwr import client_pruning as cp
-from fedzo_flwr.backprop import local_batch_indices, train_round_backprop
 from fedzo_flwr.config import RunConfig
-from fedzo_flwr.experiment import build_global_model, initial_model, load_client_data
-from fedzo_flwr.mask import apply_mask_, dense_mask, kept_count, kept_target
+from fedzo_flwr.data.client_data import load_client_data
+from fedzo_flwr.fedavg.client import local_batch_indices, train_round_backprop
+from fedzo_flwr.pruning import client as cp
 from fedzo_flwr.pruning import federated_ntk_mask, prune, snip_mask
 from fedzo_flwr.pruning.common import one_shot_prune
-from fedzo_flwr.space import KeptSpace
+from fedzo_flwr.run.setup import build_global_model, initial_model
+from fedzo_flwr.sparse.mask import apply_mask_, dense_mask, kept_count, kept_target
+from fedzo_flwr.sparse.space import KeptSpace
 from server_app.server_app import RunSetupError
 from server_app.server_app import app as server_app
 
@@ -247,7 +248,7 @@ def test_fedavg_cannot_resume(tmp_path, data_dir):
 
 
 def test_memory_breakdown_peaks_not_sums():
-    from fedzo_flwr.memory_model import activation_bytes, backprop_breakdown, zo_breakdown
+    from fedzo_flwr.measure.memory_model import activation_bytes, backprop_breakdown, zo_breakdown
 
     model = build_global_model(RunConfig())
     x = torch.zeros(8, 3, 32, 32)

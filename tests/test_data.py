@@ -498,7 +498,7 @@ def test_min_partition_size_decides_how_many_dirichlet_clients_fit(
     # CIFAR-10 under Dirichlet(0.5): 2,000 clients with >= 10 examples each cannot be drawn in
     # 10 tries; with >= 1 example each they can, and the run config carries the setting.
     from fedzo_flwr.config import RunConfig
-    from fedzo_flwr.experiment import load_client_data
+    from fedzo_flwr.data.client_data import load_client_data
 
     monkeypatch.setenv("FEDZO_CACHE_DIR", str(tmp_path))
     base = {"data-dir": str(data_dir), "partitioner": "dirichlet", "alpha": 0.5}

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedzo_flwr.mask import apply_mask_, global_topk_mask, prunable_parameters
 from fedzo_flwr.models import build_model
-from fedzo_flwr.space import KeptSpace
+from fedzo_flwr.sparse.mask import apply_mask_, global_topk_mask, prunable_parameters
+from fedzo_flwr.sparse.space import KeptSpace
 from fedzo_flwr.zo import fast_engine
 from fedzo_flwr.zo.directions import DirectionGenerator
 from fedzo_flwr.zo.estimator import ENGINES, batch_loss, loss_differences

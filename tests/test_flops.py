@@ -7,15 +7,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedzo_flwr.flops import (
+from fedzo_flwr.measure.flops import (
     FlopReport,
     backprop_step_flops,
     forward_backward_flops,
     forward_flops,
     zo_step_flops,
 )
-from fedzo_flwr.mask import dense_mask, kept_target, prunable_parameters
 from fedzo_flwr.models import build_model
+from fedzo_flwr.sparse.mask import dense_mask, kept_target, prunable_parameters
 
 # LeNet-5 on 3x32x32, FlopCounterMode convention (2 FLOPs per MAC, biases not counted):
 #   conv1: 28*28 outputs x 6 channels x (3*5*5 = 75) MACs  -> 2 * 352,800 = 705,600

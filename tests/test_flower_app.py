@@ -14,9 +14,9 @@ from inprocess_grid import ROOT, InProcessGrid, app_config, server_context
 from client_app.client_app import app as client_app
 from fedzo_flwr import protocol
 from fedzo_flwr.config import ConfigError, RunConfig
-from fedzo_flwr.experiment import initial_model
 from fedzo_flwr.models import build_model
-from fedzo_flwr.wire import encode_scalars, mask_nbytes
+from fedzo_flwr.protocol.wire import encode_scalars, mask_nbytes
+from fedzo_flwr.run.setup import initial_model
 from server_app.server_app import RunSetupError
 from server_app.server_app import app as server_app
 

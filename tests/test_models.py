@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from fedzo_flwr.mask import (
+from fedzo_flwr.models import MODELS, build_model, parameter_count
+from fedzo_flwr.sparse.mask import (
     apply_mask_,
     check_density,
     dense_mask,
@@ -15,8 +16,7 @@ from fedzo_flwr.mask import (
     prunable_parameters,
     validate_mask,
 )
-from fedzo_flwr.models import MODELS, build_model, parameter_count
-from fedzo_flwr.space import KeptSpace
+from fedzo_flwr.sparse.space import KeptSpace
 
 
 @pytest.mark.parametrize(

@@ -11,15 +11,6 @@ from torch import nn
 
 import fedzo_flwr.pruning.common as common
 import fedzo_flwr.pruning.federated as federated
-from fedzo_flwr.mask import (
-    global_topk_mask,
-    kept_count,
-    kept_target,
-    layer_densities,
-    prunable_parameters,
-    total_count,
-    validate_mask,
-)
 from fedzo_flwr.models import build_model
 from fedzo_flwr.pruning import (
     PRUNERS,
@@ -35,6 +26,15 @@ from fedzo_flwr.pruning import (
     synflow_mask,
 )
 from fedzo_flwr.pruning.ntk_sap import scores_from_gradients
+from fedzo_flwr.sparse.mask import (
+    global_topk_mask,
+    kept_count,
+    kept_target,
+    layer_densities,
+    prunable_parameters,
+    total_count,
+    validate_mask,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -13,9 +13,9 @@ from inprocess_grid import InProcessGrid, app_config, server_context
 
 from client_app.client_app import app as client_app
 from fedzo_flwr import protocol
-from fedzo_flwr.checkpoint import load_checkpoint, save_checkpoint
 from fedzo_flwr.config import RunConfig
-from fedzo_flwr.wire import encode_scalars
+from fedzo_flwr.protocol.wire import encode_scalars
+from fedzo_flwr.run.checkpoint import load_checkpoint, save_checkpoint
 from server_app.server_app import RunSetupError
 from server_app.server_app import app as server_app
 

@@ -6,10 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedzo_flwr.mask import apply_mask_, dense_mask, global_topk_mask, prunable_parameters
 from fedzo_flwr.models import build_model
-from fedzo_flwr.space import KeptSpace
-from fedzo_flwr.wire import (
+from fedzo_flwr.protocol.wire import (
     apply_sparse_weights_,
     decode_mask,
     decode_scalars,
@@ -21,6 +19,8 @@ from fedzo_flwr.wire import (
     scalars_nbytes,
     sparse_weights_nbytes,
 )
+from fedzo_flwr.sparse.mask import apply_mask_, dense_mask, global_topk_mask, prunable_parameters
+from fedzo_flwr.sparse.space import KeptSpace
 
 LENET_LAYER_SIZES = {
     "conv1.weight": 450,

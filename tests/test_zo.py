@@ -13,10 +13,11 @@ import pytest
 import torch
 from torch.nn.functional import cosine_similarity
 
-from fedzo_flwr.mask import apply_mask_, global_topk_mask, prunable_parameters
 from fedzo_flwr.models import build_model
-from fedzo_flwr.space import KeptSpace
-from fedzo_flwr.zo.directions import DirectionGenerator, derive_seed, fingerprint
+from fedzo_flwr.seeding import derive_seed
+from fedzo_flwr.sparse.mask import apply_mask_, global_topk_mask, prunable_parameters
+from fedzo_flwr.sparse.space import KeptSpace
+from fedzo_flwr.zo.directions import DirectionGenerator, fingerprint
 from fedzo_flwr.zo.estimator import batch_loss, loss_differences
 from fedzo_flwr.zo.local import run_local_steps
 from fedzo_flwr.zo.reconstruct import (

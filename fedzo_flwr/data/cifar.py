@@ -45,7 +45,7 @@ SHIPPED_CIFAR10_SIZE = 169_611_021
 SHIPPED_CIFAR10_SHA256 = "579b96fbe2b1ed8ec084996a9da7841cebf6866e6b670ccda1bbc14aa8ed4849"
 
 IMAGE_SHAPE: tuple[int, int, int] = (32, 32, 3)
-_NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 _NPZ_FILENAMES = {"cifar10": "cifar10.npz", "cifar100": "cifar100.npz"}
 _TORCHVISION_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 _TORCHVISION_CLASSES = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
@@ -297,7 +297,7 @@ def _read_torchvision(name: str, root: Path, folder: Path) -> dict[str, np.ndarr
 
 def _validated(name: str, arrays: dict[str, np.ndarray], source: str) -> DatasetArrays:
     """Check shapes, dtypes and label ranges; return read-only contiguous arrays."""
-    num_classes = _NUM_CLASSES[name]
+    num_classes = NUM_CLASSES[name]
     classes = tuple(str(c) for c in np.asarray(arrays["classes"]).reshape(-1))
     if len(classes) != num_classes:
         raise ValueError(f"{source}: expected {num_classes} class names, got {len(classes)}")

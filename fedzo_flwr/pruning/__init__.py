@@ -11,7 +11,7 @@ method         needs data  what it does
 ``random``     no          uniform random global scores (:func:`random_mask`)
 =============  ==========  ==========================================================
 
-Every mask returned by :func:`prune` passes :func:`~fedzo_flwr.mask.validate_mask`, keeps
+Every mask returned by :func:`prune` passes :func:`~fedzo_flwr.sparse.mask.validate_mask`, keeps
 exactly ``kept_target(density, n)`` weights and leaves no prunable tensor empty; the model's
 weights are never modified.
 """
@@ -24,14 +24,6 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from fedzo_flwr.mask import (
-    Mask,
-    check_density,
-    dense_mask,
-    kept_target,
-    layer_densities,
-    total_count,
-)
 from fedzo_flwr.pruning.baselines import magnitude_mask, random_mask, snip_mask, synflow_mask
 from fedzo_flwr.pruning.common import check_result, derive_seed
 from fedzo_flwr.pruning.federated import client_ntk_gradients, federated_ntk_mask
@@ -43,6 +35,14 @@ from fedzo_flwr.pruning.ntk_sap import (
     ntk_sap_mask,
     ntk_sap_scores,
     scoring_seed,
+)
+from fedzo_flwr.sparse.mask import (
+    Mask,
+    check_density,
+    dense_mask,
+    kept_target,
+    layer_densities,
+    total_count,
 )
 
 __all__ = [

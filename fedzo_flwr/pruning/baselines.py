@@ -1,7 +1,7 @@
 """Baseline foresight pruners: random, magnitude, SNIP and SynFlow (all global, exact count).
 
 Every pruner works on a private copy of the model, so the caller's weights are left
-bit-identical, and selects with :func:`fedzo_flwr.mask.global_topk_mask` (ties by index, one
+bit-identical, and selects with :func:`fedzo_flwr.sparse.mask.global_topk_mask` (ties by index, one
 reserved entry per tensor, so no layer collapses).
 """
 
@@ -13,7 +13,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedzo_flwr.mask import Mask, check_density, dense_mask, prunable_parameters
 from fedzo_flwr.pruning.common import (
     check_positive_int,
     check_result,
@@ -25,6 +24,7 @@ from fedzo_flwr.pruning.common import (
     one_shot_prune,
     working_copy,
 )
+from fedzo_flwr.sparse.mask import Mask, check_density, dense_mask, prunable_parameters
 
 __all__ = ["magnitude_mask", "random_mask", "snip_mask", "synflow_mask"]
 

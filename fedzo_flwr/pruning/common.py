@@ -19,7 +19,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fedzo_flwr.mask import (
+from fedzo_flwr.seeding import derive_seed  # noqa: F401  (re-exported)
+from fedzo_flwr.sparse.mask import (
     Mask,
     check_density,
     dense_mask,
@@ -31,7 +32,6 @@ from fedzo_flwr.mask import (
     total_count,
     validate_mask,
 )
-from fedzo_flwr.seeding import derive_seed  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -156,8 +156,8 @@ def iterative_prune(
 
     At each iteration ``t = 1..T`` the scores are recomputed under the current mask and the top
     ``kept_target(d_t, n)`` entries are kept globally (via
-    :func:`fedzo_flwr.mask.global_topk_mask`). Pruned entries are given ``-inf``, so they never
-    return; the final density is exactly ``kept_target(density, n) / n``.
+    :func:`fedzo_flwr.sparse.mask.global_topk_mask`). Pruned entries are given ``-inf``, so they
+    never return; the final density is exactly ``kept_target(density, n) / n``.
 
     Parameters
     ----------

@@ -19,7 +19,6 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from fedzo_flwr.mask import Mask
 from fedzo_flwr.pruning.common import check_result, iterative_prune, reject_batchnorm
 from fedzo_flwr.pruning.ntk_sap import (
     NTKSAPConfig,
@@ -29,6 +28,7 @@ from fedzo_flwr.pruning.ntk_sap import (
     scores_from_gradients,
     scoring_seed,
 )
+from fedzo_flwr.sparse.mask import Mask
 
 __all__ = ["client_ntk_gradients", "federated_ntk_mask", "normalise_weights"]
 

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedzo_flwr.mask import Mask, prunable_parameters, validate_mask
 from fedzo_flwr.models import get_model_spec, reinitialize_
 from fedzo_flwr.pruning.common import (
     check_positive_int,
@@ -48,6 +47,7 @@ from fedzo_flwr.pruning.common import (
     reject_batchnorm,
     working_copy,
 )
+from fedzo_flwr.sparse.mask import Mask, prunable_parameters, validate_mask
 
 __all__ = [
     "GaussianInputs",

@@ -1,7 +1,7 @@
 """Perturbation directions regenerated from ``(seed, k)``.
 
-Directions live in a :class:`~fedzo_flwr.space.KeptSpace` (kept coordinates only) and are never
-stored K at a time: direction ``k`` of seed ``s`` is drawn from its own generator seeded with
+Directions live in a :class:`~fedzo_flwr.sparse.space.KeptSpace` (kept coordinates only) and are
+never stored K at a time: direction ``k`` of seed ``s`` is drawn from its own generator seeded with
 ``derive_seed(s, k)``, so any subset can be regenerated in any order, on any machine.
 
 * ``gaussian`` (default): ``torch.randn`` from a CPU ``torch.Generator``. Bit-exact between two
@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from fedzo_flwr.seeding import derive_seed
+from fedzo_flwr.seeding import direction_seed
 
 DirectionKind = Literal["gaussian", "rademacher"]
 DIRECTION_KINDS: tuple[str, ...] = ("gaussian", "rademacher")
@@ -82,7 +82,7 @@ class DirectionGenerator:
         """Direction ``k`` as a float32 ``(dim,)`` tensor, written into ``out`` if given."""
         if out is None:
             out = torch.empty(self.dim, dtype=torch.float32)
-        sub_seed = derive_seed(self.seed, k)
+        sub_seed = direction_seed(self.seed, k)
         if self.kind == "gaussian":
             self._torch_gen.manual_seed(sub_seed)
             torch.randn(self.dim, generator=self._torch_gen, out=out)

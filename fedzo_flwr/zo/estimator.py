@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn import functional as F
 
-from fedzo_flwr.space import KeptSpace
+from fedzo_flwr.sparse.space import KeptSpace
 from fedzo_flwr.zo import fast_engine
 from fedzo_flwr.zo.directions import DirectionGenerator
 from fedzo_flwr.zo.settings import ZOSettings

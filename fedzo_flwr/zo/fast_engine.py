@@ -78,7 +78,7 @@ from torch import fx, nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from fedzo_flwr.space import KeptSpace
+from fedzo_flwr.sparse.space import KeptSpace
 from fedzo_flwr.zo.directions import DirectionGenerator
 from fedzo_flwr.zo.settings import ZOSettings
 

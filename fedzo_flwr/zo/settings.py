@@ -1,4 +1,4 @@
-"""Validated settings of the zeroth-order estimator, shared by client and server."""
+"""Validated settings of the zeroth-order estimator and server optimizer, from a run config."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from fedzo_flwr.config import RunConfig
 from fedzo_flwr.zo.directions import check_kind
+from fedzo_flwr.zo.server_optimizer import OptimizerSettings
 
 FDScheme = Literal["forward", "central"]
 FD_SCHEMES: tuple[str, ...] = ("forward", "central")
@@ -56,3 +58,20 @@ class ZOSettings:
     def difference_scale(self) -> float:
         """Divisor turning a loss difference into a directional derivative: σ or 2σ."""
         return self.sigma if self.scheme == "forward" else 2.0 * self.sigma
+
+
+def zo_settings(cfg: RunConfig) -> ZOSettings:
+    """Estimator settings of a run."""
+    return ZOSettings(k=cfg.k, sigma=cfg.sigma, scheme=cfg.fd, directions=cfg.directions)
+
+
+def optimizer_settings(cfg: RunConfig) -> OptimizerSettings:
+    """Server optimizer settings of a run."""
+    return OptimizerSettings(
+        name=cfg.optimizer,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        clip=cfg.clip,
+        ema_decay=cfg.ema,
+    )

@@ -1,4 +1,9 @@
-"""Build the starting point of a run from its config: model θ0, pruning mask, data."""
+"""A client's share of the data: its partition, cut once and cached in memory and on disk.
+
+The training images and labels of partition ``i`` of ``n`` under the run's partitioner settings
+(:data:`PARTITION_KEYS`), from the full dataset or from a per-device partition file written by
+``scripts/split_partitions.py``.
+"""
 
 from __future__ import annotations
 
@@ -7,80 +12,17 @@ import io
 import json
 import logging
 import os
-import time
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from torch import nn
 
 from fedzo_flwr.config import RunConfig
-from fedzo_flwr.data import DatasetArrays, client_partition, load_dataset
-from fedzo_flwr.mask import Mask, apply_mask_, dense_mask, layer_densities, mask_density
-from fedzo_flwr.models import build_model
-from fedzo_flwr.pruning import NTKSAPConfig, prune
-from fedzo_flwr.results import atomic_write_bytes
-from fedzo_flwr.zo.directions import derive_seed
+from fedzo_flwr.data.cifar import DatasetArrays, load_dataset
+from fedzo_flwr.data.partition import client_partition
+from fedzo_flwr.files import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
-
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
-
-
-@dataclass
-class InitialModel:
-    """The global model at round 0: masked θ0 and its mask."""
-
-    model: nn.Module
-    mask: Mask
-    prune_seconds: float
-
-
-def model_seed(cfg: RunConfig) -> int:
-    """Seed of θ0 (derived from the run seed)."""
-    return derive_seed(cfg.seed, 0x6D6F64656C)
-
-
-def build_global_model(cfg: RunConfig) -> nn.Module:
-    """The architecture of the run with θ0 drawn from :func:`model_seed` (not yet masked)."""
-    return build_model(cfg.model, NUM_CLASSES[cfg.dataset], seed=model_seed(cfg))
-
-
-def initial_model(cfg: RunConfig) -> InitialModel:
-    """Draw θ0 and prune it on the server, data-free, as the run config says.
-
-    ``zo-dense`` (or density 1) returns the dense mask. Data-needing pruners (``snip``,
-    ``ntk-local``) are not handled here: the ServerApp runs them as a federated pruning phase
-    over Flower messages (``server_app/federated_pruning.py``), so the server never reads
-    client data.
-    """
-    model = build_global_model(cfg)
-    start = time.perf_counter()
-    if not cfg.pruned:
-        mask = dense_mask(model)
-    else:
-        ntk = NTKSAPConfig(iterations=cfg.prune_iterations, repeats=cfg.prune_repeats)
-        mask = prune(
-            cfg.prune_method,
-            model,
-            cfg.model,
-            cfg.density,
-            seed=derive_seed(cfg.seed, 0x7072756E65),
-            ntk_config=ntk,
-        )
-    seconds = time.perf_counter() - start
-    apply_mask_(model, mask)
-    logger.info(
-        "Pruned %s with %s to density %.4f in %.1fs; per layer: %s",
-        cfg.model,
-        cfg.prune_method if cfg.pruned else "none",
-        mask_density(mask),
-        seconds,
-        {k: round(v, 4) for k, v in layer_densities(mask).items()},
-    )
-    return InitialModel(model, mask, seconds)
-
 
 CACHE_DIR_ENV = "FEDZO_CACHE_DIR"
 _PARTITIONS: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}

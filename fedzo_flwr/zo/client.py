@@ -11,12 +11,12 @@ from torch import nn
 
 from fedzo_flwr.config import RunConfig
 from fedzo_flwr.data import sample_batch, to_tensor
-from fedzo_flwr.memory import PeakMemory
-from fedzo_flwr.server import client_step_seeds, zo_settings
-from fedzo_flwr.space import KeptSpace
-from fedzo_flwr.zo.directions import derive_seed
+from fedzo_flwr.measure.memory import PeakMemory
+from fedzo_flwr.seeding import batch_seed, client_step_seeds
+from fedzo_flwr.sparse.space import KeptSpace
 from fedzo_flwr.zo.local import run_local_steps
 from fedzo_flwr.zo.reconstruct import ScalarStep
+from fedzo_flwr.zo.settings import zo_settings
 
 
 @dataclass(frozen=True)
@@ -29,11 +29,6 @@ class ClientResult:
     seconds: float
     peak_mem_bytes: int
     extra_mem_bytes: int
-
-
-def batch_seed(step_seed: int, partition_id: int) -> int:
-    """Seed of the mini-batch a client draws for one step (explicit, reproducible)."""
-    return derive_seed(step_seed, 0x62617463, partition_id)
 
 
 def train_round(

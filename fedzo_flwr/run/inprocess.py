@@ -11,12 +11,13 @@ import logging
 import time
 from collections.abc import Callable
 
-from fedzo_flwr.client import train_round
 from fedzo_flwr.config import RunConfig
 from fedzo_flwr.data import load_dataset
-from fedzo_flwr.evaluation import evaluate
-from fedzo_flwr.experiment import initial_model, load_client_data
-from fedzo_flwr.server import ClientUpdate, ZOServer
+from fedzo_flwr.data.client_data import load_client_data
+from fedzo_flwr.run.evaluation import evaluate
+from fedzo_flwr.run.setup import initial_model
+from fedzo_flwr.zo.client import train_round
+from fedzo_flwr.zo.server import ClientUpdate, ZOServer
 
 logger = logging.getLogger(__name__)
 

@@ -45,8 +45,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from fedzo_flwr.mask import Mask, kept_count
-from fedzo_flwr.space import KeptSpace
+from fedzo_flwr.sparse.mask import Mask, kept_count
+from fedzo_flwr.sparse.space import KeptSpace
 
 __all__ = [
     "MemoryBreakdown",

@@ -26,10 +26,10 @@ from torch.nn import functional as F
 
 from fedzo_flwr.config import RunConfig
 from fedzo_flwr.data import to_tensor
-from fedzo_flwr.mask import Mask, apply_mask_
-from fedzo_flwr.memory import PeakMemory
-from fedzo_flwr.space import KeptSpace
-from fedzo_flwr.zo.directions import derive_seed
+from fedzo_flwr.measure.memory import PeakMemory
+from fedzo_flwr.seeding import fedavg_batches_seed
+from fedzo_flwr.sparse.mask import Mask, apply_mask_
+from fedzo_flwr.sparse.space import KeptSpace
 
 __all__ = [
     "BackpropResult",
@@ -145,7 +145,7 @@ def train_round_backprop(
         This client's partition.
     """
     mask = space.mask
-    batches = local_batch_indices(cfg, len(y), derive_seed(seed_of_round, 0x6670, partition_id))
+    batches = local_batch_indices(cfg, len(y), fedavg_batches_seed(seed_of_round, partition_id))
     start = time.perf_counter()
     losses: list[float] = []
     seen = 0

@@ -18,14 +18,11 @@ from typing import Any
 import torch
 
 from fedzo_flwr.config import RunConfig
-from fedzo_flwr.mask import Mask
-from fedzo_flwr.results import atomic_write_bytes
+from fedzo_flwr.errors import CheckpointError
+from fedzo_flwr.files import atomic_write_bytes
+from fedzo_flwr.sparse.mask import Mask
 
 CHECKPOINT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be used; the message says why. Nothing was loaded."""
 
 
 def save_checkpoint(

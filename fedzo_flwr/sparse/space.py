@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedzo_flwr.mask import Mask, dense_mask, validate_mask
+from fedzo_flwr.sparse.mask import Mask, dense_mask, validate_mask
 
 
 class KeptSpace:

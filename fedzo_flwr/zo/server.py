@@ -1,11 +1,12 @@
 """The server's side of a round, without Flower: seeds out, scalars in, one optimizer step.
 
 :class:`ZOServer` owns the global model's kept coordinates and the server optimizer. Each round
-it hands out a round seed; clients derive their step seeds from it (:func:`client_step_seeds`)
-and reply with loss differences. :meth:`ZOServer.apply_round` groups the replies by seed,
-averages the scalars of each group weighted by examples, rebuilds one gradient estimate per
-distinct seed and steps the model. With ``seed-mode = shared`` every client has the same seeds,
-so the cost of a round is one reconstruction, whatever the number of clients.
+it hands out a round seed; clients derive their step seeds from it
+(:func:`fedzo_flwr.seeding.client_step_seeds`) and reply with loss differences.
+:meth:`ZOServer.apply_round` groups the replies by seed, averages the scalars of each group
+weighted by examples, rebuilds one gradient estimate per distinct seed and steps the model. With
+``seed-mode = shared`` every client has the same seeds, so the cost of a round is one
+reconstruction, whatever the number of clients.
 """
 
 from __future__ import annotations
@@ -19,46 +20,12 @@ import torch
 from torch import nn
 
 from fedzo_flwr.config import RunConfig
-from fedzo_flwr.mask import Mask
-from fedzo_flwr.space import KeptSpace
-from fedzo_flwr.zo.directions import derive_seed
+from fedzo_flwr.seeding import client_step_seeds, round_seed
+from fedzo_flwr.sparse.mask import Mask
+from fedzo_flwr.sparse.space import KeptSpace
 from fedzo_flwr.zo.reconstruct import ScalarStep, accumulate_steps, aggregate_deltas
-from fedzo_flwr.zo.server_optimizer import OptimizerSettings, ServerOptimizer
-from fedzo_flwr.zo.settings import ZOSettings
-
-
-def zo_settings(cfg: RunConfig) -> ZOSettings:
-    """Estimator settings of a run."""
-    return ZOSettings(k=cfg.k, sigma=cfg.sigma, scheme=cfg.fd, directions=cfg.directions)
-
-
-def optimizer_settings(cfg: RunConfig) -> OptimizerSettings:
-    """Server optimizer settings of a run."""
-    return OptimizerSettings(
-        name=cfg.optimizer,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        clip=cfg.clip,
-        ema_decay=cfg.ema,
-    )
-
-
-def round_seed(base_seed: int, server_round: int) -> int:
-    """The seed the server broadcasts in round ``server_round`` (fresh every round)."""
-    return derive_seed(base_seed, server_round)
-
-
-def client_step_seeds(
-    seed_of_round: int, seed_mode: str, partition_id: int, local_steps: int
-) -> list[int]:
-    """Seeds of a client's local steps in one round.
-
-    ``shared``: identical for all clients; ``per-client``: distinct per partition, so a round
-    explores ``clients x K`` directions. The server recomputes them to check every reply.
-    """
-    slot = 0 if seed_mode == "shared" else int(partition_id) + 1
-    return [derive_seed(seed_of_round, slot, step) for step in range(local_steps)]
+from fedzo_flwr.zo.server_optimizer import ServerOptimizer
+from fedzo_flwr.zo.settings import optimizer_settings, zo_settings
 
 
 @dataclass(frozen=True)

@@ -1,58 +1,16 @@
-"""What travels between the ServerApp and the ClientApps: record keys and reply validation.
-
-Pure Python (no Flower import) so both apps and the tests share one definition.
-
-Train message (server -> client)
-    ``arrays``: ArrayRecord ``{"kept": float32 (dim,)}`` — the global model's kept coordinates.
-    ``config``: ConfigRecord with ``server-round``, ``round-seed`` and ``mask-id`` (SHA-256 of
-    the mask bitmap), plus ``mask`` (the bitmap, bytes) the first time a node is contacted.
-
-Train reply (client -> server)
-    ``zo``: ConfigRecord with ``deltas`` (bytes: local-steps x K float32 loss differences),
-    ``step-seeds`` (list of int) and ``server-round``; at first contact also ``fingerprint``
-    (SHA-256 of the node's directions for ``fingerprint-seed``), which the server checks.
-    ``metrics``: MetricRecord with ``num-examples``, ``base-loss``, ``client-seconds``,
-    ``peak-mem-bytes``, ``extra-mem-bytes``, ``partition-id`` and, if the node declares one in
-    its node config, ``memory-budget-mb``.
-"""
+"""Validation of train replies: every field checked before use, any failure a ``ReplyRejected``."""
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from fedzo_flwr.wire import decode_scalars
-
-ARRAYS_KEY = "arrays"
-KEPT_KEY = "kept"
-CONFIG_KEY = "config"
-ZO_KEY = "zo"
-METRICS_KEY = "metrics"
-MASK_KEY = "mask"
-MASK_ID_KEY = "mask-id"
-ROUND_KEY = "server-round"
-ROUND_SEED_KEY = "round-seed"
-DELTAS_KEY = "deltas"
-STEP_SEEDS_KEY = "step-seeds"
-MASK_MISSING = "mask-missing"
-FINGERPRINT_SEED_KEY = "fingerprint-seed"
-FINGERPRINT_KEY = "fingerprint"
-MEMORY_BUDGET_KEY = "memory-budget-mb"
-
-REQUIRED_METRICS = ("num-examples", "base-loss", "client-seconds", "peak-mem-bytes", "partition-id")
-
-
-def mask_id(mask_bytes: bytes) -> str:
-    """Identifier of a mask bitmap: the first 16 hex digits of its SHA-256."""
-    return hashlib.sha256(mask_bytes).hexdigest()[:16]
-
-
-class ReplyRejected(ValueError):
-    """A client reply failed validation; the message says why."""
+from fedzo_flwr.errors import ReplyRejected
+from fedzo_flwr.protocol.keys import DELTAS_KEY, REQUIRED_METRICS, ROUND_KEY, STEP_SEEDS_KEY
+from fedzo_flwr.protocol.wire import decode_scalars
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ layout from the model and the mask, so nothing redundant travels):
   so the padding costs at most 7 bits per tensor; padding bits are zero and the decoder checks
   it. Size: :func:`mask_nbytes` (7,722 bytes for LeNet-5).
 * **Sparse weights** (:func:`encode_sparse_weights`): the kept coordinates of a model in
-  :class:`~fedzo_flwr.space.KeptSpace` order as little-endian float32 (``'<f4'``), i.e.
+  :class:`~fedzo_flwr.sparse.space.KeptSpace` order as little-endian float32 (``'<f4'``), i.e.
   ``4 * space.dim`` bytes (:func:`sparse_weights_nbytes`). Pruned weights are implied zero.
 * **Scalars** (:func:`encode_scalars`): a vector of little-endian float32 values (projected
   gradients, losses, ...), ``4 * k`` bytes for ``k`` values (:func:`scalars_nbytes`).
@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedzo_flwr.mask import Mask, prunable_parameters
-from fedzo_flwr.space import KeptSpace
+from fedzo_flwr.sparse.mask import Mask, prunable_parameters
+from fedzo_flwr.sparse.space import KeptSpace
 
 __all__ = [
     "apply_sparse_weights_",
@@ -157,7 +157,7 @@ def decode_mask(data: BytesLike, template: Mask | nn.Module) -> Mask:
         The bitmap (``bytes``, ``bytearray`` or ``memoryview``).
     template : Mask or nn.Module
         Gives the tensor names, shapes and order: a mask (only its keys and shapes are read) or
-        a model (its prunable weights, as in :func:`~fedzo_flwr.mask.prunable_parameters`).
+        a model (its prunable weights, as in :func:`~fedzo_flwr.sparse.mask.prunable_parameters`).
 
     Returns
     -------

@@ -31,12 +31,12 @@ from torch.nn import functional as F
 
 from fedzo_flwr.config import RunConfig
 from fedzo_flwr.data import sample_batch, to_tensor
-from fedzo_flwr.mask import Mask, prunable_parameters
+from fedzo_flwr.protocol.wire import decode_scalars, encode_scalars
 from fedzo_flwr.pruning import NTKSAPConfig, client_ntk_gradients, scoring_seed
 from fedzo_flwr.pruning.common import float_mask, mask_gradient, masked_forward, working_copy
 from fedzo_flwr.pruning.ntk_sap import scores_from_gradients
-from fedzo_flwr.wire import decode_scalars, encode_scalars
-from fedzo_flwr.zo.directions import derive_seed
+from fedzo_flwr.seeding import prune_batch_seed, pruning_seed
+from fedzo_flwr.sparse.mask import Mask, prunable_parameters
 
 __all__ = [
     "DATA_PRUNERS",
@@ -84,7 +84,7 @@ def prune_iterations(cfg: RunConfig) -> int:
 
 def prune_seed(cfg: RunConfig) -> int:
     """Base seed of the pruning draws (the same one the data-free pruners use)."""
-    return derive_seed(cfg.seed, 0x7072756E65)
+    return pruning_seed(cfg.seed)
 
 
 def ntk_config(cfg: RunConfig) -> NTKSAPConfig:
@@ -102,7 +102,7 @@ def prune_batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``prune-samples`` examples a client scores on (fixed for the whole phase)."""
     idx = np.sort(
-        sample_batch(len(y), cfg.prune_samples, derive_seed(prune_seed(cfg), 0x6461, partition_id))
+        sample_batch(len(y), cfg.prune_samples, prune_batch_seed(prune_seed(cfg), partition_id))
     )
     return to_tensor(x_uint8[idx], cfg.dataset), torch.as_tensor(y[idx], dtype=torch.long)
 

@@ -37,7 +37,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
-from fedzo_flwr.mask import Mask, dense_mask, prunable_parameters, validate_mask
+from fedzo_flwr.sparse.mask import Mask, dense_mask, prunable_parameters, validate_mask
 
 __all__ = [
     "FlopReport",

@@ -1,0 +1,1 @@
+"""Measurement: FLOPs counts, process memory measurement and the analytic memory model."""

@@ -1,0 +1,1 @@
+"""Sparsity: pruning masks over a model's prunable weights and the kept-coordinate space."""
