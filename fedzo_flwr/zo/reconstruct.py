@@ -53,14 +53,39 @@ def estimate_gradient(
 
     Directions are regenerated in blocks of at most ``block_bytes`` and never held K at a time.
     """
-    coeffs = check_deltas(step.deltas, settings.k) / (settings.difference_scale * settings.k)
-    coeffs32 = torch.from_numpy(coeffs.astype(np.float32))
-    generator = DirectionGenerator(dim, step.seed, settings.directions)
-    rows = max(1, min(settings.k, block_bytes // (4 * dim)))
+    coeffs32 = step_coefficients(step.deltas, settings)
+    return gradient_from_coefficients(dim, step.seed, coeffs32, settings.directions, block_bytes)
+
+
+def step_coefficients(deltas: np.ndarray | Sequence[float], settings: ZOSettings) -> np.ndarray:
+    """The float32 factors ``ΔL_k / (h K)`` that weight direction ``u_k`` in the estimate.
+
+    These K numbers (not the loss differences) are what the replay downlink ships: a client that
+    multiplies them with the same directions reproduces the server's estimate bit for bit.
+    """
+    coeffs = check_deltas(deltas, settings.k) / (settings.difference_scale * settings.k)
+    return coeffs.astype(np.float32)
+
+
+def gradient_from_coefficients(
+    dim: int,
+    seed: int,
+    coefficients: np.ndarray,
+    directions: str,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> torch.Tensor:
+    """``Σ_k c_k u_k`` (float32, shape ``(dim,)``) for the directions of ``seed``.
+
+    Accumulated in float64 over blocks of at most ``block_bytes`` of directions.
+    """
+    coeffs32 = torch.from_numpy(np.ascontiguousarray(coefficients, dtype=np.float32))
+    k = int(coeffs32.numel())
+    generator = DirectionGenerator(dim, seed, directions)
+    rows = max(1, min(k, block_bytes // (4 * dim)))
     buffer = torch.empty(rows, dim, dtype=torch.float32)
     grad = torch.zeros(dim, dtype=torch.float64)
-    for start in range(0, settings.k, rows):
-        stop = min(start + rows, settings.k)
+    for start in range(0, k, rows):
+        stop = min(start + rows, k)
         block = generator.block(start, stop, out=buffer)
         grad += (coeffs32[start:stop] @ block).to(torch.float64)
     return grad.to(torch.float32)

@@ -23,7 +23,8 @@ from fedzo_flwr.config import RunConfig
 from fedzo_flwr.seeding import client_step_seeds, round_seed
 from fedzo_flwr.sparse.mask import Mask
 from fedzo_flwr.sparse.space import KeptSpace
-from fedzo_flwr.zo.reconstruct import ScalarStep, accumulate_steps, aggregate_deltas
+from fedzo_flwr.zo.reconstruct import ScalarStep, aggregate_deltas, step_coefficients
+from fedzo_flwr.zo.replay import RoundUpdate, SeedGroup, kept_hash, round_gradient
 from fedzo_flwr.zo.server_optimizer import ServerOptimizer
 from fedzo_flwr.zo.settings import optimizer_settings, zo_settings
 
@@ -68,6 +69,7 @@ class ZOServer:
         self.space = KeptSpace(model, mask)
         self.settings = zo_settings(cfg)
         self.optimizer = ServerOptimizer(self.space.gather(model), optimizer_settings(cfg))
+        self.last_update: RoundUpdate | None = None
 
     def round_seed(self, server_round: int) -> int:
         """The seed broadcast in ``server_round``."""
@@ -83,8 +85,12 @@ class ZOServer:
         """Current kept coordinates (what clients receive)."""
         return self.optimizer.weights
 
-    def apply_round(self, updates: Sequence[ClientUpdate]) -> RoundSummary:
+    def apply_round(self, updates: Sequence[ClientUpdate], server_round: int = 0) -> RoundSummary:
         """Aggregate the round's updates and take one server optimizer step.
+
+        The step's inputs are kept in :attr:`last_update` (a :class:`RoundUpdate` for round
+        ``server_round``), from which a client holding the previous weights can take the same
+        step (:class:`fedzo_flwr.zo.replay.ReplayState`).
 
         Updates are processed in partition order so the floating-point sums do not depend on
         arrival order. Clients with identical seeds are merged before reconstruction.
@@ -96,27 +102,32 @@ class ZOServer:
         for update in updates:
             groups[tuple(step.seed for step in update.steps)].append(update)
         total_examples = sum(u.num_examples for u in updates)
-        grad = torch.zeros(self.space.dim, dtype=torch.float32)
+        seed_groups = []
         for seeds, members in groups.items():
             weights = [m.num_examples for m in members]
-            merged = [
-                ScalarStep(
-                    seed,
-                    aggregate_deltas(
-                        [m.steps[j].deltas for m in members],
-                        weights,
-                        self.cfg.k,
-                        method=self.cfg.aggregation,
-                        trim_fraction=self.cfg.trim_fraction,
-                    ),
-                )
-                for j, seed in enumerate(seeds)
-            ]
-            share = sum(weights) / total_examples
-            grad += share * accumulate_steps(self.space.dim, merged, self.settings)
+            coefficients = np.stack(
+                [
+                    step_coefficients(
+                        aggregate_deltas(
+                            [m.steps[j].deltas for m in members],
+                            weights,
+                            self.cfg.k,
+                            method=self.cfg.aggregation,
+                            trim_fraction=self.cfg.trim_fraction,
+                        ),
+                        self.settings,
+                    )
+                    for j in range(len(seeds))
+                ]
+            )
+            seed_groups.append(SeedGroup(sum(weights) / total_examples, seeds, coefficients))
+        grad = round_gradient(self.space.dim, seed_groups, self.settings)
         grad_norm = float(torch.linalg.vector_norm(grad))
         self.optimizer.step(grad)
         self.space.scatter_(self.model, self.optimizer.weights)
+        self.last_update = RoundUpdate(
+            server_round, tuple(seed_groups), kept_hash(self.optimizer.weights)
+        )
         train_loss = float(
             np.average([u.base_loss for u in updates], weights=[u.num_examples for u in updates])
         )

@@ -1,0 +1,141 @@
+"""A round's update as data: what the server stepped with, so a client can take the same step.
+
+The update of a zeroth-order round is a deterministic function of its seeds, the aggregated
+scalars and the optimizer state. :class:`RoundUpdate` holds exactly what the server fed its
+optimizer: per group of clients that shared seeds, the group's share of the round and the
+float32 coefficients ``c_k = ΔL_k / (h K)`` of each local step. :func:`round_gradient` turns it
+into the gradient estimate; the server (:class:`fedzo_flwr.zo.server.ZOServer`) calls it for its
+own step and a client holding the previous weights calls it again (:class:`ReplayState`), so the
+two stay bit-identical with no weights on the downlink. :func:`kept_hash` fingerprints the
+result so a client can tell when its copy has drifted (lost state, corruption) and ask for the
+full weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedzo_flwr.zo.reconstruct import gradient_from_coefficients
+from fedzo_flwr.zo.server_optimizer import OptimizerSettings, ServerOptimizer
+from fedzo_flwr.zo.settings import ZOSettings
+
+HASH_HEX_DIGITS = 16
+
+
+@dataclass(frozen=True)
+class SeedGroup:
+    """The clients of a round that used the same step seeds, merged.
+
+    Parameters
+    ----------
+    share : float
+        The group's weight in the round's gradient (its clients' share of the examples).
+    seeds : tuple of int
+        One seed per local step.
+    coefficients : np.ndarray
+        ``(local_steps, K)`` float32: the factor of each direction of each step.
+    """
+
+    share: float
+    seeds: tuple[int, ...]
+    coefficients: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.coefficients.dtype != np.float32 or self.coefficients.ndim != 2:
+            raise ValueError("coefficients must be a 2-d float32 array (local_steps, K)")
+        if self.coefficients.shape[0] != len(self.seeds):
+            raise ValueError(
+                f"{len(self.seeds)} seeds but {self.coefficients.shape[0]} rows of coefficients"
+            )
+
+
+@dataclass(frozen=True)
+class RoundUpdate:
+    """Everything the server's optimizer step of one round depended on, and its result's hash.
+
+    Parameters
+    ----------
+    server_round : int
+        The round this update concluded.
+    groups : tuple of SeedGroup
+        In the order the server accumulated them.
+    kept_hash : str
+        :func:`kept_hash` of the kept weights after the step.
+    """
+
+    server_round: int
+    groups: tuple[SeedGroup, ...]
+    kept_hash: str
+
+    @property
+    def k(self) -> int:
+        """Directions per step."""
+        return int(self.groups[0].coefficients.shape[1]) if self.groups else 0
+
+
+def round_gradient(dim: int, groups: Sequence[SeedGroup], settings: ZOSettings) -> torch.Tensor:
+    """The round's gradient estimate: ``Σ_groups share · Σ_steps Σ_k c_k u_k`` (float32).
+
+    The one implementation both the server's step and a replaying client use.
+    """
+    grad = torch.zeros(dim, dtype=torch.float32)
+    for group in groups:
+        total = torch.zeros(dim, dtype=torch.float32)
+        for seed, coefficients in zip(group.seeds, group.coefficients, strict=True):
+            total += gradient_from_coefficients(dim, seed, coefficients, settings.directions)
+        grad += group.share * total
+    return grad
+
+
+def kept_hash(weights: torch.Tensor) -> str:
+    """Short SHA-256 of kept weights as little-endian float32 (16 hex digits)."""
+    data = np.ascontiguousarray(weights.detach().cpu().numpy(), dtype="<f4").tobytes()
+    return hashlib.sha256(data).hexdigest()[:HASH_HEX_DIGITS]
+
+
+class ReplayState:
+    """A client's copy of the global kept weights and optimizer, stepped from round updates.
+
+    Parameters
+    ----------
+    weights : Tensor
+        The kept weights the client received in full, shape ``(dim,)``.
+    settings : ZOSettings
+        The run's estimator settings (direction kind, K).
+    optimizer : OptimizerSettings
+        The server optimizer's settings; momentum and Adam keep 1x / 2x the kept values here.
+    optimizer_state : dict, optional
+        :meth:`ServerOptimizer.state_dict` of the server's optimizer at the time of ``weights``
+        (needed for stateful optimizers; plain SGD needs none). The EMA of the evaluated
+        weights is not kept: it never changes the training weights.
+    """
+
+    def __init__(
+        self,
+        weights: torch.Tensor,
+        settings: ZOSettings,
+        optimizer: OptimizerSettings,
+        optimizer_state: dict[str, object] | None = None,
+    ) -> None:
+        self.settings = settings
+        # The EMA only changes what the server evaluates, never the training weights.
+        self.optimizer = ServerOptimizer(weights, dataclasses.replace(optimizer, ema_decay=0.0))
+        if optimizer_state is not None:
+            self.optimizer.load_state_dict({**optimizer_state, "ema": None})
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """The current kept weights."""
+        return self.optimizer.weights
+
+    def apply(self, update: RoundUpdate) -> bool:
+        """Take ``update``'s step; return whether the result matches the server's hash."""
+        grad = round_gradient(self.weights.numel(), update.groups, self.settings)
+        self.optimizer.step(grad)
+        return kept_hash(self.weights) == update.kept_hash

@@ -1,0 +1,134 @@
+"""Seed replay: a client that holds the previous weights takes the server's step bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedzo_flwr.config import RunConfig
+from fedzo_flwr.models import build_model
+from fedzo_flwr.pruning import prune
+from fedzo_flwr.seeding import client_step_seeds
+from fedzo_flwr.sparse.mask import apply_mask_
+from fedzo_flwr.zo.reconstruct import ScalarStep, accumulate_steps, estimate_gradient
+from fedzo_flwr.zo.replay import ReplayState, SeedGroup, kept_hash, round_gradient
+from fedzo_flwr.zo.server import ClientUpdate, ZOServer
+from fedzo_flwr.zo.settings import optimizer_settings, zo_settings
+
+
+def make_server(**overrides: object) -> ZOServer:
+    cfg = RunConfig(**{"k": 16, "density": 0.2, **overrides})  # type: ignore[arg-type]
+    model = build_model("lenet5", 10, seed=3)
+    mask = prune("random", model, "lenet5", cfg.density, seed=5)
+    apply_mask_(model, mask)
+    return ZOServer(cfg, model, mask)
+
+
+def fake_updates(server: ZOServer, server_round: int, clients: int) -> list[ClientUpdate]:
+    """Replies as clients would send them: the assigned seeds and some loss differences."""
+    rng = np.random.default_rng(server_round)
+    cfg = server.cfg
+    updates = []
+    for pid in range(clients):
+        seeds = client_step_seeds(
+            server.round_seed(server_round), cfg.seed_mode, pid, cfg.local_steps
+        )
+        steps = [ScalarStep(s, rng.normal(0, 1e-3, cfg.k).astype(np.float32)) for s in seeds]
+        updates.append(ClientUpdate(pid, int(rng.integers(20, 200)), steps, 2.3))
+    return updates
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"optimizer": "sgd", "lr": 0.05},
+        {"optimizer": "momentum", "lr": 0.05, "weight-decay": 5e-4},
+        {"optimizer": "adam", "clip": 0.3, "ema": 0.99},
+        {"optimizer": "adam", "seed-mode": "per-client", "local-steps": 2},
+    ],
+    ids=["sgd", "momentum-wd", "adam-clip-ema", "adam-per-client-2-steps"],
+)
+def test_replaying_client_stays_bit_identical_over_30_rounds(overrides):
+    server = make_server(**overrides)
+    settings = zo_settings(server.cfg)
+    client = ReplayState(server.kept_values().clone(), settings, optimizer_settings(server.cfg))
+    for server_round in range(1, 31):
+        server.apply_round(fake_updates(server, server_round, clients=4), server_round)
+        update = server.last_update
+        assert update is not None and update.server_round == server_round
+        assert client.apply(update), f"hash mismatch in round {server_round}"
+        assert torch.equal(client.weights, server.kept_values()), server_round
+    assert update.kept_hash == kept_hash(server.kept_values())
+
+
+def test_server_gradient_is_the_replayed_gradient():
+    """round_gradient on the recorded groups equals the estimate the server stepped with."""
+    server = make_server(**{"optimizer": "sgd", "lr": 1.0})
+    before = server.kept_values().clone()
+    updates = fake_updates(server, 1, clients=3)
+    server.apply_round(updates, 1)
+    update = server.last_update
+    assert update is not None and len(update.groups) == 1  # shared seeds: one group
+    grad = round_gradient(server.space.dim, update.groups, zo_settings(server.cfg))
+    assert torch.equal(before - grad, server.kept_values())
+    # ... and it is the example-weighted mean of the clients' own estimates (up to rounding).
+    total = sum(u.num_examples for u in updates)
+    expected = sum(
+        u.num_examples
+        / total
+        * accumulate_steps(server.space.dim, u.steps, zo_settings(server.cfg))
+        for u in updates
+    )
+    scale = float(expected.abs().max())  # float32 sums in another order: relative to the scale
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_coefficients_reproduce_estimate_gradient_exactly():
+    server = make_server()
+    settings = zo_settings(server.cfg)
+    step = fake_updates(server, 3, clients=1)[0].steps[0]
+    group = SeedGroup(
+        1.0,
+        (step.seed,),
+        (np.asarray(step.deltas, np.float64) / (settings.difference_scale * settings.k))
+        .astype(np.float32)
+        .reshape(1, -1),
+    )
+    direct = estimate_gradient(server.space.dim, step, settings)
+    assert torch.equal(round_gradient(server.space.dim, [group], settings), direct)
+
+
+def test_corrupted_client_state_is_detected_by_the_hash():
+    server = make_server(**{"optimizer": "adam"})
+    client = ReplayState(
+        server.kept_values().clone(), zo_settings(server.cfg), optimizer_settings(server.cfg)
+    )
+    server.apply_round(fake_updates(server, 1, clients=2), 1)
+    assert server.last_update is not None and client.apply(server.last_update)
+    with torch.no_grad():
+        client.optimizer.theta[7] += 1e-6  # one weight off by one part in a million
+    server.apply_round(fake_updates(server, 2, clients=2), 2)
+    assert not client.apply(server.last_update)
+
+
+def test_lost_optimizer_state_is_detected():
+    """A client that restarted with the right weights but a fresh Adam state diverges."""
+    server = make_server(**{"optimizer": "adam"})
+    for r in (1, 2):
+        server.apply_round(fake_updates(server, r, clients=2), r)
+    fresh = ReplayState(
+        server.kept_values().clone(), zo_settings(server.cfg), optimizer_settings(server.cfg)
+    )
+    server.apply_round(fake_updates(server, 3, clients=2), 3)
+    assert server.last_update is not None and not fresh.apply(server.last_update)
+    # Handed the server's optimizer state with the weights, a client agrees again.
+    healed = ReplayState(
+        server.kept_values().clone(),
+        zo_settings(server.cfg),
+        optimizer_settings(server.cfg),
+        optimizer_state=server.state_dict(),
+    )
+    server.apply_round(fake_updates(server, 4, clients=2), 4)
+    assert server.last_update is not None and healed.apply(server.last_update)
+    assert torch.equal(healed.weights, server.kept_values())
