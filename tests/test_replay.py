@@ -8,6 +8,12 @@ import torch
 
 from fedzo_flwr.config import RunConfig
 from fedzo_flwr.models import build_model
+from fedzo_flwr.protocol.replay import (
+    ReplayFormatError,
+    decode_updates,
+    encode_updates,
+    encoded_nbytes,
+)
 from fedzo_flwr.pruning import prune
 from fedzo_flwr.seeding import client_step_seeds
 from fedzo_flwr.sparse.mask import apply_mask_
@@ -132,3 +138,51 @@ def test_lost_optimizer_state_is_detected():
     server.apply_round(fake_updates(server, 4, clients=2), 4)
     assert server.last_update is not None and healed.apply(server.last_update)
     assert torch.equal(healed.weights, server.kept_values())
+
+
+def test_replay_bytes_round_trip_and_size():
+    server = make_server(**{"k": 200, "seed-mode": "per-client", "local-steps": 2})
+    updates = []
+    for r in (1, 2):
+        server.apply_round(fake_updates(server, r, clients=2), r)
+        assert server.last_update is not None
+        updates.append(server.last_update)
+    data = encode_updates(updates)
+    assert len(data) == encoded_nbytes(updates)
+    # 2 rounds x 2 groups (per-client seeds) x 2 steps of K = 200 float32 coefficients.
+    assert len(data) == 3 + 2 * (14 + 2 * (10 + 2 * (8 + 4 * 200)))
+    decoded = decode_updates(data, k=200, max_updates=8)
+    assert [u.server_round for u in decoded] == [1, 2]
+    for mine, theirs in zip(decoded, updates):
+        assert mine.kept_hash == theirs.kept_hash
+        for a, b in zip(mine.groups, theirs.groups):
+            assert a.share == b.share and a.seeds == b.seeds
+            assert np.array_equal(a.coefficients, b.coefficients)
+    shared = make_server(**{"k": 200})
+    shared.apply_round(fake_updates(shared, 1, clients=3), 1)
+    assert shared.last_update is not None
+    assert encoded_nbytes([shared.last_update]) == 4 * 200 + 35
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d[:-1],  # truncated
+        lambda d: d + b"\0",  # trailing byte
+        lambda d: b"\x02" + d[1:],  # unknown version
+        lambda d: d[:1] + (9).to_bytes(2, "little") + d[3:],  # claims more updates than present
+        lambda d: d[:-4] + np.float32("nan").tobytes(),  # non-finite coefficient
+        lambda d: d[:17] + np.float64(1.5).tobytes() + d[25:],  # share > 1
+    ],
+    ids=["truncated", "trailing", "version", "count", "nan", "share"],
+)
+def test_malformed_replay_bytes_are_refused(mutate):
+    server = make_server(**{"k": 8})
+    server.apply_round(fake_updates(server, 1, clients=2), 1)
+    assert server.last_update is not None
+    data = encode_updates([server.last_update])
+    decode_updates(data, k=8, max_updates=4)  # the original is fine
+    with pytest.raises(ReplayFormatError):
+        decode_updates(mutate(data), k=8, max_updates=4)
+    with pytest.raises(ReplayFormatError):
+        decode_updates("not bytes", k=8, max_updates=4)
