@@ -74,7 +74,7 @@ def runs(tmp_path_factory, data_dir):
         config = base_config(tmp, data_dir, **{"run-name": name, **overrides})
         server_app(InProcessGrid(client_app, NODES, config), server_context(config))
         results = json.loads((tmp / name / "results.json").read_text())
-        checkpoint = torch.load(tmp / name / "model.pt", weights_only=False)
+        checkpoint = torch.load(tmp / name / "model.pt", weights_only=True)
         out[name] = (results, checkpoint, config)
     return out
 

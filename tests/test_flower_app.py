@@ -93,7 +93,7 @@ def test_results_schema_and_scalars_arrive(three_rounds):
 
 def test_global_model_changes_and_pruned_weights_stay_zero(three_rounds):
     tmp, _, _, cfg = three_rounds
-    checkpoint = torch.load(tmp / "run" / "model.pt", weights_only=False)
+    checkpoint = torch.load(tmp / "run" / "model.pt", weights_only=True)
     start = initial_model(cfg)
     mask = checkpoint["mask"]
     assert all(torch.equal(mask[n], start.mask[n]) for n in mask)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +18,9 @@ from inprocess_grid import InProcessGrid, app_config, server_context
 from client_app.client_app import app as client_app
 from fedzo_flwr import protocol
 from fedzo_flwr.config import RunConfig
+from fedzo_flwr.errors import CheckpointError
 from fedzo_flwr.protocol.wire import encode_scalars
+from fedzo_flwr.run import checkpoint
 from fedzo_flwr.run.checkpoint import load_checkpoint, save_checkpoint
 from server_app.server_app import RunSetupError
 from server_app.server_app import app as server_app
@@ -220,8 +226,8 @@ def test_robust_aggregation_resists_one_adversarial_client_of_ten(tmp_path, data
         }
         run(tmp_path, data_dir, f"honest-{method}", num_nodes=10, **settings)
         run(tmp_path, data_dir, f"attacked-{method}", num_nodes=10, intercept=adversary, **settings)
-        h = torch.load(tmp_path / f"honest-{method}" / "model.pt", weights_only=False)
-        a = torch.load(tmp_path / f"attacked-{method}" / "model.pt", weights_only=False)
+        h = torch.load(tmp_path / f"honest-{method}" / "model.pt", weights_only=True)
+        a = torch.load(tmp_path / f"attacked-{method}" / "model.pt", weights_only=True)
         deviation[method] = float(
             sum(
                 torch.linalg.vector_norm(a["model_state"][k] - h["model_state"][k]) ** 2
@@ -251,8 +257,8 @@ def test_same_seed_gives_identical_results(tmp_path, data_dir, uninterrupted):
         tmp_path, data_dir, "again", **{"num-server-rounds": 4, "checkpoint-every": 2, "ema": 0.5}
     )
     assert metrics_only(again) == metrics_only(results)
-    a = torch.load(run_dir / "model.pt", weights_only=False)["model_state"]
-    b = torch.load(again_dir / "model.pt", weights_only=False)["model_state"]
+    a = torch.load(run_dir / "model.pt", weights_only=True)["model_state"]
+    b = torch.load(again_dir / "model.pt", weights_only=True)["model_state"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -281,8 +287,8 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, data_dir, uni
         for key in ("train_loss", "grad_norm", "clients"):
             assert again[r][key] == full[r][key], (r, key)
     assert again[4]["accuracy"] == full[4]["accuracy"] and again[4]["loss"] == full[4]["loss"]
-    a = torch.load(run_dir / "model.pt", weights_only=False)
-    b = torch.load(resumed_dir / "model.pt", weights_only=False)
+    a = torch.load(run_dir / "model.pt", weights_only=True)
+    b = torch.load(resumed_dir / "model.pt", weights_only=True)
     assert all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in a["model_state"])
     assert torch.equal(a["optimizer"]["theta"], b["optimizer"]["theta"])
 
@@ -297,11 +303,9 @@ def test_bad_checkpoints_are_refused(tmp_path, data_dir, uninterrupted):
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:1000])
     altered = tmp_path / "altered.pt"
-    envelope = pickle.loads(good.read_bytes())
-    payload = bytearray(envelope["payload"])
-    payload[len(payload) // 2] ^= 0xFF
-    envelope["payload"] = bytes(payload)
-    altered.write_bytes(pickle.dumps(envelope))
+    payload = bytearray(good.read_bytes())
+    payload[-100] ^= 0xFF  # a byte of the tensors
+    altered.write_bytes(bytes(payload))
     other_mask = tmp_path / "other_mask.pt"
     mask = {k: v.clone() for k, v in state["mask"].items()}
     flat = mask["fc1.weight"].view(-1)
@@ -377,3 +381,47 @@ def test_partition_file_is_used_and_a_mismatched_one_refused(tmp_path, data_dir)
     _, results, _ = run(tmp_path, data_dir, "swapped", node_config=nodes)
     reason = results["rounds"][1]["rejected"][0]["reason"]
     assert "partition-id: file 2 vs run 1" in reason
+
+
+class _Exploit:
+    """Unpickling this runs a shell command: what a crafted checkpoint would carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_checkpoints_are_refused_without_running_code(tmp_path):
+    """Neither a code-carrying tensor part nor an old-style pickle envelope is ever unpickled."""
+    marker = tmp_path / "pwned"
+    exploit = _Exploit(marker)
+    # 1. A well-formed header whose (correctly hashed) tensor part carries an object.
+    buffer = io.BytesIO()
+    torch.save({"mask": {}, "server": exploit}, buffer)
+    tensors = buffer.getvalue()
+    header = json.dumps(
+        {
+            "format": checkpoint.FORMAT,
+            "version": checkpoint.CHECKPOINT_VERSION,
+            "round": 1,
+            "config": {},
+            "results": {},
+            "tensors_sha256": hashlib.sha256(tensors).hexdigest(),
+            "tensors_bytes": len(tensors),
+        }
+    ).encode()
+    crafted = tmp_path / "crafted.pt"
+    crafted.write_bytes(checkpoint.MAGIC + len(header).to_bytes(8, "little") + header + tensors)
+    with pytest.raises(CheckpointError, match="other than tensors"):
+        load_checkpoint(crafted)
+    # 2. The version-1 format: a pickle envelope (now refused by its magic bytes, unread).
+    legacy = tmp_path / "legacy.pt"
+    legacy.write_bytes(pickle.dumps({"format": "fedzo-flwr-checkpoint", "payload": exploit}))
+    with pytest.raises(CheckpointError, match="not a fedzo-flwr checkpoint of version 2"):
+        load_checkpoint(legacy)
+    assert not marker.exists()
+    # The exploit is real: unpickling it does run the command.
+    pickle.loads(pickle.dumps(exploit))
+    assert marker.exists()
