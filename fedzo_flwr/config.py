@@ -96,6 +96,7 @@ class RunConfig(BaseModel):
     prune_iterations: int = Field(20, ge=1)
     prune_repeats: int = Field(5, ge=1)
     prune_samples: int = Field(100, ge=1)
+    prune_reinit: Literal["weights", "all"] = "weights"
     # Bookkeeping.
     client_threads: int = Field(1, ge=0)
     seed: int = Field(3407, ge=0)

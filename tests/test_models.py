@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from fedzo_flwr.models import MODELS, build_model, parameter_count
+from fedzo_flwr.models import MODELS, build_model, parameter_count, reinitialize_
 from fedzo_flwr.sparse.mask import (
     apply_mask_,
     check_density,
@@ -54,6 +56,50 @@ def test_lenet5_init_matches_pytorch_default_distribution():
     bound = 1 / (400**0.5)  # kaiming_uniform(a=sqrt(5)) and bias bound are both 1/sqrt(fan_in)
     assert model.fc1.weight.abs().max() <= bound and model.fc1.bias.abs().max() <= bound
     assert model.fc1.weight.abs().max() > 0.95 * bound
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet18"])
+def test_resnet_init_is_kaiming_normal_fan_in_on_conv_and_linear(name):
+    # NTK-SAP's CIFAR ResNets (Models/lottery_resnet.py, Models/tinyimagenet_resnet.py) call
+    # nn.init.kaiming_normal_ with its defaults on conv and linear weights: std sqrt(2 / fan_in).
+    # The stem (3 -> C, fan_in 27, fan_out 9C) separates fan_in from fan_out; the classifier
+    # separates Kaiming-normal (std sqrt(2 / fan_in)) from PyTorch's default (std 1/sqrt(3 fan_in)).
+    model = build_model(name, seed=0)
+    for module in (model.conv1, model.fc):
+        w = module.weight.detach().double()
+        fan_in = w[0].numel()
+        expected = (2 / fan_in) ** 0.5
+        tolerance = 4 * expected / (2 * w.numel()) ** 0.5  # 4 standard errors of the sd estimate
+        assert abs(float(w.std()) - expected) < tolerance, (name, module)
+        assert abs(float(w.mean())) < 4 * expected / w.numel() ** 0.5
+    bound = 1 / model.fc.in_features**0.5  # bias: PyTorch's default, as the reference leaves it
+    bias, weight = model.fc.bias.detach(), model.fc.weight.detach()
+    assert bias.abs().max() <= bound and bias.abs().max() > 0.5 * bound
+    assert float(weight.abs().max()) > 1.5 * bound  # not uniform in +-1/sqrt(fan_in)
+
+
+@pytest.mark.parametrize("name", ["lenet5", "lenet-gn", "resnet20"])
+def test_weights_only_redraw_keeps_biases_and_norm_and_the_stream(name):
+    model = build_model(name, seed=0)
+    for module in model.modules():  # non-default norm values: they must survive a weights redraw
+        if isinstance(module, nn.GroupNorm) and module.affine:
+            nn.init.constant_(module.weight, 2.0)
+            nn.init.constant_(module.bias, 0.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    prunable = {n for n, _ in prunable_parameters(model)}
+    assert len(prunable) < len(before)  # every model has biases or norm parameters
+    weights_only = reinitialize_(
+        copy.deepcopy(model), name, torch.Generator().manual_seed(3), "weights"
+    )
+    everything = reinitialize_(copy.deepcopy(model), name, torch.Generator().manual_seed(3), "all")
+    fresh = dict(everything.named_parameters())
+    for n, p in weights_only.named_parameters():
+        if n in prunable:  # redrawn, and exactly as "all" draws them (the same random stream)
+            assert not torch.equal(p, before[n]) and torch.equal(p, fresh[n]), n
+        else:  # kept as they were; "all" redraws them (biases) or resets them (GroupNorm 1, 0)
+            assert torch.equal(p, before[n]) and not torch.equal(fresh[n], before[n]), n
+    with pytest.raises(ValueError, match="redraw"):
+        reinitialize_(model, name, torch.Generator(), "biases")  # type: ignore[arg-type]
 
 
 def test_unknown_model_lists_valid_names():

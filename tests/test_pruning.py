@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import copy
+import dataclasses
 import inspect
 import itertools
 import logging
@@ -11,6 +13,7 @@ from torch import nn
 
 import fedzo_flwr.pruning.common as common
 import fedzo_flwr.pruning.federated as federated
+from fedzo_flwr.config import ConfigError, RunConfig
 from fedzo_flwr.models import build_model
 from fedzo_flwr.pruning import (
     PRUNERS,
@@ -47,8 +50,8 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-# Small settings where the property under test does not depend on T or the batch count.
-FAST = NTKSAPConfig(iterations=3, prune_samples=16, batch_size=16)
+# Small settings where the property under test does not depend on T, R or the batch count.
+FAST = NTKSAPConfig(iterations=3, repeats=1, prune_samples=16, batch_size=16)
 
 
 def _data_batches(
@@ -121,7 +124,7 @@ def test_bad_density_raises_naming_density(method: str, density: float) -> None:
 
 def test_resnet20_ntk_very_sparse_has_no_empty_tensor() -> None:
     model = build_model("resnet20")
-    cfg = NTKSAPConfig(iterations=2, prune_samples=8, batch_size=8)
+    cfg = NTKSAPConfig(iterations=2, repeats=1, prune_samples=8, batch_size=8)
     mask = prune("ntk", model, "resnet20", 0.01, ntk_config=cfg)
     assert kept_count(mask) == kept_target(0.01, total_count(mask))
     assert len(mask) == 20
@@ -192,11 +195,32 @@ def test_same_seed_same_mask_different_seed_different_mask(method: str) -> None:
     assert not _masks_equal(a, c)
 
 
-def test_ntk_mask_ignores_initial_weights() -> None:
-    # theta_b are fresh draws, so the model's own weights do not matter (only its architecture)
-    a = ntk_sap_mask(build_model("lenet-gn", seed=0), "lenet-gn", 0.1, FAST, seed=4)
-    b = ntk_sap_mask(build_model("lenet-gn", seed=9), "lenet-gn", 0.1, FAST, seed=4)
-    assert _masks_equal(a, b)
+def _with_params_of(model: nn.Module, donor: nn.Module, prunable: bool) -> nn.Module:
+    """``model`` with its prunable weights (or all its other parameters) copied from ``donor``."""
+    names = {n for n, _ in prunable_parameters(model)}
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for (n, p), q in zip(out.named_parameters(), donor.parameters()):
+            if (n in names) == prunable:
+                p.copy_(q)
+    return out
+
+
+def test_ntk_mask_ignores_initial_prunable_weights_and_uses_biases() -> None:
+    # theta_b redraws the prunable weights for every batch, so the model's own weights do not
+    # matter; by default (reinit="weights", the reference's behaviour) its biases do; with
+    # reinit="all" nothing but the architecture matters.
+    base, other = build_model("lenet5", seed=0), build_model("lenet5", seed=9)
+    a = ntk_sap_mask(base, "lenet5", 0.1, FAST, seed=4)
+    assert _masks_equal(a, ntk_sap_mask(_with_params_of(base, other, True), "lenet5", 0.1, FAST, 4))
+    assert not _masks_equal(
+        a, ntk_sap_mask(_with_params_of(base, other, False), "lenet5", 0.1, FAST, seed=4)
+    )
+    legacy = dataclasses.replace(FAST, reinit="all")
+    assert _masks_equal(
+        ntk_sap_mask(base, "lenet5", 0.1, legacy, seed=4),
+        ntk_sap_mask(other, "lenet5", 0.1, legacy, seed=4),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,7 +350,7 @@ def test_iterative_schedule_is_nested_and_exponential(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(common, "global_topk_mask", spy)
     model = build_model("lenet-gn")
-    cfg = NTKSAPConfig(iterations=4, prune_samples=8, batch_size=8)
+    cfg = NTKSAPConfig(iterations=4, repeats=1, prune_samples=8, batch_size=8)
     final = ntk_sap_mask(model, "lenet-gn", 0.05, cfg)
     n = total_count(final)
     assert [kept_count(m) for m in masks] == [kept_target(0.05 ** (t / 4), n) for t in (1, 2, 3, 4)]
@@ -337,7 +361,7 @@ def test_iterative_schedule_is_nested_and_exponential(monkeypatch: pytest.Monkey
 
 def test_ntk_and_magnitude_differ_from_random_and_ntk_is_layer_nonuniform() -> None:
     model = build_model("lenet-gn")
-    cfg = NTKSAPConfig(iterations=5, prune_samples=32, batch_size=32)
+    cfg = NTKSAPConfig(iterations=5, repeats=1, prune_samples=32, batch_size=32)
     ntk = prune("ntk", model, "lenet-gn", 0.1, ntk_config=cfg)
     mag = prune("magnitude", model, "lenet-gn", 0.1)
     rnd = prune("random", model, "lenet-gn", 0.1)
@@ -474,11 +498,23 @@ def test_data_free_methods_do_not_receive_data(monkeypatch: pytest.MonkeyPatch) 
         ("prune_samples", 0),
         ("input_shape", (3, 0, 32)),
         ("input_shape", [3, 32, 32]),
+        ("reinit", "biases"),
     ],
 )
 def test_config_validation_names_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         NTKSAPConfig(**{field: value})
+
+
+def test_config_defaults_are_the_run_config_defaults() -> None:
+    # NTK-SAP's CIFAR-10 setting (R = 5, T = 20, weights-only redraw) in both places
+    assert NTKSAPConfig.for_run(RunConfig()) == NTKSAPConfig()
+    assert (NTKSAPConfig().repeats, NTKSAPConfig().iterations) == (5, 20)
+    assert NTKSAPConfig().reinit == "weights"
+    legacy = RunConfig.from_run_config({"prune-reinit": "all", "prune-repeats": 2})
+    assert NTKSAPConfig.for_run(legacy) == NTKSAPConfig(repeats=2, reinit="all")
+    with pytest.raises(ConfigError, match="prune-reinit"):
+        RunConfig.from_run_config({"prune-reinit": "biases"})
 
 
 def test_config_batch_layout() -> None:
@@ -496,11 +532,16 @@ def test_batchnorm_model_is_rejected() -> None:
 
 def test_zero_scores_are_reported(caplog: pytest.LogCaptureFixture) -> None:
     # LeNet-5 (ReLU, no normalisation, PyTorch default init) has units that are dead for the
-    # whole Gaussian batch in a given weight draw; with one batch per iteration many scores are
-    # exactly 0 and selection among them falls back to index order. This must not pass silently.
+    # whole Gaussian batch in a given weight draw; with one batch per iteration (R = 1) many
+    # scores are exactly 0 and selection among them falls back to index order. This must not
+    # pass silently. The default R = 5 (NTK-SAP's CIFAR setting) does not trigger it.
+    with caplog.at_level(logging.WARNING, logger="fedzo_flwr.pruning"):
+        ntk_sap_mask(build_model("lenet5"), "lenet5", 0.1, NTKSAPConfig(repeats=1))
+    assert "scored exactly 0" in caplog.text
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="fedzo_flwr.pruning"):
         ntk_sap_mask(build_model("lenet5"), "lenet5", 0.1)
-    assert "scored exactly 0" in caplog.text
+    assert "scored exactly 0" not in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="fedzo_flwr.pruning"):
         ntk_sap_mask(build_model("lenet-gn"), "lenet-gn", 0.1, FAST)

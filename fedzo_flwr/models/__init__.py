@@ -13,13 +13,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedzo_flwr.models.init import InitScheme, init_parameters_
+from fedzo_flwr.models.init import InitScheme, Redraw, init_parameters_
 from fedzo_flwr.models.lenet import LeNet5, LeNetGN
 from fedzo_flwr.models.resnet import resnet18, resnet20
 
 __all__ = [
     "MODELS",
     "ModelSpec",
+    "Redraw",
     "build_model",
     "get_model_spec",
     "init_parameters_",
@@ -68,9 +69,16 @@ def get_model_spec(name: str) -> ModelSpec:
         ) from None
 
 
-def reinitialize_(model: nn.Module, name: str, generator: torch.Generator) -> nn.Module:
-    """Redraw the weights of ``model`` (built as ``name``) with that model's initialiser."""
-    return init_parameters_(model, generator, get_model_spec(name).init_scheme)
+def reinitialize_(
+    model: nn.Module, name: str, generator: torch.Generator, redraw: Redraw = "all"
+) -> nn.Module:
+    """Redraw the parameters of ``model`` (built as ``name``) with that model's initialiser.
+
+    ``redraw="all"`` redraws every parameter; ``"weights"`` only the prunable Conv2d/Linear
+    weights, keeping biases and normalisation parameters (see
+    :func:`~fedzo_flwr.models.init.init_parameters_`).
+    """
+    return init_parameters_(model, generator, get_model_spec(name).init_scheme, redraw)
 
 
 def build_model(name: str, num_classes: int = 10, seed: int = 0) -> nn.Module:

@@ -89,7 +89,7 @@ def prune_seed(cfg: RunConfig) -> int:
 
 def ntk_config(cfg: RunConfig) -> NTKSAPConfig:
     """NTK-SAP settings of the run (``prune-iterations``, ``prune-repeats``)."""
-    return NTKSAPConfig(iterations=cfg.prune_iterations, repeats=cfg.prune_repeats)
+    return NTKSAPConfig.for_run(cfg)
 
 
 def scoring_seed_for(cfg: RunConfig, stream: int, iteration: int) -> int:

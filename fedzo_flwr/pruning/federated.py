@@ -69,7 +69,8 @@ def client_ntk_gradients(
     Parameters
     ----------
     model : nn.Module
-        Architecture (never modified).
+        Model at θ0 (never modified); with ``config.reinit == "weights"`` its biases and
+        normalisation parameters are used as they are, so every client must hold the same θ0.
     model_name : str
         Registry name (initialiser of the weight draws).
     mask : Mask
@@ -77,7 +78,7 @@ def client_ntk_gradients(
     batches : iterable of Tensor
         The client's input batches (or ``(x, y)`` pairs); re-iterable, ``config.repeats`` passes.
     config : NTKSAPConfig
-        ``epsilon`` and ``repeats`` are used (batch layout comes from ``batches``).
+        ``epsilon``, ``repeats`` and ``reinit`` are used (batch layout comes from ``batches``).
     seed : int
         Server-assigned seed of the weight draws and perturbations for this client and iteration.
 
@@ -91,7 +92,7 @@ def client_ntk_gradients(
         model,
         mask,
         batches,
-        reinit=model_reinit(model_name),
+        reinit=model_reinit(model_name, config.reinit),
         generator=torch.Generator().manual_seed(seed),
         epsilon=config.epsilon,
         passes=config.repeats,
@@ -112,7 +113,7 @@ def federated_ntk_mask(
     Parameters
     ----------
     model : nn.Module
-        Architecture to prune; not modified.
+        Model to prune (at θ0); not modified.
     model_name : str
         Registry name (initialiser of the weight draws).
     density : float
@@ -125,7 +126,7 @@ def federated_ntk_mask(
     weights : sequence of float, optional
         ``p_c`` (e.g. local sample counts); normalised to sum 1; default uniform.
     config : NTKSAPConfig, optional
-        ``epsilon``, ``repeats``, ``iterations`` (and the Gaussian layout when
+        ``epsilon``, ``repeats``, ``iterations``, ``reinit`` (and the Gaussian layout when
         ``client_batches`` is None).
     seed : int
         Base seed; client ``c`` scores iteration ``t`` with ``scoring_seed(seed, c, t)``.

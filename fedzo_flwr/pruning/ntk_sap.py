@@ -4,11 +4,23 @@ Saliency of prunable weight ``j`` under the current mask ``m`` (method note, sec
 
     S_j = | Σ_b ∂/∂m_j Σ_{i∈b} ‖f(Z_i; θ_b⊙m) − f(Z_i; (θ_b + εξ_b)⊙m)‖² | · [m_j = 1]
 
-with ``Z ~ N(0, I)`` inputs of the data's shape only, ``θ_b`` a **fresh draw of the model's own
-initialiser for every batch**, ``ξ_b ~ N(0, I)`` per prunable weight and the gradient taken with
-respect to the mask only (weights frozen), flowing through both forward passes. Signed gradients
-are summed over batches and ``|·|`` is taken once. :func:`ntk_sap_mask` repeats this for
-``T`` iterations with the exponential schedule ``d_t = d^(t/T)``.
+with ``Z ~ N(0, I)`` inputs of the data's shape only, ``θ_b`` the model's parameters with its
+**prunable weights freshly drawn from the model's own initialiser for every batch**, ``ξ_b ~ N(0,
+I)`` per prunable weight and the gradient taken with respect to the mask only (weights frozen),
+flowing through both forward passes. Signed gradients are summed over batches and ``|·|`` is
+taken once. :func:`ntk_sap_mask` repeats this for ``T`` iterations with the exponential schedule
+``d_t = d^(t/T)``.
+
+What a batch redraws is :attr:`NTKSAPConfig.reinit` (run-config key ``prune-reinit``):
+
+* ``"weights"`` (default, reference parity): only the Conv2d/Linear weights; the biases and
+  normalisation parameters stay at the model's own initial values for every batch. This is what
+  the reference implementation does (``YiteWang/NTK-SAP``, ``Pruners/pruners.py`` class ``NTKSAP``
+  calls the model's ``_initialize_weights``, which redraws conv/linear weights only). With fixed
+  biases a ReLU unit's survival follows the sign of its bias, which shapes the per-layer
+  densities of bias-carrying nets such as LeNet-5 (``docs/method.md``).
+* ``"all"``: every parameter, biases included (fedzo-flwr's behaviour before issue #12); the
+  scores then depend on the architecture only.
 
 The one scoring loop is :func:`ntk_mask_gradients`; it takes any iterable of input batches, so
 the federated form (:mod:`fedzo_flwr.pruning.federated`) runs the same code on client data.
@@ -19,8 +31,11 @@ Random streams (all CPU :class:`torch.Generator`, seeds from
 * inputs of stream ``c``: one generator seeded ``derive_seed(seed, "ntk-sap/inputs", c)``, drawn
   lazily batch by batch, continuing across passes and iterations (:func:`gaussian_inputs`);
 * weight draws and perturbations of stream ``c`` at iteration ``t``: a generator seeded
-  :func:`scoring_seed` ``(seed, c, t)``; per batch it draws ``θ_b`` (all parameters, via
-  :func:`fedzo_flwr.models.reinitialize_`) and then ``ξ_b`` for each prunable weight in order.
+  :func:`scoring_seed` ``(seed, c, t)``; per batch it draws ``θ_b`` (via
+  :func:`fedzo_flwr.models.reinitialize_`: each Conv2d/Linear weight, then its bias, in module
+  order; with ``reinit="weights"`` the bias values are drawn and discarded, so both settings see
+  the same weights and perturbations for a seed) and then ``ξ_b`` for each prunable weight in
+  order.
 
 The server-side data-free mask uses stream ``c = 0``.
 """
@@ -31,11 +46,13 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 
 from fedzo_flwr.models import get_model_spec, reinitialize_
+from fedzo_flwr.models.init import REDRAWS
 from fedzo_flwr.pruning.common import (
     check_positive_int,
     check_result,
@@ -49,10 +66,14 @@ from fedzo_flwr.pruning.common import (
 )
 from fedzo_flwr.sparse.mask import Mask, prunable_parameters, validate_mask
 
+if TYPE_CHECKING:
+    from fedzo_flwr.config import RunConfig
+
 __all__ = [
     "GaussianInputs",
     "NTKSAPConfig",
     "Reinit",
+    "ReinitMode",
     "gaussian_inputs",
     "model_reinit",
     "ntk_mask_gradients",
@@ -64,8 +85,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: ``reinit(module, generator)`` redraws every parameter of ``module`` in place from ``generator``.
+#: ``reinit(module, generator)`` redraws parameters of ``module`` in place from ``generator``
+#: (which ones is up to the callable; :func:`model_reinit` offers the two NTK-SAP settings).
 Reinit = Callable[[nn.Module, torch.Generator], object]
+
+#: What each scoring batch redraws, see :attr:`NTKSAPConfig.reinit`.
+ReinitMode = Literal["weights", "all"]
 
 
 @dataclass(frozen=True)
@@ -74,8 +99,9 @@ class NTKSAPConfig:
 
     Defaults follow NTK-SAP's reference setup for CIFAR-10: the prune set is ``10 × classes``
     = 100 "samples" (only their shape is used) loaded with batch size 256, i.e. **one batch of
-    100 Gaussian inputs per pass**; ``R = 1`` pass per iteration (NTK-SAP's CIFAR-10 scripts
-    use 5; our experiment configs may too); ``T = 20`` iterations; ``ε = 0.01``. For CIFAR-100
+    100 Gaussian inputs per pass**; ``R = 5`` passes per iteration (NTK-SAP's CIFAR-10 scripts,
+    and our run config's ``prune-repeats``); ``T = 20`` iterations; ``ε = 0.01``; only the
+    prunable weights redrawn per batch (``reinit="weights"``, as the reference). For CIFAR-100
     use :meth:`for_num_classes` (1000 samples = batches of 256, 256, 256, 232).
 
     Attributes
@@ -93,15 +119,21 @@ class NTKSAPConfig:
         :attr:`batch_sizes`.
     input_shape : tuple of int
         Shape of one input, ``(C, H, W)``.
+    reinit : {"weights", "all"}
+        What each scoring batch redraws from the model's initialiser. ``"weights"`` (default):
+        only the prunable Conv2d/Linear weights; biases and normalisation parameters keep the
+        scored model's values, as in the reference NTK-SAP. ``"all"``: every parameter
+        (fedzo-flwr before issue #12).
 
     """
 
     epsilon: float = 0.01
-    repeats: int = 1
+    repeats: int = 5
     iterations: int = 20
     batch_size: int = 256
     prune_samples: int = 100
     input_shape: tuple[int, ...] = (3, 32, 32)
+    reinit: ReinitMode = "weights"
 
     def __post_init__(self) -> None:
         eps = self.epsilon
@@ -122,12 +154,24 @@ class NTKSAPConfig:
             raise ValueError(
                 f"input_shape must be a non-empty tuple of positive ints, got {shape!r}"
             )
+        if self.reinit not in REDRAWS:
+            raise ValueError(f"reinit must be 'weights' or 'all', got {self.reinit!r}")
 
     @classmethod
     def for_num_classes(cls, num_classes: int, **overrides: object) -> NTKSAPConfig:
         """NTK-SAP's prune-set size for ``num_classes`` classes: ``10 × num_classes`` samples."""
         check_positive_int(num_classes, "num_classes")
         return cls(**{"prune_samples": 10 * num_classes, **overrides})  # type: ignore[arg-type]
+
+    @classmethod
+    def for_run(cls, cfg: RunConfig) -> NTKSAPConfig:
+        """The NTK-SAP settings of a run: ``prune-iterations``, ``prune-repeats``, ``prune-reinit``.
+
+        Everything else keeps its default (CIFAR-10 prune set of 100 Gaussian inputs).
+        """
+        return cls(
+            iterations=cfg.prune_iterations, repeats=cfg.prune_repeats, reinit=cfg.prune_reinit
+        )
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:
@@ -183,12 +227,24 @@ def scoring_seed(seed: int, stream: int, iteration: int) -> int:
     return derive_seed(seed, "ntk-sap/weights", stream, iteration)
 
 
-def model_reinit(model_name: str) -> Reinit:
-    """A :data:`Reinit` that redraws weights with the initialiser registered for ``model_name``."""
+def model_reinit(model_name: str, mode: ReinitMode = "weights") -> Reinit:
+    """A :data:`Reinit` drawing from the initialiser registered for ``model_name``.
+
+    Parameters
+    ----------
+    model_name : str
+        Registry name (selects the initialiser).
+    mode : {"weights", "all"}
+        ``"weights"``: redraw only the prunable Conv2d/Linear weights, keep biases and
+        normalisation parameters (reference NTK-SAP); ``"all"``: redraw every parameter.
+
+    """
     get_model_spec(model_name)  # fail early on unknown names
+    if mode not in REDRAWS:
+        raise ValueError(f"reinit must be 'weights' or 'all', got {mode!r}")
 
     def reinit(module: nn.Module, generator: torch.Generator) -> nn.Module:
-        return reinitialize_(module, model_name, generator)
+        return reinitialize_(module, model_name, generator, mode)
 
     return reinit
 
@@ -214,9 +270,10 @@ def ntk_mask_gradients(
 ) -> dict[str, torch.Tensor]:
     """Signed NTK-SAP mask gradients summed over ``passes`` passes of ``batches``.
 
-    For each batch ``x``: redraw all weights ``θ`` of a private copy of ``model`` with
-    ``reinit(copy, generator)``, draw ``ξ ~ N(0, I)`` per prunable weight from ``generator``,
-    and add ``∂/∂m Σ_i ‖f(x_i; θ⊙m) − f(x_i; (θ+εξ)⊙m)‖²`` evaluated at ``m = mask``.
+    For each batch ``x``: redraw the parameters ``θ`` of a private copy of ``model`` with
+    ``reinit(copy, generator)`` (what it leaves alone keeps ``model``'s values), draw
+    ``ξ ~ N(0, I)`` per prunable weight from ``generator``, and add
+    ``∂/∂m Σ_i ‖f(x_i; θ⊙m) − f(x_i; (θ+εξ)⊙m)‖²`` evaluated at ``m = mask``.
 
     This is the only NTK-SAP scoring loop: the data-free server (Gaussian ``batches``) and
     federated clients (their own data) both call it.
@@ -224,7 +281,9 @@ def ntk_mask_gradients(
     Parameters
     ----------
     model : nn.Module
-        Architecture to score; never modified (a deep copy is used, in eval mode).
+        Model to score; never modified (a deep copy is used, in eval mode). Parameters that
+        ``reinit`` does not redraw (with :func:`model_reinit` ``"weights"``: biases and
+        normalisation parameters) are used at ``model``'s values.
     mask : Mask
         Current mask; the gradient is evaluated at it (pruned weights are exactly zero in both
         forward passes).
@@ -232,7 +291,7 @@ def ntk_mask_gradients(
         Input batches (or ``(x, y)`` pairs, of which only ``x`` is used); iterated ``passes``
         times, so it must be re-iterable (a list, a DataLoader, :class:`GaussianInputs`).
     reinit : Reinit
-        Redraws the copy's weights for every batch.
+        Redraws the copy's parameters for every batch (e.g. :func:`model_reinit`).
     generator : torch.Generator
         Source of the weight draws and perturbations.
     epsilon : float
@@ -304,13 +363,14 @@ def ntk_sap_scores(
     Parameters
     ----------
     model : nn.Module
-        Architecture to score; never modified.
+        Model to score; never modified. With ``config.reinit == "weights"`` its biases and
+        normalisation parameters are used as they are.
     model_name : str
         Registry name; its initialiser draws ``θ_b`` for every batch.
     mask : Mask
         Current mask.
     config : NTKSAPConfig
-        ``epsilon``, ``repeats``, and (for the default inputs) the batch layout.
+        ``epsilon``, ``repeats``, ``reinit``, and (for the default inputs) the batch layout.
     generator : torch.Generator
         Weight draws and perturbations; also the Gaussian inputs when ``inputs`` is None.
     inputs : iterable of Tensor, optional
@@ -329,7 +389,7 @@ def ntk_sap_scores(
         model,
         mask,
         inputs,
-        reinit=model_reinit(model_name),
+        reinit=model_reinit(model_name, config.reinit),
         generator=generator,
         epsilon=config.epsilon,
         passes=config.repeats,
@@ -346,14 +406,17 @@ def ntk_sap_mask(
 ) -> Mask:
     """Data-free NTK-SAP mask at ``density`` (iterative, global, exact count).
 
-    Takes no data: the inputs are ``N(0, I)`` of ``config.input_shape`` and the weights are
-    fresh draws of ``model_name``'s initialiser, so only the architecture of ``model`` matters
-    (its weights are read by nobody and left bit-identical).
+    Takes no data: the inputs are ``N(0, I)`` of ``config.input_shape`` and the prunable
+    weights are fresh draws of ``model_name``'s initialiser for every batch, so ``model``'s own
+    prunable weights are read by nobody (and left bit-identical). With the default
+    ``config.reinit = "weights"`` the model's biases and normalisation parameters (its initial
+    values θ0, as in the reference NTK-SAP) enter the scores; with ``"all"`` they are redrawn
+    too and only the architecture of ``model`` matters.
 
     Parameters
     ----------
     model : nn.Module
-        Architecture to prune; not modified.
+        Model to prune (at its initial values); not modified.
     model_name : str
         Registry name of ``model`` (selects the initialiser for the weight draws).
     density : float

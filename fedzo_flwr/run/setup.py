@@ -50,7 +50,7 @@ def initial_model(cfg: RunConfig) -> InitialModel:
     if not cfg.pruned:
         mask = dense_mask(model)
     else:
-        ntk = NTKSAPConfig(iterations=cfg.prune_iterations, repeats=cfg.prune_repeats)
+        ntk = NTKSAPConfig.for_run(cfg)
         mask = prune(
             cfg.prune_method,
             model,
