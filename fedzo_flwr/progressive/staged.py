@@ -274,6 +274,11 @@ class StagedModel:
             out = self.output_modules[stage](h)
         return out
 
+    def block_vector(self, stage: int) -> torch.Tensor:
+        """Block ``stage``'s parameters flattened into one detached vector (the pace input)."""
+        names = self.block_names(stage)
+        return torch.cat([self._params[n].detach().reshape(-1) for n in names])
+
     def stage_tensors(self, stage: int) -> dict[str, torch.Tensor]:
         """Detached copies of stage ``stage``'s trainable tensors, by name (what travels)."""
         return {n: p.detach().clone() for n, p in self.stage_parameters(stage).items()}
