@@ -67,6 +67,8 @@ class RunConfig(BaseModel):
     aggregation: Literal["mean", "trimmed-mean", "median"] = "mean"
     trim_fraction: float = Field(0.1, ge=0, lt=0.5)
     max_abs_delta: float = Field(10.0, gt=0)
+    weighting: Literal["examples", "uniform"] = "examples"
+    max_client_share: float = Field(0.5, gt=0, le=1)
     # Zeroth-order estimator.
     k: int = Field(200, ge=1)
     sigma: float = Field(1e-3, gt=0)

@@ -70,7 +70,7 @@ def test_replaying_client_stays_bit_identical_over_30_rounds(overrides):
 
 def test_server_gradient_is_the_replayed_gradient():
     """round_gradient on the recorded groups equals the estimate the server stepped with."""
-    server = make_server(**{"optimizer": "sgd", "lr": 1.0})
+    server = make_server(**{"optimizer": "sgd", "lr": 1.0, "max-client-share": 1.0})
     before = server.kept_values().clone()
     updates = fake_updates(server, 1, clients=3)
     server.apply_round(updates, 1)

@@ -4,9 +4,9 @@
 it hands out a round seed; clients derive their step seeds from it
 (:func:`fedzo_flwr.seeding.client_step_seeds`) and reply with loss differences.
 :meth:`ZOServer.apply_round` groups the replies by seed, averages the scalars of each group
-weighted by examples, rebuilds one gradient estimate per distinct seed and steps the model. With
-``seed-mode = shared`` every client has the same seeds, so the cost of a round is one
-reconstruction, whatever the number of clients.
+weighted as :mod:`fedzo_flwr.aggregation` says, rebuilds one gradient estimate per distinct seed
+and steps the model. With ``seed-mode = shared`` every client has the same seeds, so the cost of
+a round is one reconstruction, whatever the number of clients.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedzo_flwr.aggregation import client_weights
 from fedzo_flwr.config import RunConfig
 from fedzo_flwr.seeding import client_step_seeds, round_seed
 from fedzo_flwr.sparse.mask import Mask
@@ -101,10 +102,19 @@ class ZOServer:
         groups: dict[tuple[int, ...], list[ClientUpdate]] = defaultdict(list)
         for update in updates:
             groups[tuple(step.seed for step in update.steps)].append(update)
-        total_examples = sum(u.num_examples for u in updates)
+        weight_of = dict(
+            zip(
+                (u.partition_id for u in updates),
+                client_weights(
+                    [u.num_examples for u in updates], self.cfg.weighting, self.cfg.max_client_share
+                ),
+                strict=True,
+            )
+        )
+        total_weight = sum(weight_of.values())
         seed_groups = []
         for seeds, members in groups.items():
-            weights = [m.num_examples for m in members]
+            weights = [weight_of[m.partition_id] for m in members]
             coefficients = np.stack(
                 [
                     step_coefficients(
@@ -120,7 +130,7 @@ class ZOServer:
                     for j in range(len(seeds))
                 ]
             )
-            seed_groups.append(SeedGroup(sum(weights) / total_examples, seeds, coefficients))
+            seed_groups.append(SeedGroup(sum(weights) / total_weight, seeds, coefficients))
         grad = round_gradient(self.space.dim, seed_groups, self.settings)
         grad_norm = float(torch.linalg.vector_norm(grad))
         self.optimizer.step(grad)
