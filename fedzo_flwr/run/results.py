@@ -9,15 +9,6 @@ from typing import Any
 from fedzo_flwr.files import atomic_write_bytes
 
 SCHEMA_VERSION = 1
-ROUND_KEYS = (
-    "round",
-    "uplink_bytes",
-    "downlink_bytes",
-    "client_seconds",
-    "client_peak_mem_bytes",
-    "forward_flops",
-    "density",
-)
 
 
 def per_client_summary(values: dict[int, float | int]) -> dict[str, Any]:
