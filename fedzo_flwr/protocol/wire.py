@@ -197,7 +197,7 @@ def scalars_nbytes(k: int) -> int:
     return 4 * _check_count(k, "k")
 
 
-def encode_scalars(values: np.ndarray | Sequence[float]) -> bytes:
+def encode_scalars(values: np.ndarray | torch.Tensor | Sequence[float]) -> bytes:
     """Serialise a 1-D vector of real numbers as little-endian float32.
 
     Parameters

@@ -74,7 +74,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     payload = envelope.get("payload", b"")
     if hashlib.sha256(payload).hexdigest() != envelope.get("sha256"):
         raise CheckpointError(f"resume-from: {path} is corrupt (SHA-256 mismatch)")
-    return torch.load(io.BytesIO(payload), weights_only=False)
+    state = torch.load(io.BytesIO(payload), weights_only=False)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"resume-from: {path} does not hold a checkpoint state (a dict)")
+    return state
 
 
 def check_compatible(state: dict[str, Any], cfg: RunConfig, mask: Mask, path: Path) -> None:
