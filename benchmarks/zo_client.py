@@ -63,8 +63,8 @@ from fedzo_flwr.pruning import prune
 from fedzo_flwr.sparse.mask import apply_mask_
 from fedzo_flwr.sparse.space import KeptSpace
 from fedzo_flwr.zo.directions import DirectionGenerator
+from fedzo_flwr.zo.engines.fused import DEFAULT_MEMORY_BUDGET_MB, planned_chunk
 from fedzo_flwr.zo.estimator import batch_loss, loss_differences
-from fedzo_flwr.zo.fast_engine import DEFAULT_MEMORY_BUDGET_MB, planned_chunk
 from fedzo_flwr.zo.settings import ZOSettings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,14 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fedzo_flwr.errors import ConfigError
 from fedzo_flwr.models import MODELS
@@ -116,6 +123,19 @@ class RunConfig(BaseModel):
             raise ValueError(f"unknown model {value!r}; valid models: {', '.join(sorted(MODELS))}")
         return value
 
+    @model_validator(mode="after")
+    def _robust_aggregation_needs_shared_seeds(self) -> RunConfig:
+        # Robust aggregation combines, per coordinate, the deltas of clients that share step
+        # seeds; with per-client seeds no two clients share any, so it would silently be "mean".
+        if self.aggregation != "mean" and self.seed_mode == "per-client":
+            raise ValueError(
+                f"keys 'aggregation' and 'seed-mode': aggregation={self.aggregation!r} combines "
+                "the deltas of clients that share step seeds, and seed-mode='per-client' gives "
+                "every client its own, so it would have no effect; use seed-mode='shared' or "
+                "aggregation='mean'"
+            )
+        return self
+
     @property
     def pruned(self) -> bool:
         """Whether the run prunes before training (``zo-dense`` trains the dense model)."""
@@ -173,10 +193,13 @@ class RunConfig(BaseModel):
 def _describe(err: ValidationError) -> str:
     lines = []
     for problem in err.errors():
-        key = ".".join(str(part) for part in problem["loc"]) or "<config>"
+        key = ".".join(str(part) for part in problem["loc"])
         if problem["type"] == "extra_forbidden":
             lines.append(f"key '{key}': unknown key")
             continue
         message = problem["msg"].removeprefix("Value error, ")
+        if not key:  # a rule over several keys: its message names them
+            lines.append(message)
+            continue
         lines.append(f"key '{key}': {message} (got {problem.get('input')!r})")
     return "invalid run config: " + "; ".join(lines)

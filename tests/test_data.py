@@ -511,3 +511,31 @@ def test_min_partition_size_decides_how_many_dirichlet_clients_fit(
     assert len(y) >= 1 and x.shape == (len(y), 32, 32, 3)
     cached = [p.name for p in tmp_path.iterdir()]  # one partition file, under the cache dir
     assert len(cached) == 1 and cached[0].startswith("cifar10-p0of2000-")
+
+
+def test_partition_memory_cache_is_a_bounded_lru(tmp_path, data_dir, monkeypatch) -> None:
+    # An actor serving many clients keeps only the MEMORY_CACHE_SIZE most recently used
+    # partitions in memory; an evicted one comes back from the disk cache, equal but new.
+    from fedzo_flwr.config import RunConfig
+    from fedzo_flwr.data import client_data
+
+    monkeypatch.setenv("FEDZO_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(client_data, "_PARTITIONS", type(client_data._PARTITIONS)())
+    cfg = RunConfig.from_run_config({"data-dir": str(data_dir), "partitioner": "iid"})
+    size = client_data.MEMORY_CACHE_SIZE
+    assert size == 4
+    first = {i: client_data.load_client_data(cfg, i, 50) for i in range(size + 2)}
+    assert len(client_data._PARTITIONS) == size
+    assert len(list(tmp_path.iterdir())) == size + 2  # the disk cache keeps them all
+    # Partitions 2..5 are in memory: the very same arrays come back.
+    again = client_data.load_client_data(cfg, 2, 50)
+    assert again[0] is first[2][0] and again[1] is first[2][1]
+    # Partition 0 was evicted: re-read from disk (equal values, new arrays), evicting 3 (the
+    # least recently used now that 2 was just used).
+    reread = client_data.load_client_data(cfg, 0, 50)
+    assert reread[0] is not first[0][0]
+    np.testing.assert_array_equal(reread[0], first[0][0])
+    np.testing.assert_array_equal(reread[1], first[0][1])
+    assert len(client_data._PARTITIONS) == size
+    assert client_data.load_client_data(cfg, 2, 50)[0] is first[2][0]
+    assert client_data.load_client_data(cfg, 3, 50)[0] is not first[3][0]

@@ -7,22 +7,32 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
+from collections import OrderedDict
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.nn import functional as F
 
 from fedzo_flwr.models import build_model
 from fedzo_flwr.sparse.mask import apply_mask_, global_topk_mask, prunable_parameters
 from fedzo_flwr.sparse.space import KeptSpace
-from fedzo_flwr.zo import fast_engine
 from fedzo_flwr.zo.directions import DirectionGenerator
+from fedzo_flwr.zo.engines import fused as fast_engine
+from fedzo_flwr.zo.engines.fused import engine as fused_step
 from fedzo_flwr.zo.estimator import ENGINES, batch_loss, loss_differences
+from fedzo_flwr.zo.local import run_local_steps
 from fedzo_flwr.zo.settings import ZOSettings
 
 RTOL, ATOL = 1e-4, 1e-6
+
+
+@pytest.fixture(autouse=True)
+def no_known_failures(monkeypatch):
+    # Each test starts with an empty cache of untranslatable model kinds.
+    monkeypatch.setattr(fused_step, "_FAILURES", OrderedDict())
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +154,7 @@ def test_weights_bit_identical_and_pruned_weights_zero_in_every_forward(cifar, m
     before = {n: t.clone() for n, t in model.state_dict().items()}
     seen: list[tuple[str, torch.Tensor]] = []
     names = {id(p): n for n, p in model.named_parameters()}
-    original = fast_engine._ChunkWeights.get
+    original = fast_engine.ChunkWeights.get
 
     def spy(self, p):
         built = original(self, p)
@@ -152,7 +162,7 @@ def test_weights_bit_identical_and_pruned_weights_zero_in_every_forward(cifar, m
             seen.append((names[id(p)], built.clone()))
         return built
 
-    monkeypatch.setattr(fast_engine._ChunkWeights, "get", spy)
+    monkeypatch.setattr(fast_engine.ChunkWeights, "get", spy)
     x, y = cifar(0, 8)
     settings = ZOSettings(k=9, sigma=1e-2, scheme="central")
     loss_differences(model, space, x, y, 5, settings, engine="fused", chunk_size=4)
@@ -172,14 +182,14 @@ def test_perturbed_weights_are_bit_identical_to_lean(cifar, monkeypatch):
     theta = space.gather(model)
     direction = DirectionGenerator(space.dim, 11).direction(2)
     rows = {}
-    original = fast_engine._ChunkWeights.get
+    original = fast_engine.ChunkWeights.get
 
     def spy(self, p):
         built = original(self, p)
         rows[id(p)] = built
         return built
 
-    monkeypatch.setattr(fast_engine._ChunkWeights, "get", spy)
+    monkeypatch.setattr(fast_engine.ChunkWeights, "get", spy)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one worker, one chunk of 3: row 2 is direction 2
     try:
@@ -235,6 +245,74 @@ def test_parallel_workers_give_the_same_deltas_and_restore_threads(cifar):
     for deltas in results:
         np.testing.assert_allclose(deltas, lean, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(results[1], results[0], rtol=1e-6, atol=1e-8)
+
+
+def test_fused_step_never_changes_torch_threads(cifar):
+    # The caller owns torch's thread count. A thread started while the step runs (here: from
+    # the loss function, which runs on the workers) must see the caller's setting, and so
+    # must the caller afterwards.
+    model, space, _ = masked(build_model("lenet5", seed=9), 0.5)
+    x, y = cifar(300, 4)
+    settings = ZOSettings(k=6, sigma=1e-3)
+    before = torch.get_num_threads()
+    seen: list[int] = []
+
+    def loss_fn(logits, targets):
+        probe = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        probe.start()
+        probe.join()
+        return batch_loss(logits, targets)
+
+    torch.set_num_threads(2)
+    try:
+        for workers in (None, 1, 2):
+            seen.clear()
+            gen = DirectionGenerator(space.dim, 4)
+            fast_engine.fused_loss_differences(
+                model, space, x, y, gen, settings, loss_fn, 2, None, workers
+            )
+            assert torch.get_num_threads() == 2
+            chunks = fast_engine.balanced_chunks(6, 2, workers or 1)
+            assert seen == [2] * (1 + len(chunks)), workers  # the base loss, then every chunk
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_untranslatable_model_is_traced_and_warned_once(cifar, caplog, monkeypatch):
+    # A simulation builds a new model object every round and takes several local steps: the
+    # failure is cached per model kind, so the model is traced once and the warning logged once.
+    traces = []
+    trace = fx.symbolic_trace
+    monkeypatch.setattr(fx, "symbolic_trace", lambda m: traces.append(m) or trace(m))
+    x, y = cifar(0, 4)
+    settings = ZOSettings(k=3, sigma=1e-3)
+
+    def fresh() -> nn.Module:
+        torch.manual_seed(0)
+        return WithLayerNorm().eval()
+
+    models = [fresh() for _ in range(3)]
+    with caplog.at_level(logging.WARNING):
+        for model in models:
+            space = KeptSpace(model)
+            steps, _ = run_local_steps(
+                model, space, lambda _: (x, y), [1, 2], settings, 0.01, engine="fused"
+            )
+    warnings = [r for r in caplog.records if "fused engine unavailable" in r.getMessage()]
+    assert len(warnings) == 1 and "LayerNorm" in warnings[0].getMessage()
+    assert len(traces) == 1
+    reference = fresh()
+    lean, _ = run_local_steps(
+        reference, KeptSpace(reference), lambda _: (x, y), [1, 2], settings, 0.01
+    )
+    for got, want in zip(steps, lean):
+        np.testing.assert_array_equal(got.deltas, want.deltas)
+    # Another kind (different shapes) is a new failure: traced and reported once more.
+    other = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10), nn.LayerNorm(10)).eval()
+    with caplog.at_level(logging.WARNING):
+        loss_differences(other, KeptSpace(other), x, y, 1, settings, engine="fused")
+    assert len(traces) == 2
+    assert sum("fused engine unavailable" in r.getMessage() for r in caplog.records) == 2
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,10 @@ from fedzo_flwr.measure.flops import (
 )
 from fedzo_flwr.models import build_model
 from fedzo_flwr.sparse.mask import dense_mask, kept_target, prunable_parameters
+from fedzo_flwr.sparse.space import KeptSpace
+from fedzo_flwr.zo.engines import fused
+from fedzo_flwr.zo.estimator import loss_differences
+from fedzo_flwr.zo.settings import ZOSettings
 
 # LeNet-5 on 3x32x32, FlopCounterMode convention (2 FLOPs per MAC, biases not counted):
 #   conv1: 28*28 outputs x 6 channels x (3*5*5 = 75) MACs  -> 2 * 352,800 = 705,600
@@ -228,13 +232,54 @@ def test_counting_leaves_model_untouched(lenet: nn.Module) -> None:
         assert torch.equal(p, before[n])
 
 
+@pytest.mark.parametrize("scheme", ["forward", "central"])
+@pytest.mark.parametrize("engine", ["lean", "fused"])
+def test_zo_step_flops_count_the_passes_the_engines_run(
+    scheme: str, engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ground truth: the forward passes one step really runs, counted. Passes through the
+    # model's own modules are counted by a forward hook on its head (rows of logits / batch);
+    # the fused engine's copies, which run in its translated forward, by the rows of every
+    # FusedPlan.forward call of the step.
+    model = build_model("lenet5", seed=1).eval()
+    mask, _, _ = one_layer_mask(model, "fc1.weight", 0.3)
+    with torch.no_grad():
+        model.fc1.weight.mul_(mask["fc1.weight"])
+    space = KeptSpace(model, mask)
+    k, batch = 5, 4
+    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(batch) % 10
+    fused.get_plan(model, space).verify(model, space, x)  # verification runs once, before
+    rows: list[int] = []
+    translated = fused.FusedPlan.forward
+
+    def spy(self, x, weights, track=None):  # type: ignore[no-untyped-def]
+        rows.append(weights.rows * x.shape[0])
+        return translated(self, x, weights, track)
+
+    monkeypatch.setattr(fused.FusedPlan, "forward", spy)
+    handle = model.fc3.register_forward_hook(lambda _m, _a, out: rows.append(out.shape[0]))
+    settings = ZOSettings(k=k, sigma=1e-3, scheme=scheme)  # type: ignore[arg-type]
+    try:
+        result = loss_differences(model, space, x, y, 3, settings, engine=engine, chunk_size=2)
+    finally:
+        handle.remove()
+    passes = sum(rows) // batch
+    assert passes == (k + 1 if scheme == "forward" else 2 * k + 1)
+    if engine == "lean":
+        assert len(rows) == passes  # one model call per pass
+    assert result.forward_passes == passes
+    per_pass = forward_flops(model, mask, batch_size=batch).sparse
+    assert zo_step_flops(model, mask, batch, k, scheme) == passes * per_pass  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("k", [1, 4, 20])
 def test_zo_step_flops(lenet: nn.Module, k: int) -> None:
     mask, kept, n = one_layer_mask(lenet, "fc1.weight", 0.2)
     fwd = forward_flops(lenet, mask, batch_size=16).sparse
     assert fwd == 16 * (LENET_FORWARD - 96_000 + 96_000 * kept // n)
     assert zo_step_flops(lenet, mask, 16, k, "forward") == (k + 1) * fwd
-    assert zo_step_flops(lenet, mask, 16, k, "central") == 2 * k * fwd
+    assert zo_step_flops(lenet, mask, 16, k, "central") == (2 * k + 1) * fwd
     assert zo_step_flops(lenet, None, 1, k, "forward") == (k + 1) * LENET_FORWARD
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,20 @@ from fedzo_flwr.files import atomic_write_bytes
 logger = logging.getLogger(__name__)
 
 CACHE_DIR_ENV = "FEDZO_CACHE_DIR"
-_PARTITIONS: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+MEMORY_CACHE_SIZE = 4
+"""Partitions kept in memory per process (least recently used dropped first).
+
+A simulation actor serves many partitions over a run; holding all of them would grow with the
+number of clients. The disk cache keeps every partition, so a dropped one is re-read, not
+re-cut."""
+_PARTITIONS: OrderedDict[tuple[object, ...], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+
+
+def _remember(key: tuple[object, ...], arrays: tuple[np.ndarray, np.ndarray]) -> None:
+    _PARTITIONS[key] = arrays
+    _PARTITIONS.move_to_end(key)
+    while len(_PARTITIONS) > MEMORY_CACHE_SIZE:
+        _PARTITIONS.popitem(last=False)
 
 
 def partition_cache_dir() -> Path:
@@ -38,20 +52,24 @@ def load_client_data(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The training images and labels of one client's partition (uint8 HWC, int64).
 
-    Cached in memory (simulation actors live across rounds) and on disk as an uncompressed
-    ``.npz`` (a deployed SuperNode starts a fresh ClientApp process per message), so the
-    dataset is decompressed and partitioned once per node, not once per round.
+    Cached in memory, the :data:`MEMORY_CACHE_SIZE` most recently used partitions (simulation
+    actors live across rounds), and on disk as an uncompressed ``.npz`` (a deployed SuperNode
+    starts a fresh ClientApp process per message), so the dataset is decompressed and
+    partitioned once per node, not once per round.
     """
     data_dir = str(cfg.resolve_data_dir())
     key = partition_key(cfg, data_dir, partition_id, num_partitions)
-    if key in _PARTITIONS:
-        return _PARTITIONS[key]
+    hit = _PARTITIONS.get(key)
+    if hit is not None:
+        _PARTITIONS.move_to_end(key)
+        return hit
     path = partition_cache_dir() / partition_cache_name(cfg, data_dir, partition_id, num_partitions)
     if path.is_file():
         try:
             with np.load(path) as cached:
-                _PARTITIONS[key] = (cached["x"], cached["y"])
-            return _PARTITIONS[key]
+                arrays = (cached["x"], cached["y"])
+            _remember(key, arrays)
+            return arrays
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
             logger.warning("Ignoring unreadable partition cache %s", path)
     data = load_dataset(cfg.dataset, cfg.resolve_data_dir())
@@ -62,7 +80,7 @@ def load_client_data(
         atomic_write_bytes(path, buffer.getvalue())
     except OSError as err:  # a read-only home must not stop training
         logger.warning("Could not cache partition at %s: %s", path, err)
-    _PARTITIONS[key] = (x, y)
+    _remember(key, (x, y))
     return x, y
 
 

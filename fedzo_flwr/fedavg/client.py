@@ -157,7 +157,7 @@ def train_round_backprop(
                 target = torch.as_tensor(y[idx], dtype=torch.long)
                 optimizer.zero_grad(set_to_none=False)
                 loss = F.cross_entropy(model(x), target)
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]  # Tensor.backward is unannotated
                 mask_gradients_(model, mask)
                 optimizer.step()
                 apply_mask_(model, mask)

@@ -38,6 +38,7 @@ from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedzo_flwr.sparse.mask import Mask, dense_mask, prunable_parameters, validate_mask
+from fedzo_flwr.zo.settings import step_forward_passes
 
 __all__ = [
     "FlopReport",
@@ -299,8 +300,10 @@ def zo_step_flops(
 
     ``"forward"`` differences evaluate the loss at the current point and at ``k`` perturbed
     points (``k + 1`` forward passes); ``"central"`` differences evaluate ``x +/- mu u_i``
-    (``2 k`` passes). Each pass is a forward of the masked model on ``batch_size`` samples;
-    drawing directions and applying perturbations/updates (element-wise work) is not counted.
+    and the current point for the logged base loss (``2 k + 1`` passes): the passes every
+    engine runs (:func:`~fedzo_flwr.zo.settings.step_forward_passes`). Each pass is a forward
+    of the masked model on ``batch_size`` samples; drawing directions and applying
+    perturbations/updates (element-wise work) is not counted.
 
     Raises
     ------
@@ -309,10 +312,7 @@ def zo_step_flops(
 
     """
     k = _check_positive_int(k, "k")
-    if scheme == "forward":
-        passes = k + 1
-    elif scheme == "central":
-        passes = 2 * k
-    else:
+    if scheme not in ("forward", "central"):
         raise ValueError(f"scheme must be 'forward' or 'central', got {scheme!r}")
+    passes = step_forward_passes(k, scheme)
     return passes * forward_flops(model, mask, input_shape, batch_size).sparse

@@ -121,7 +121,7 @@ def activation_bytes(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     del out
     peak = 0
 
-    def hook(module: nn.Module, args: tuple, output: object) -> None:
+    def hook(module: nn.Module, args: tuple[object, ...], output: object) -> None:
         nonlocal peak
         inputs = sum(_nbytes(a) for a in args if isinstance(a, torch.Tensor) and a is not x)
         outputs = _nbytes(output) if isinstance(output, torch.Tensor) else 0

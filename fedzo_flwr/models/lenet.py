@@ -32,7 +32,8 @@ class LeNet5(nn.Module):
         x = torch.flatten(x, 1)
         x = self.act(self.fc1(x))
         x = self.act(self.fc2(x))
-        return self.fc3(x)
+        logits: torch.Tensor = self.fc3(x)
+        return logits
 
 
 class LeNetGN(nn.Module):
@@ -57,4 +58,5 @@ class LeNetGN(nn.Module):
         x = self.pool(self.act(self.norm1(self.conv1(x))))
         x = self.act(self.norm2(self.conv2(x)))
         x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
-        return self.fc(x)
+        logits: torch.Tensor = self.fc(x)
+        return logits

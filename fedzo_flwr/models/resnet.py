@@ -92,7 +92,8 @@ class CifarResNet(nn.Module):
         x = F.relu(self.norm1(self.conv1(x)))
         x = self.layers(x)
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-        return self.fc(x)
+        logits: torch.Tensor = self.fc(x)
+        return logits
 
 
 def resnet20(num_classes: int = 10) -> CifarResNet:

@@ -18,6 +18,7 @@ Train reply (client -> server)
 
 from __future__ import annotations
 
+from fedzo_flwr.errors import ReplyRejected
 from fedzo_flwr.protocol.keys import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -37,7 +38,7 @@ from fedzo_flwr.protocol.keys import (
     ZO_KEY,
     mask_id,
 )
-from fedzo_flwr.protocol.replies import ParsedReply, ReplyRejected, parse_reply
+from fedzo_flwr.protocol.replies import ParsedReply, parse_reply
 
 __all__ = [
     "ARRAYS_KEY",

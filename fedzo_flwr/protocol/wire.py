@@ -1,7 +1,7 @@
 """Wire formats: the exact bytes exchanged between server and clients, and their sizes.
 
-Three payloads, each a plain ``bytes`` object with no header (the receiver already knows the
-layout from the model and the mask, so nothing redundant travels):
+Two payloads, each a plain ``bytes`` object with no header (the receiver already knows the
+layout from the model and the mask, so nothing redundant travels), and one size for reporting:
 
 * **Mask bitmap** (:func:`encode_mask`): one bit per prunable weight, ``1`` = kept. Each tensor
   is flattened row-major and packed with :func:`numpy.packbits` (``bitorder="big"``: the first
@@ -9,11 +9,10 @@ layout from the model and the mask, so nothing redundant travels):
   strings are concatenated in mask order. A tensor of ``n`` entries takes ``ceil(n / 8)`` bytes,
   so the padding costs at most 7 bits per tensor; padding bits are zero and the decoder checks
   it. Size: :func:`mask_nbytes` (7,722 bytes for LeNet-5).
-* **Sparse weights** (:func:`encode_sparse_weights`): the kept coordinates of a model in
-  :class:`~fedzo_flwr.sparse.space.KeptSpace` order as little-endian float32 (``'<f4'``), i.e.
-  ``4 * space.dim`` bytes (:func:`sparse_weights_nbytes`). Pruned weights are implied zero.
 * **Scalars** (:func:`encode_scalars`): a vector of little-endian float32 values (projected
   gradients, losses, ...), ``4 * k`` bytes for ``k`` values (:func:`scalars_nbytes`).
+* **Sparse weights size** (:func:`sparse_weights_nbytes`): what the kept coordinates of a
+  model would take as float32, ``4 * space.dim`` bytes (reported next to the dense size).
 
 Every decoder validates the length exactly and raises :class:`ValueError` naming the offending
 argument with the expected and received sizes; wrong argument types raise :class:`TypeError`.
@@ -32,13 +31,10 @@ from fedzo_flwr.sparse.mask import Mask, prunable_parameters
 from fedzo_flwr.sparse.space import KeptSpace
 
 __all__ = [
-    "apply_sparse_weights_",
     "decode_mask",
     "decode_scalars",
-    "decode_sparse_weights",
     "encode_mask",
     "encode_scalars",
-    "encode_sparse_weights",
     "mask_nbytes",
     "scalars_nbytes",
     "sparse_weights_nbytes",
@@ -70,17 +66,6 @@ def _check_space(space: object) -> KeptSpace:
     if not isinstance(space, KeptSpace):
         raise TypeError(f"space must be a KeptSpace, got {type(space).__name__}")
     return space
-
-
-def _check_model(model: object) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    return model
-
-
-# --------------------------------------------------------------------------------------------
-# Mask bitmap
-# --------------------------------------------------------------------------------------------
 
 
 def _mask_layout(template: object, name: str) -> list[tuple[str, torch.Size]]:
@@ -202,57 +187,6 @@ def sparse_weights_nbytes(space: KeptSpace) -> int:
     return 4 * _check_space(space).dim
 
 
-def encode_sparse_weights(space: KeptSpace, model: nn.Module) -> bytes:
-    """Serialise the kept coordinates of ``model`` (``space.gather``) as little-endian float32.
-
-    Parameters
-    ----------
-    space : KeptSpace
-        Defines which coordinates travel, and their order.
-    model : nn.Module
-        The model to read.
-
-    Returns
-    -------
-    bytes
-        ``4 * space.dim`` bytes.
-
-    """
-    flat = _check_space(space).gather(_check_model(model))
-    return flat.detach().to("cpu", torch.float32).numpy().astype(_F32_LE, copy=False).tobytes()
-
-
-def decode_sparse_weights(data: BytesLike, space: KeptSpace) -> torch.Tensor:
-    """Parse a sparse-weights payload into a flat float32 tensor of shape ``(space.dim,)``.
-
-    Raises
-    ------
-    TypeError
-        If ``data`` is not bytes-like or ``space`` is not a :class:`KeptSpace`.
-    ValueError
-        If ``data`` does not have exactly ``4 * space.dim`` bytes.
-
-    """
-    raw = _as_bytes(data, "data")
-    expected = sparse_weights_nbytes(space)
-    if len(raw) != expected:
-        raise ValueError(
-            f"data has {len(raw)} bytes, expected {expected} (4 * space.dim = 4 * {space.dim})"
-        )
-    values = np.frombuffer(raw, dtype=_F32_LE).astype(np.float32)  # native order, writable copy
-    return torch.from_numpy(values)
-
-
-def apply_sparse_weights_(model: nn.Module, space: KeptSpace, data: BytesLike) -> nn.Module:
-    """Decode ``data`` and write it into the kept coordinates of ``model`` in place.
-
-    Pruned coordinates are left untouched (callers keep them at zero). Returns ``model``.
-    """
-    _check_model(model)
-    space.scatter_(model, decode_sparse_weights(data, space))
-    return model
-
-
 # --------------------------------------------------------------------------------------------
 # Scalars
 # --------------------------------------------------------------------------------------------
@@ -263,7 +197,7 @@ def scalars_nbytes(k: int) -> int:
     return 4 * _check_count(k, "k")
 
 
-def encode_scalars(values: np.ndarray | Sequence[float]) -> bytes:
+def encode_scalars(values: np.ndarray | torch.Tensor | Sequence[float]) -> bytes:
     """Serialise a 1-D vector of real numbers as little-endian float32.
 
     Parameters

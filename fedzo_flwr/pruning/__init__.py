@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -127,7 +128,8 @@ def prune(
         raise ValueError("prune_method 'snip' needs data: pass data_batches of (x, y)")
     if method == "ntk-local":
         if client_batches is None and data_batches is not None:
-            client_batches = [data_batches]
+            # (x, y) pairs are accepted where input batches are (client_ntk_gradients).
+            client_batches = [cast(Iterable[torch.Tensor], data_batches)]
         if client_batches is None:
             raise ValueError(
                 "prune_method 'ntk-local' needs data: pass client_batches (one iterable of input "

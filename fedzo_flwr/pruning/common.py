@@ -19,7 +19,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fedzo_flwr.seeding import derive_seed  # noqa: F401  (re-exported)
+from fedzo_flwr.seeding import derive_seed as derive_seed  # re-exported
 from fedzo_flwr.sparse.mask import (
     Mask,
     check_density,
@@ -110,7 +110,8 @@ def masked_forward(
         w = params[name] if delta is None else params[name] + delta[name]
         values[name] = w * m
     values.update(dict(work.named_buffers()))
-    return functional_call(work, values, (x,))
+    out: torch.Tensor = functional_call(work, values, (x,))
+    return out
 
 
 def mask_gradient(

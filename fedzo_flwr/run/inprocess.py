@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from fedzo_flwr.config import RunConfig
 from fedzo_flwr.data import load_dataset
@@ -26,8 +27,8 @@ def run_inprocess(
     cfg: RunConfig,
     num_clients: int,
     test_examples: int = 10_000,
-    on_round: Callable[[dict], None] | None = None,
-) -> list[dict]:
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
     """Train ``cfg.num_server_rounds`` rounds with ``num_clients`` simulated clients.
 
     Returns one dict per evaluated round (``round``, ``accuracy``, ``loss``, ``seconds``).

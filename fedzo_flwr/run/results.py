@@ -9,15 +9,6 @@ from typing import Any
 from fedzo_flwr.files import atomic_write_bytes
 
 SCHEMA_VERSION = 1
-ROUND_KEYS = (
-    "round",
-    "uplink_bytes",
-    "downlink_bytes",
-    "client_seconds",
-    "client_peak_mem_bytes",
-    "forward_flops",
-    "density",
-)
 
 
 def per_client_summary(values: dict[int, float | int]) -> dict[str, Any]:
@@ -69,7 +60,8 @@ class RunRecorder:
         rounds = self.data["rounds"]
         for entry in reversed(rounds):
             if entry["round"] == server_round:
-                return entry
+                found: dict[str, Any] = entry
+                return found
         entry = {"round": server_round}
         rounds.append(entry)
         rounds.sort(key=lambda e: e["round"])
@@ -90,7 +82,8 @@ class RunRecorder:
         evaluated = [r for r in self.data["rounds"] if "accuracy" in r]
         last = evaluated[-1] if evaluated else {}
         self.set_final(accuracy=last.get("accuracy"), loss=last.get("loss"), **fields)
-        return self.data["final"]
+        final: dict[str, Any] = self.data["final"]
+        return final
 
     def write(self) -> None:
         """Rewrite ``results.json`` atomically."""

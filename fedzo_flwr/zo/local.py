@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from fedzo_flwr.sparse.space import KeptSpace
-from fedzo_flwr.zo.estimator import LossDifferences, loss_differences
+from fedzo_flwr.zo.engines import LossDifferences
+from fedzo_flwr.zo.estimator import loss_differences
 from fedzo_flwr.zo.reconstruct import ScalarStep, estimate_gradient, local_sgd_step
 from fedzo_flwr.zo.settings import ZOSettings
 

@@ -132,12 +132,15 @@ def aggregate_deltas(
         raise ValueError(f"weights must be finite, non-negative and not all zero, got {list(w)}")
     stacked = np.stack([check_deltas(d, k, f"deltas[{i}]") for i, d in enumerate(deltas)])
     if method == "median":
-        return np.median(stacked, axis=0)
+        median: np.ndarray = np.median(stacked, axis=0)
+        return median
     if method == "trimmed-mean":
         cut = int(np.floor(trim_fraction * len(deltas)))
         ordered = np.sort(stacked, axis=0)
-        return ordered[cut : len(deltas) - cut].mean(axis=0)
-    return (w / w.sum()) @ stacked
+        trimmed: np.ndarray = ordered[cut : len(deltas) - cut].mean(axis=0)
+        return trimmed
+    mean: np.ndarray = (w / w.sum()) @ stacked
+    return mean
 
 
 def local_sgd_step(theta: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:

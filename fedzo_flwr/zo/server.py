@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -143,11 +144,11 @@ class ZOServer:
         )
         return RoundSummary(len(updates), len(groups), grad_norm, train_loss)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         """Optimizer state (kept weights, moments, EMA, step count) for checkpoints."""
         return self.optimizer.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` and write the weights into the model."""
         self.optimizer.load_state_dict(state)
         self.space.scatter_(self.model, self.optimizer.weights)

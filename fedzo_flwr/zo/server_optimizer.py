@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -146,7 +146,7 @@ class ServerOptimizer:
         """Weights to evaluate and ship: the EMA if enabled, else the current weights."""
         return self.ema if self.ema is not None else self.weights
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: weights, optimizer state, EMA and step count."""
         return {
             "theta": self.theta.detach().clone(),
@@ -155,7 +155,7 @@ class ServerOptimizer:
             "steps": self.steps,
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         theta = state["theta"]
         if theta.shape != self.theta.shape:

@@ -14,6 +14,20 @@ FDScheme = Literal["forward", "central"]
 FD_SCHEMES: tuple[str, ...] = ("forward", "central")
 
 
+def step_forward_passes(k: int, scheme: str) -> int:
+    """Forward passes every engine runs for one step of ``k`` directions.
+
+    ``forward``: the base point ``w`` and the ``k`` points ``w + σu_k`` (``k + 1``);
+    ``central``: ``w ± σu_k`` (``2k``) plus the base point, evaluated for the logged base loss
+    (``2k + 1``).
+    """
+    if scheme == "forward":
+        return k + 1
+    if scheme == "central":
+        return 2 * k + 1
+    raise ValueError(f"scheme must be one of {', '.join(FD_SCHEMES)}; got {scheme!r}")
+
+
 @dataclass(frozen=True)
 class ZOSettings:
     """How loss differences are taken and turned into a gradient estimate.
@@ -26,7 +40,8 @@ class ZOSettings:
         Perturbation scale (> 0).
     scheme : {"forward", "central"}
         ``forward``: ``L(w+σu) - L(w)`` (K+1 forward passes); ``central``:
-        ``L(w+σu) - L(w-σu)`` (2K forward passes, O(σ²) bias instead of O(σ)).
+        ``L(w+σu) - L(w-σu)`` (2K+1 forward passes with the logged base loss, O(σ²) bias
+        instead of O(σ)).
     directions : {"gaussian", "rademacher"}
         Distribution of the directions (see :mod:`fedzo_flwr.zo.directions`).
     """
@@ -51,8 +66,8 @@ class ZOSettings:
 
     @property
     def forward_passes(self) -> int:
-        """Forward passes per step: K+1 (forward) or 2K (central)."""
-        return self.k + 1 if self.scheme == "forward" else 2 * self.k
+        """Forward passes per step, the base pass included: :func:`step_forward_passes`."""
+        return step_forward_passes(self.k, self.scheme)
 
     @property
     def difference_scale(self) -> float:
