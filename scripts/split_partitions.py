@@ -30,10 +30,10 @@ import io
 import json
 import os
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
-import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -6,7 +6,7 @@ Pruning is data-free on the server, or a federated phase for data-dependent prun
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from logging import ERROR, INFO
 from pathlib import Path
 
@@ -42,7 +42,7 @@ app = ServerApp()
 
 def default_run_name(cfg: RunConfig) -> str:
     """``<method>-<model>-<partitioner>-d<density>-s<seed>-<UTC time>``."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     part = cfg.partitioner + (f"{cfg.alpha:g}" if cfg.partitioner == "dirichlet" else "")
     return f"{cfg.method}-{cfg.model}-{part}-d{cfg.effective_density:g}-s{cfg.seed}-{stamp}"
 

@@ -5,10 +5,10 @@ Relies on Flower 1.41 private API (``TaskIdentity``), kept in this one helper.
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import tomllib
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid

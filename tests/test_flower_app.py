@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
+import tomllib
 
 import numpy as np
 import pytest
-import tomllib
 import torch
 from flwr.app import ConfigRecord
 from inprocess_grid import ROOT, InProcessGrid, app_config, server_context
