@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from deploy.commands import PROG, down, run_app, status, up
+from deploy.data import DATA_SOURCES
 from deploy.errors import DeployError
 from deploy.nodes import start_supernode, stop_process
 from deploy.state import DEFAULT_STATE_DIR, MODES
@@ -44,6 +45,12 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         "--data-dir",
         default=None,
         help="folder with cifar10.npz (default $FEDZO_DATA_DIR or ../shared/data)",
+    )
+    p_up.add_argument(
+        "--dataset",
+        choices=tuple(DATA_SOURCES),
+        default=None,
+        help="require this dataset in --data-dir (default: any; `run` checks the run's own)",
     )
     p_up.add_argument("--port", type=int, default=9093, help="SuperLink port (default 9093)")
     p_up.add_argument(
@@ -113,6 +120,7 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
                 keep_state=args.keep_state,
                 node_data_dir=args.node_data_dir,
                 node_cache_dir=args.node_cache_dir,
+                dataset=args.dataset,
             )
         elif args.command == "down":
             down(args.state_dir, timeout=args.timeout, purge=args.purge)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, overload
 
+from deploy.data import check_run_data, require_data
 from deploy.errors import DeployError
 from deploy.flower_cli import (
     cli_env,
@@ -63,13 +64,15 @@ def up(
     quiet: bool = False,
     node_data_dir: str | None = None,
     node_cache_dir: str | None = None,
+    dataset: str | None = None,
 ) -> State:
     """Start a SuperLink and ``nodes`` SuperNodes on 127.0.0.1; return the deployment state.
 
-    ``data_dir`` is the ServerApp's (the test set) and, by default, every node's ``data-dir``.
-    ``node_data_dir`` / ``node_cache_dir`` (``{i}`` = node index) give each SuperNode its own
-    ``data-dir`` in ``--node-config`` and its own ``$FEDZO_CACHE_DIR``, as separate devices
-    have (e.g. an empty data folder plus a partition file from scripts/split_partitions.py).
+    ``data_dir`` is the ServerApp's (the test set) and, by default, every node's ``data-dir``;
+    it must hold ``dataset`` (None: CIFAR-10 or CIFAR-100). ``node_data_dir`` /
+    ``node_cache_dir`` (``{i}`` = node index) give each SuperNode its own ``data-dir`` in
+    ``--node-config`` and its own ``$FEDZO_CACHE_DIR``, as separate devices have (e.g. an
+    empty data folder plus a partition file from scripts/split_partitions.py).
 
     Blocks until the SuperLink listens and every SuperNode is online (bounded by
     ``timeout``). On any failure it stops what it started and raises :class:`DeployError`.
@@ -80,8 +83,7 @@ def up(
         raise DeployError("need at least one SuperNode")
     data = Path(data_dir or os.environ.get("FEDZO_DATA_DIR") or ROOT.parent / "shared" / "data")
     data = data.expanduser().resolve()
-    if not (data / "cifar10.npz").is_file() and not (data / "cifar-10-batches-py").is_dir():
-        raise DeployError(f"no CIFAR-10 in {data} (cifar10.npz or cifar-10-batches-py)")
+    require_data(data, dataset)
     layout = layout_of(state_dir)
     old = load_state(layout.root)
     if old and any(is_running(r) for r in old["processes"].values()):
@@ -279,10 +281,12 @@ def run_app(
 
     ``data-dir`` (the deployment's) and ``output-dir`` (``outputs/`` of the repository) are
     added unless ``run_config`` sets them: the ServerApp runs with the SuperLink's working
-    directory, so relative paths would land in the state directory.
+    directory, so relative paths would land in the state directory. A run whose ``dataset``
+    is not in its ``data-dir`` is refused (:class:`DeployError`) before anything starts.
     """
     layout = layout_of(state_dir)
     state = require_state(layout)
+    check_run_data(run_config, state["data_dir"], Path(app_dir).resolve())
     extra = []
     if not re.search(r"(^|\s)data-dir\s*=", run_config):
         extra.append(f"data-dir={toml_string(state['data_dir'])}")
