@@ -99,7 +99,7 @@ def run_config(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         if run["alpha"] == "iid"
         else {"partitioner": "dirichlet", "alpha": float(run["alpha"])}
     )
-    return app_config(
+    config: dict[str, Any] = app_config(
         **{
             "data-dir": str(args.data_dir),
             "output-dir": str(args.out_dir),
@@ -116,6 +116,7 @@ def run_config(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             **keys,
         }
     )
+    return config
 
 
 # ---------------------------------------------------------------------------- one run
@@ -149,7 +150,8 @@ def launch(job: dict[str, Any]) -> dict[str, Any]:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         return {"error": proc.stderr[-4000:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
 
 
 # ---------------------------------------------------------------------------- summary
@@ -237,7 +239,7 @@ def main() -> int:
     ]
     print(f"# {len(jobs)} runs, {args.workers} at a time, results under {args.out_dir}", flush=True)
 
-    def go(pair: tuple[dict, dict]) -> tuple[dict, dict]:
+    def go(pair: tuple[dict[str, Any], dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
         run, job = pair
         out = launch(job)
         status = "FAILED" if "error" in out else f"{out['seconds']:.0f}s"
@@ -247,7 +249,7 @@ def main() -> int:
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
         done = list(pool.map(go, zip(runs, jobs)))
     failures = [(run["name"], out["error"]) for run, out in done if "error" in out]
-    previous: dict[str, dict] = {}
+    previous: dict[str, dict[str, Any]] = {}
     if args.only and args.json.is_file():  # merge re-runs into the existing summary
         previous = {s["name"]: s for s in json.loads(args.json.read_text())["runs"]}
     summaries = dict(previous)
@@ -313,7 +315,8 @@ class RunConfigDefaults:
     def get() -> dict[str, Any]:
         from inprocess_grid import app_config
 
-        return app_config()
+        defaults: dict[str, Any] = app_config()
+        return defaults
 
 
 if __name__ == "__main__":

@@ -8,9 +8,7 @@ from typing import Any
 from paper_summary import MB, Summary, label, memory_label
 
 
-def plots(
-    summaries: list[Summary], memory: dict[str, Any] | None, fig_dir: Path
-) -> list[Path]:
+def plots(summaries: list[Summary], memory: dict[str, Any] | None, fig_dir: Path) -> list[Path]:
     """PNG plots (small, dpi 80): accuracy per α, FLOPs, bytes, memory."""
     import matplotlib
 

@@ -100,7 +100,7 @@ def _engine(info: dict[str, Any]) -> str:
 
 
 def _dataset(info: dict[str, Any]) -> str:
-    name = info.get("dataset")
+    name = str(info.get("dataset"))
     return {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}.get(name, NOT_RECORDED)
 
 
@@ -123,10 +123,10 @@ def trajectory_table(summaries: list[Summary]) -> list[str]:
         (alpha, find(summaries, f"zo-dense-a{alpha}"), find(summaries, f"zo-ntk-d0.1-a{alpha}"))
         for alpha in ALPHAS
     ]
-    pairs = [(a, d, p) for a, d, p in pairs if d and p]
-    if not pairs:
+    found = [(a, d, p) for a, d, p in pairs if d is not None and p is not None]
+    if not found:
         return []
-    rounds = [r for r, _ in pairs[0][1]["curve"] if r]
+    rounds = [r for r, _ in found[0][1]["curve"] if r]
     marks = sorted({rounds[len(rounds) * i // 4 - 1] for i in range(1, 5)} if rounds else set())
     lines = [
         "",
@@ -136,7 +136,7 @@ def trajectory_table(summaries: list[Summary]) -> list[str]:
         "| α | " + " | ".join(f"round {m}" for m in marks) + " |",
         "|---|" + "---|" * len(marks),
     ]
-    for alpha, dense, pruned in pairs:
+    for alpha, dense, pruned in found:
         dense_at, pruned_at = dict(dense["curve"]), dict(pruned["curve"])
         cells = [
             f"{100 * pruned_at[m]:.1f} vs {100 * dense_at[m]:.1f} "
@@ -232,7 +232,9 @@ def notes(
             )
         )
     if not paper_scale(info):
-        command = commands(info, k=PAPER["k"], rounds=PAPER["rounds"], clients=PAPER["clients"])
+        command = commands(
+            info, k=int(PAPER["k"]), rounds=int(PAPER["rounds"]), clients=int(PAPER["clients"])
+        )
         scale += (
             f" The paper-scale run is `{command[-1]}`: roughly "
             f"{paper_scale_days(info):.0f} days on this machine (the matrix's wall time scaled "

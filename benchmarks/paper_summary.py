@@ -134,7 +134,7 @@ def crossover(dense: Summary, pruned: Summary) -> int | None:
 
 def gain_over_start(s: Summary) -> float:
     """Points gained from the first evaluation (round 0) to the last-2 accuracy."""
-    return 100 * (s["last2_accuracy"] - s["curve"][0][1])
+    return 100 * (float(s["last2_accuracy"]) - float(s["curve"][0][1]))
 
 
 def late_gain(s: Summary) -> float:
@@ -143,7 +143,7 @@ def late_gain(s: Summary) -> float:
     curve = s["curve"]
     target = 0.75 * curve[-1][0]
     _, acc = min(curve, key=lambda point: abs(point[0] - target))
-    return 100 * (s["last2_accuracy"] - acc)
+    return 100 * (float(s["last2_accuracy"]) - float(acc))
 
 
 def still_improving(summaries: list[Summary]) -> tuple[bool, list[float]]:
