@@ -297,6 +297,8 @@ def main() -> int:
     args.models = args.models or (["lenet5"] if args.quick else ["lenet5", "resnet18"])
     import torch
 
+    from fedzo_flwr.zo import fast_engine
+
     started = time.perf_counter()
     machine = {
         "cpu": cpu_model(),
@@ -329,6 +331,7 @@ def main() -> int:
             "optimizer": args.optimizer,
             "threads": args.threads,
             "quick": args.quick,
+            "engine_memory_mb": fast_engine.DEFAULT_MEMORY_BUDGET_MB,  # fused: chunk budget
         },
         "rows": rows,
         "ratios": ratio_rows,

@@ -19,7 +19,7 @@ def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
 
 
 def flwr_run_command(app_dir: Path, num_supernodes: int, run_config: str) -> list[str]:

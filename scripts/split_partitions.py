@@ -32,6 +32,7 @@ import os
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -80,7 +81,7 @@ def verify_cache(
     try:
         original = client_data.partition_of
 
-        def refuse(*_args, **_kwargs):
+        def refuse(*_args: object, **_kwargs: object) -> NoReturn:
             raise RuntimeError(
                 "the ClientApp's partition-cache naming changed: it did not find "
                 f"{cache_dir / cache_name(cfg, device_data_dir, pid, n)}"
@@ -101,12 +102,12 @@ def verify_cache(
 
 def split(
     cfg: RunConfig, num_partitions: int, out_dir: Path, device_data_dir: str | None = None
-) -> dict:
+) -> dict[str, Any]:
     """Write every partition file and the manifest; return the manifest."""
     data = load_dataset(cfg.dataset, cfg.resolve_data_dir())
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {k: cfg.to_run_config()[k] for k in PARTITION_KEYS}
-    manifest: dict = {
+    manifest: dict[str, Any] = {
         "num-partitions": num_partitions,
         **settings,
         "node-config": f"partition-id=<i> num-partitions={num_partitions}",

@@ -1,7 +1,8 @@
 """Stop the local simulation SuperLink that ``flwr run`` started for this FLWR_HOME, by PID.
 
 ``flwr run .`` launches a detached ``flower-superlink --simulation`` and leaves it running.
-We stop only the one whose environment carries our ``FLWR_HOME`` (never by name alone).
+We stop only the one whose environment carries our ``FLWR_HOME`` (never by name alone). A
+process that exits between being listed and being signalled is already stopped, not an error.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -30,21 +32,38 @@ def our_superlinks(flwr_home: str) -> list[int]:
     return found
 
 
+def _exists(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+def _send(pid: int, sig: int) -> bool:
+    """Send ``sig`` to ``pid``; False when the process is already gone."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop(pids: Sequence[int], timeout: float = 10.0) -> None:
+    """SIGTERM to ``pids``, then SIGKILL to those still there after ``timeout`` seconds."""
+    for pid in pids:
+        print(f"[fedzo] stopping local SuperLink pid {pid}")
+    alive = [pid for pid in pids if _send(pid, signal.SIGTERM)]
+    deadline = time.time() + timeout
+    while alive and time.time() < deadline:
+        alive = [p for p in alive if _exists(p)]
+        time.sleep(0.2)
+    for pid in alive:
+        _send(pid, signal.SIGKILL)
+
+
 def main() -> None:
     """Send SIGTERM to our SuperLinks and wait up to 10 s for them to exit."""
     home = os.environ.get("FLWR_HOME", "")
     if not home:
         return
-    pids = our_superlinks(home)
-    for pid in pids:
-        print(f"[fedzo] stopping local SuperLink pid {pid}")
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.time() + 10
-    while pids and time.time() < deadline:
-        pids = [p for p in pids if Path(f"/proc/{p}").exists()]
-        time.sleep(0.2)
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
+    stop(our_superlinks(home))
 
 
 if __name__ == "__main__":

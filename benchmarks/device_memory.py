@@ -2,7 +2,7 @@
 
 ::
 
-    python -m deploy.client_memory --data-dir ../shared/data [--models lenet5 resnet18] [--k 20]
+    python benchmarks/device_memory.py --data-dir ../shared/data [--models lenet5 resnet18] [--k 20]
 
 Each model is measured in a fresh Python process (as a deployed SuperNode starts one per
 message) with ``torch.set_num_threads(1)``: import torch, Flower's ClientApp runtime and our
@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("lenet5", "lenet-gn", "resnet20", "resnet18")
@@ -40,7 +41,7 @@ def _status_bytes(field: str) -> int:
     return 0
 
 
-def measure_one(model: str, data_dir: str, k: int, run_config: dict) -> dict:
+def measure_one(model: str, data_dir: str, k: int, run_config: dict[str, Any]) -> dict[str, Any]:
     """In this (fresh) process: the ClientApp's memory for one train round of ``model``."""
     started = time.perf_counter()
     import torch
@@ -127,8 +128,7 @@ def _measure_all(args: argparse.Namespace, env: dict[str, str]) -> int:
     for model in args.models:
         command = [
             sys.executable,
-            "-m",
-            "deploy.client_memory",
+            str(Path(__file__).resolve()),
             "--one",
             model,
             "--data-dir",
