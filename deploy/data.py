@@ -8,9 +8,8 @@ at least one dataset (or the one asked for), and ``run`` checks the run's own da
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 from deploy.errors import DeployError
 
