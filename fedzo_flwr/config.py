@@ -88,6 +88,9 @@ class RunConfig(BaseModel):
     batch_size: int = Field(32, ge=1)
     local_steps: int = Field(1, ge=1)
     local_lr: float = Field(0.01, gt=0)
+    # Downlink: full kept weights every round, or the missed rounds' (seed, coefficients).
+    downlink: Literal["weights", "replay"] = "weights"
+    replay_history: int = Field(32, ge=1)
     # FedAvg baseline (method fedavg): local backprop SGD; local-lr is its step size.
     local_epochs: int = Field(1, ge=1)
     local_batches: int = Field(0, ge=0)

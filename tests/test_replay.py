@@ -186,3 +186,52 @@ def test_malformed_replay_bytes_are_refused(mutate):
         decode_updates(mutate(data), k=8, max_updates=4)
     with pytest.raises(ReplayFormatError):
         decode_updates("not bytes", k=8, max_updates=4)
+
+
+def test_history_is_bounded_and_serves_the_missed_rounds():
+    server = make_server(**{"downlink": "replay", "replay-history": 5})
+    for r in range(1, 9):
+        server.apply_round(fake_updates(server, r, clients=2), r)
+    assert [u.server_round for u in server.history] == [4, 5, 6, 7, 8]
+    # A node that trained in round 6 (it held the weights after round 5) and now, in round 9,
+    # needs rounds 6..8; a node last seen in round 2 is beyond the history.
+    assert [u.server_round for u in server.updates_since(5, 9) or []] == [6, 7, 8]
+    assert server.updates_since(8, 9) == []
+    assert server.updates_since(2, 9) is None
+    # Replaying the served rounds from the weights after round 5 gives the server's weights.
+    replica = make_server(**{"downlink": "replay", "replay-history": 5})
+    for r in range(1, 6):
+        replica.apply_round(fake_updates(replica, r, clients=2), r)
+    client = ReplayState(
+        replica.kept_values().clone(),
+        zo_settings(replica.cfg),
+        optimizer_settings(replica.cfg),
+        optimizer_state=replica.state_dict(),
+    )
+    for update in server.updates_since(5, 9) or []:
+        assert client.apply(update)
+    assert torch.equal(client.weights, server.kept_values())
+
+
+def test_history_survives_a_checkpoint(tmp_path):
+    from fedzo_flwr.run.checkpoint import load_checkpoint, save_checkpoint
+
+    server = make_server(**{"downlink": "replay", "optimizer": "adam"})
+    for r in range(1, 4):
+        server.apply_round(fake_updates(server, r, clients=2), r)
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, server.cfg, 3, server.mask, server.state_dict(), {"rounds": []})
+    resumed = make_server(**{"downlink": "replay", "optimizer": "adam"})
+    resumed.load_state_dict(load_checkpoint(path)["server"])
+    assert torch.equal(resumed.kept_values(), server.kept_values())
+    assert [u.server_round for u in resumed.history] == [1, 2, 3]
+    for mine, theirs in zip(resumed.history, server.history):
+        assert mine.kept_hash == theirs.kept_hash
+        assert all(
+            np.array_equal(a.coefficients, b.coefficients) and a.seeds == b.seeds
+            for a, b in zip(mine.groups, theirs.groups)
+        )
+    # Both continue identically.
+    for s in (server, resumed):
+        s.apply_round(fake_updates(s, 4, clients=2), 4)
+    assert torch.equal(resumed.kept_values(), server.kept_values())

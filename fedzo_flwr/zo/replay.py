@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -139,3 +140,32 @@ class ReplayState:
         grad = round_gradient(self.weights.numel(), update.groups, self.settings)
         self.optimizer.step(grad)
         return kept_hash(self.weights) == update.kept_hash
+
+
+def update_state(update: RoundUpdate) -> dict[str, Any]:
+    """``update`` as tensors and plain data (what a checkpoint stores, loadable weights-only)."""
+    return {
+        "round": update.server_round,
+        "hash": update.kept_hash,
+        "groups": [
+            {
+                "share": group.share,
+                "seeds": list(group.seeds),
+                "coefficients": torch.from_numpy(group.coefficients.copy()),
+            }
+            for group in update.groups
+        ],
+    }
+
+
+def update_from_state(state: dict[str, Any]) -> RoundUpdate:
+    """Inverse of :func:`update_state`."""
+    groups = tuple(
+        SeedGroup(
+            float(group["share"]),
+            tuple(int(s) for s in group["seeds"]),
+            group["coefficients"].numpy().astype(np.float32),
+        )
+        for group in state["groups"]
+    )
+    return RoundUpdate(int(state["round"]), groups, str(state["hash"]))

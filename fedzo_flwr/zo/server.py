@@ -11,7 +11,7 @@ a round is one reconstruction, whatever the number of clients.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +26,14 @@ from fedzo_flwr.seeding import client_step_seeds, round_seed
 from fedzo_flwr.sparse.mask import Mask
 from fedzo_flwr.sparse.space import KeptSpace
 from fedzo_flwr.zo.reconstruct import ScalarStep, aggregate_deltas, step_coefficients
-from fedzo_flwr.zo.replay import RoundUpdate, SeedGroup, kept_hash, round_gradient
+from fedzo_flwr.zo.replay import (
+    RoundUpdate,
+    SeedGroup,
+    kept_hash,
+    round_gradient,
+    update_from_state,
+    update_state,
+)
 from fedzo_flwr.zo.server_optimizer import ServerOptimizer
 from fedzo_flwr.zo.settings import optimizer_settings, zo_settings
 
@@ -72,6 +79,8 @@ class ZOServer:
         self.settings = zo_settings(cfg)
         self.optimizer = ServerOptimizer(self.space.gather(model), optimizer_settings(cfg))
         self.last_update: RoundUpdate | None = None
+        # The updates of the last rounds, for nodes that replay them (downlink = replay).
+        self.history: deque[RoundUpdate] = deque(maxlen=cfg.replay_history)
 
     def round_seed(self, server_round: int) -> int:
         """The seed broadcast in ``server_round``."""
@@ -139,19 +148,39 @@ class ZOServer:
         self.last_update = RoundUpdate(
             server_round, tuple(seed_groups), kept_hash(self.optimizer.weights)
         )
+        if self.cfg.downlink == "replay":
+            self.history.append(self.last_update)
         train_loss = float(
             np.average([u.base_loss for u in updates], weights=[u.num_examples for u in updates])
         )
         return RoundSummary(len(updates), len(groups), grad_norm, train_loss)
 
     def state_dict(self) -> dict[str, Any]:
-        """Optimizer state (kept weights, moments, EMA, step count) for checkpoints."""
-        return self.optimizer.state_dict()
+        """Optimizer state (kept weights, moments, EMA, step count) and the replay history."""
+        return {
+            **self.optimizer.state_dict(),
+            "history": [update_state(update) for update in self.history],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` and write the weights into the model."""
         self.optimizer.load_state_dict(state)
+        self.history.clear()
+        self.history.extend(update_from_state(s) for s in state.get("history", []))
+        self.last_update = self.history[-1] if self.history else None
         self.space.scatter_(self.model, self.optimizer.weights)
+
+    def updates_since(self, applied_round: int, server_round: int) -> list[RoundUpdate] | None:
+        """The updates of rounds ``applied_round + 1 .. server_round - 1``, oldest first.
+
+        ``None`` when some of them are no longer (or were never) in the history: the node then
+        needs the full weights.
+        """
+        wanted = list(range(applied_round + 1, server_round))
+        by_round = {update.server_round: update for update in self.history}
+        if any(r not in by_round for r in wanted):
+            return None
+        return [by_round[r] for r in wanted]
 
     def eval_model(self) -> nn.Module:
         """The model to evaluate: EMA weights if enabled, else the current ones."""
