@@ -47,8 +47,6 @@ from typing import Any
 from machine import cpu_model, data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-MB = 2**20
-
 HEAVY: tuple[str, ...] = (
     "matplotlib",
     "pandas",
@@ -276,7 +274,10 @@ def measure_imports(repeats: int) -> list[dict[str, Any]]:
             row[key] = statistics.median(r[key] for r in runs)
         row["heavy"] = sorted({name for r in runs for name in r["heavy"]})
         rows.append(row)
-        print(f"# import {module}: {row['import_s']:.2f} s, RSS {row['rss_mb']:.0f} MB", flush=True)
+        print(
+            f"# import {module}: {row['import_s']:.2f} s, RSS {row['rss_mb']:.0f} MiB",
+            flush=True,
+        )
     return rows
 
 
@@ -295,7 +296,7 @@ def measure_rounds(args: argparse.Namespace, workdir: Path) -> list[dict[str, An
         rows.append({"engine": engine, "partition": cache, **result})
         print(
             f"# round {engine} ({cache}): {result['round_s']:.2f} s, "
-            f"RSS {result['rss_after_round_mb']:.0f} MB after, peak {result['round_peak_mb']:.0f}",
+            f"RSS {result['rss_after_round_mb']:.0f} MiB after, peak {result['round_peak_mb']:.0f}",
             flush=True,
         )
     return rows
@@ -316,7 +317,7 @@ def round_job(
 
 def print_tables(imports: list[dict[str, Any]], rounds: list[dict[str, Any]]) -> None:
     """The two tables, in Markdown."""
-    print("\n| import | import s | process s | RSS MB | HWM MB | modules | heavy modules |")
+    print("\n| import | import s | process s | RSS MiB | HWM MiB | modules | heavy modules |")
     print("|---|---:|---:|---:|---:|---:|---|")
     for r in imports:
         heavy = ", ".join(r["heavy"]) or "none"
@@ -325,8 +326,8 @@ def print_tables(imports: list[dict[str, Any]], rounds: list[dict[str, Any]]) ->
             f"{r['rss_mb']:.0f} | {r['hwm_mb']:.0f} | {r['modules']:.0f} | {heavy} |"
         )
     print(
-        "\n| engine | partition | round s | RSS after import MB | RSS after round MB "
-        "| round peak MB | heavy modules after the round |"
+        "\n| engine | partition | round s | RSS after import MiB | RSS after round MiB "
+        "| round peak MiB | heavy modules after the round |"
     )
     print("|---|---|---:|---:|---:|---:|---|")
     for r in rounds:
@@ -389,6 +390,7 @@ def main() -> int:
             "partition": f"0 of {args.num_partitions}, default partitioner (dirichlet)",
             "message": "first contact: kept weights, round seed, mask, mask id, fingerprint seed",
             "heavy": list(HEAVY),
+            "units": "*_mb fields are MiB (kernel KiB / 1024); *_s fields are seconds",
         },
         "imports": imports,
         "rounds": rounds,
