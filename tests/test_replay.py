@@ -235,3 +235,20 @@ def test_history_survives_a_checkpoint(tmp_path):
     for s in (server, resumed):
         s.apply_round(fake_updates(s, 4, clients=2), 4)
     assert torch.equal(resumed.kept_values(), server.kept_values())
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adam"])
+def test_state_survives_as_arrays_and_costs_1x_2x_3x_the_kept_values(name):
+    server = make_server(**{"optimizer": name})
+    opt = optimizer_settings(server.cfg)
+    client = ReplayState(server.kept_values().clone(), zo_settings(server.cfg), opt)
+    for r in (1, 2):
+        server.apply_round(fake_updates(server, r, clients=2), r)
+        assert server.last_update is not None and client.apply(server.last_update)
+    arrays = client.arrays()
+    floats = sum(a.size for a in arrays.values() if a.ndim == 1)
+    assert floats == {"sgd": 1, "momentum": 2, "adam": 3}[name] * server.space.dim
+    restored = ReplayState.from_arrays(arrays, zo_settings(server.cfg), opt, steps=2)
+    server.apply_round(fake_updates(server, 3, clients=2), 3)
+    assert server.last_update is not None and restored.apply(server.last_update)
+    assert torch.equal(restored.weights, server.kept_values())

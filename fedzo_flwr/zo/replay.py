@@ -27,6 +27,7 @@ from fedzo_flwr.zo.server_optimizer import OptimizerSettings, ServerOptimizer
 from fedzo_flwr.zo.settings import ZOSettings
 
 HASH_HEX_DIGITS = 16
+OPTIMIZER_PREFIX = "optimizer."
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,40 @@ class ReplayState:
     def weights(self) -> torch.Tensor:
         """The current kept weights."""
         return self.optimizer.weights
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The state as named float32 arrays: ``kept`` and the optimizer's per-coordinate buffers.
+
+        Plain SGD has none; momentum one (``momentum_buffer``); Adam two (``exp_avg``,
+        ``exp_avg_sq``) plus its step count (a 0-d array). What a node keeps between rounds.
+        """
+        out = {"kept": self.weights.numpy().copy()}
+        for name, value in self.optimizer.optimizer.state_dict()["state"].get(0, {}).items():
+            out[f"{OPTIMIZER_PREFIX}{name}"] = value.detach().numpy().copy()
+        return out
+
+    @classmethod
+    def from_arrays(
+        cls,
+        arrays: dict[str, np.ndarray],
+        settings: ZOSettings,
+        optimizer: OptimizerSettings,
+        steps: int,
+    ) -> ReplayState:
+        """Rebuild a state saved with :meth:`arrays` (``steps``: optimizer steps taken so far)."""
+        state = cls(
+            torch.from_numpy(np.array(arrays["kept"], dtype=np.float32)), settings, optimizer
+        )
+        buffers = {
+            name.removeprefix(OPTIMIZER_PREFIX): torch.from_numpy(np.array(value))
+            for name, value in arrays.items()
+            if name.startswith(OPTIMIZER_PREFIX)
+        }
+        inner = state.optimizer.optimizer.state_dict()
+        inner["state"] = {0: buffers} if buffers else {}
+        state.optimizer.optimizer.load_state_dict(inner)
+        state.optimizer.steps = steps
+        return state
 
     def apply(self, update: RoundUpdate) -> bool:
         """Take ``update``'s step; return whether the result matches the server's hash."""
