@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ ROUND_KEYS = (
 )
 
 
-def per_client_summary(values: dict[int, float | int]) -> dict[str, Any]:
+def per_client_summary(values: Mapping[int, float]) -> dict[str, Any]:
     """``{"per_client": {id: v}, "total": Σ, "mean": ..., "max": ...}`` of one per-client metric."""
     numbers = list(values.values())
     return {
@@ -66,11 +67,11 @@ class RunRecorder:
 
     def round_entry(self, server_round: int) -> dict[str, Any]:
         """The entry of ``server_round``, created on first use (rounds stay in order)."""
-        rounds = self.data["rounds"]
-        for entry in reversed(rounds):
-            if entry["round"] == server_round:
-                return entry
-        entry = {"round": server_round}
+        rounds: list[dict[str, Any]] = self.data["rounds"]
+        found = [entry for entry in rounds if entry["round"] == server_round]
+        if found:
+            return found[-1]
+        entry: dict[str, Any] = {"round": server_round}
         rounds.append(entry)
         rounds.sort(key=lambda e: e["round"])
         return entry
@@ -90,7 +91,8 @@ class RunRecorder:
         evaluated = [r for r in self.data["rounds"] if "accuracy" in r]
         last = evaluated[-1] if evaluated else {}
         self.set_final(accuracy=last.get("accuracy"), loss=last.get("loss"), **fields)
-        return self.data["final"]
+        final: dict[str, Any] = self.data["final"]
+        return final
 
     def write(self) -> None:
         """Rewrite ``results.json`` atomically."""
