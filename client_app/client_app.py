@@ -2,12 +2,16 @@
 
 ``method = "fedavg"`` (the backprop baseline) trains by local SGD instead and returns its kept
 weights; ``query.prune`` messages score pruning masks on local data (``snip``, ``ntk-local``).
+A node that does not hold the mask a train or evaluate message names answers with a ``status``
+record (code ``mask-missing``), not an error, so the server sends the mask again.
 """
 
 from __future__ import annotations
 
 import time
+from typing import TypeVar
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -16,11 +20,13 @@ from fedzo_flwr import protocol
 from fedzo_flwr.config import RunConfig
 from fedzo_flwr.data import NUM_CLASSES
 from fedzo_flwr.data.client_data import load_client_data, load_partition_file
+from fedzo_flwr.errors import ConfigError, FedZOError
 from fedzo_flwr.fedavg.client import train_round_backprop
 from fedzo_flwr.models import build_model
 from fedzo_flwr.protocol.wire import decode_mask, encode_scalars
 from fedzo_flwr.pruning import client as cp
 from fedzo_flwr.run.evaluation import evaluate
+from fedzo_flwr.seeding import model_seed
 from fedzo_flwr.sparse.mask import apply_mask_
 from fedzo_flwr.sparse.space import KeptSpace
 from fedzo_flwr.zo.client import train_round
@@ -32,13 +38,33 @@ STATE_KEY = "fedzo"
 # (model, dataset, mask-id) -> (model, space); survives across rounds inside a simulation actor.
 _MODELS: dict[tuple[str, str, str], tuple[torch.nn.Module, KeptSpace]] = {}
 
+T = TypeVar("T", int, float, str, bytes)
+
+
+class MaskMissing(FedZOError, LookupError):
+    """The node does not hold the mask a message names (answered with a status code)."""
+
+
+def config_value(config: ConfigRecord, key: str, kind: type[T]) -> T:
+    """``config[key]``, checked to be of type ``kind`` (a missing or mistyped key names itself)."""
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ConfigError(f"message config key {key!r} must be {kind.__name__}, got {value!r:.40}")
+    return value
+
+
+def status_reply(msg: Message, code: str, detail: str) -> Message:
+    """A normal reply carrying only a ``status`` record (a protocol state, not a failure)."""
+    status = ConfigRecord({protocol.STATUS_CODE_KEY: code, protocol.STATUS_DETAIL_KEY: detail})
+    return Message(RecordDict({protocol.STATUS_KEY: status}), reply_to=msg)
+
 
 def node_partition(context: Context) -> tuple[int, int]:
     """``(partition-id, num-partitions)`` from the node config (simulation or SuperNode)."""
     try:
         return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
     except KeyError as err:
-        raise ValueError(
+        raise ConfigError(
             f"node config lacks {err.args[0]!r}: start the SuperNode with "
             "--node-config 'partition-id=<i> num-partitions=<n>'"
         ) from None
@@ -48,20 +74,21 @@ def masked_model(
     cfg: RunConfig, config: ConfigRecord, context: Context
 ) -> tuple[torch.nn.Module, KeptSpace]:
     """The model with this run's mask, from the message (first contact) or the node's state."""
-    wanted = str(config[protocol.MASK_ID_KEY])
+    wanted = config_value(config, protocol.MASK_ID_KEY, str)
     if protocol.MASK_KEY in config:  # first contact: keep the mask in the node's state
+        mask_bytes = config_value(config, protocol.MASK_KEY, bytes)
         context.state[STATE_KEY] = ConfigRecord(
-            {protocol.MASK_ID_KEY: wanted, protocol.MASK_KEY: bytes(config[protocol.MASK_KEY])}
+            {protocol.MASK_ID_KEY: wanted, protocol.MASK_KEY: mask_bytes}
         )
     key = (cfg.model, cfg.dataset, wanted)
     if key in _MODELS:
         return _MODELS[key]
     state = context.state.config_records.get(STATE_KEY)
     if state is None or state.get(protocol.MASK_ID_KEY) != wanted:
-        raise RuntimeError(f"{protocol.MASK_MISSING}: no mask {wanted} cached on this node")
-    mask_bytes = bytes(state[protocol.MASK_KEY])  # type: ignore[arg-type]
+        raise MaskMissing(f"no mask {wanted} cached on this node")
+    mask_bytes = config_value(state, protocol.MASK_KEY, bytes)
     if protocol.mask_id(mask_bytes) != wanted:
-        raise RuntimeError(f"{protocol.MASK_MISSING}: mask bytes do not match mask-id {wanted}")
+        raise MaskMissing(f"mask bytes do not match mask-id {wanted}")
     model = build_model(cfg.model, NUM_CLASSES[cfg.dataset])
     mask = decode_mask(mask_bytes, model)
     apply_mask_(model, mask)
@@ -70,7 +97,7 @@ def masked_model(
     return _MODELS[key]
 
 
-def node_data(cfg: RunConfig, context: Context) -> tuple:
+def node_data(cfg: RunConfig, context: Context) -> tuple[np.ndarray, np.ndarray]:
     """The node's training partition, from its ``partition-file`` or the full dataset.
 
     A ``partition-file`` in the node config (written by ``scripts/split_partitions.py``) lets a
@@ -106,21 +133,17 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, torch.nn.Module, 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of forward-only training: reply with the K loss differences per local step."""
-    cfg, model, space = _setup(msg, context)
+    try:
+        cfg, model, space = _setup(msg, context)
+    except MaskMissing as err:
+        return status_reply(msg, protocol.STATUS_MASK_MISSING, str(err))
     if cfg.method == "fedavg":
         return train_fedavg(msg, context, cfg, model, space)
     config = msg.content.config_records[protocol.CONFIG_KEY]
     partition_id, _ = node_partition(context)
     x, y = node_data(cfg, context)
-    result = train_round(
-        cfg,
-        model,
-        space,
-        x,
-        y,
-        int(config[protocol.ROUND_SEED_KEY]),
-        partition_id,  # type: ignore[arg-type]
-    )
+    seed = config_value(config, protocol.ROUND_SEED_KEY, int)
+    result = train_round(cfg, model, space, x, y, seed, partition_id)
     deltas = [step.deltas for step in result.steps]
     zo = ConfigRecord(
         {
@@ -128,14 +151,12 @@ def train(msg: Message, context: Context) -> Message:
                 torch.cat([torch.from_numpy(d) for d in deltas]).numpy()
             ),
             protocol.STEP_SEEDS_KEY: [step.seed for step in result.steps],
-            protocol.ROUND_KEY: int(config[protocol.ROUND_KEY]),  # type: ignore[arg-type]
+            protocol.ROUND_KEY: config_value(config, protocol.ROUND_KEY, int),
         }
     )
     if protocol.FINGERPRINT_SEED_KEY in config:  # first contact: prove generator agreement
         zo[protocol.FINGERPRINT_KEY] = fingerprint(
-            space.dim,
-            int(config[protocol.FINGERPRINT_SEED_KEY]),
-            cfg.directions,  # type: ignore[arg-type]
+            space.dim, config_value(config, protocol.FINGERPRINT_SEED_KEY, int), cfg.directions
         )
     metrics = MetricRecord(
         {
@@ -150,14 +171,17 @@ def train(msg: Message, context: Context) -> Message:
     )
     budget = context.node_config.get(protocol.MEMORY_BUDGET_KEY)
     if budget:
-        metrics[protocol.MEMORY_BUDGET_KEY] = float(budget)  # type: ignore[arg-type]
+        metrics[protocol.MEMORY_BUDGET_KEY] = float(budget)
     return Message(RecordDict({protocol.ZO_KEY: zo, protocol.METRICS_KEY: metrics}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate_local(msg: Message, context: Context) -> Message:
     """Evaluate the received model on (up to 1000 examples of) the local partition."""
-    cfg, model, _ = _setup(msg, context)
+    try:
+        cfg, model, _ = _setup(msg, context)
+    except MaskMissing as err:
+        return status_reply(msg, protocol.STATUS_MASK_MISSING, str(err))
     x, y = node_data(cfg, context)
     loss, accuracy = evaluate(model, x[:1000], y[:1000], cfg.dataset)
     metrics = MetricRecord(
@@ -173,15 +197,8 @@ def train_fedavg(
     config = msg.content.config_records[protocol.CONFIG_KEY]
     partition_id, _ = node_partition(context)
     x, y = node_data(cfg, context)
-    result = train_round_backprop(
-        cfg,
-        model,
-        space,
-        x,
-        y,
-        int(config[protocol.ROUND_SEED_KEY]),
-        partition_id,  # type: ignore[arg-type]
-    )
+    seed = config_value(config, protocol.ROUND_SEED_KEY, int)
+    result = train_round_backprop(cfg, model, space, x, y, seed, partition_id)
     metrics = MetricRecord(
         {
             "num-examples": result.num_examples,
@@ -208,11 +225,13 @@ def prune_scores(msg: Message, context: Context) -> Message:
     if cfg.client_threads:
         torch.set_num_threads(cfg.client_threads)
     config = msg.content.config_records[cp.PRUNE_KEY]
-    model = build_model(cfg.model, NUM_CLASSES[cfg.dataset])
+    # θ0 of the run (the server's initial weights): NTK-SAP keeps its biases when it redraws the
+    # prunable weights (prune-reinit = weights), so every client must score the same θ0.
+    model = build_model(cfg.model, NUM_CLASSES[cfg.dataset], seed=model_seed(cfg.seed))
     weights = msg.content.array_records.get(cp.WEIGHTS_KEY)
-    if weights is not None:  # snip scores the server's θ0
+    if weights is not None:  # snip scores the server's θ0 as sent
         model.load_state_dict(weights.to_torch_state_dict())
-    mask = decode_mask(bytes(config[protocol.MASK_KEY]), model)  # type: ignore[arg-type]
+    mask = decode_mask(config_value(config, protocol.MASK_KEY, bytes), model)
     partition_id, _ = node_partition(context)
     x, y = node_data(cfg, context)
     grads = cp.client_prune_gradients(
@@ -222,12 +241,12 @@ def prune_scores(msg: Message, context: Context) -> Message:
         x,
         y,
         partition_id,
-        int(config[cp.SCORING_SEED_KEY]),  # type: ignore[arg-type]
+        config_value(config, cp.SCORING_SEED_KEY, int),
     )
     record = ConfigRecord(
         {
             cp.GRADIENTS_KEY: cp.encode_gradients(grads, mask),
-            cp.ITERATION_KEY: int(config[cp.ITERATION_KEY]),  # type: ignore[arg-type]
+            cp.ITERATION_KEY: config_value(config, cp.ITERATION_KEY, int),
         }
     )
     metrics = MetricRecord(

@@ -1,30 +1,31 @@
 """Every seed stream of fedzo-flwr, in one place.
 
 Every random draw comes from a generator seeded with :func:`derive_seed` of a parent seed and a
-stream key. The keys are named here and nowhere else, so two streams can never collide by
+stream key. The keys are n    ed here and nowhere else, so two streams can never collide by
 accident and a reader finds what seeds what on one page:
 
-==========================  =======================================  ===========================
-stream                      seed                                     used for
-==========================  =======================================  ===========================
-:func:`model_seed`          ``(run seed, "model")``                  θ0, the initial weights
-:func:`pruning_seed`        ``(run seed, "prune")``                  every draw of the pruner
-:func:`fingerprint_seed`    ``(run seed, "fing")``                   the generator check
-:func:`round_seed`          ``(run seed, round)``                    the round's broadcast seed
-:func:`client_step_seeds`   ``(round seed, slot, step)``             a client's local ZO steps
-:func:`direction_seed`      ``(step seed, k)``                       direction ``u_k`` of a step
-:func:`batch_seed`          ``(step seed, "batc", partition)``       a ZO client's mini-batch
-:func:`fedavg_batches_seed` ``(round seed, "fp", partition)``        a FedAvg client's batches
-:func:`prune_batch_seed`    ``(pruning seed, "da", partition)``      client examples to score
-:func:`node_sample_seed`    ``(run seed, round, "samp")``            the nodes of a round
-==========================  =======================================  ===========================
+============================  =======================================  ===========================
+stream                        seed                                     used for
+============================  =======================================  ===========================
+:func:`model_seed`            ``(run seed, "model")``                  θ0, the initial weights
+:func:`pruning_seed`          ``(run seed, "prune")``                  every draw of the pruner
+:func:`fingerprint_seed`      ``(run seed, "fing")``                   the generator check
+:func:`round_seed`            ``(run seed, round)``                    the round's broadcast seed
+:func:`client_step_seeds`     ``(round seed, slot, step)``             a client's local ZO steps
+:func:`direction_seed`        ``(step seed, k)``                       direction ``u_k`` of a step
+:func:`batch_seed`            ``(step seed, "batc", partition)``       a ZO client's mini-batch
+:func:`fedavg_batches_seed`   ``(round seed, "fp", partition)``        a FedAvg client's batches
+:func:`prune_batch_seed`      ``(pruning seed, "da", partition)``      client examples to score
+:func:`node_sample_seed`      ``(run seed, round, "samp")``            the nodes of a round
+:func:`evaluate_sample_seed`  ``(run seed, round, "eval")``            nodes evaluating a round
+============================  =======================================  ===========================
 
 The integer tags are ASCII spelled as hex (``0x6D6F64656C`` = ``"model"``), kept as integers so
 that every stream is bit-identical to the releases that introduced it. The pruners' own
 sub-streams (``"ntk-sap/inputs"``, ``"ntk-sap/weights"``, ``"random-mask"``) are string keys
 under :func:`pruning_seed`, defined next to the code that draws them.
 
-:func:`derive_seed` hashes the keys with BLAKE2b, so it is identical on every platform and
+:func:`derive_seed` hashes    he keys with BLAKE2b, so it is identical on every platform and
 Python version (unlike ``hash()``) and different key tuples give unrelated streams.
 """
 
@@ -47,6 +48,7 @@ class Stream(IntEnum):
     FEDAVG_BATCHES = 0x6670  # "fp"
     PRUNE_DATA = 0x6461  # "da"
     NODE_SAMPLE = 0x73616D70  # "samp"
+    EVALUATE_SAMPLE = 0x6576616C  # "eval"
 
 
 def derive_seed(seed: int, *keys: int | str) -> int:
@@ -133,3 +135,8 @@ def prune_batch_seed(seed_of_pruning: int, partition_id: int) -> int:
 def node_sample_seed(run_seed: int, server_round: int) -> int:
     """Seed of the choice of nodes in ``server_round``."""
     return derive_seed(run_seed, server_round, Stream.NODE_SAMPLE)
+
+
+def evaluate_sample_seed(run_seed: int, server_round: int) -> int:
+    """Seed of the choice of nodes for federated evaluation in ``server_round``."""
+    return derive_seed(run_seed, server_round, Stream.EVALUATE_SAMPLE)

@@ -1,69 +1,83 @@
 """The FedAvg baseline (``method = "fedavg"``): backprop clients, masked or dense, same records.
 
-:class:`MaskedFedAvg` subclasses Flower's ``FedAvg``. Each round it samples nodes exactly as
-``FedZO`` does (same seeds), sends them the global model's kept coordinates (the pruned weights
-are 0 and are not sent; the mask bitmap goes once per node, as for ``FedZO``), lets Flower's own
-``FedAvg.aggregate_train`` average the returned kept coordinates weighted by ``num-examples``,
-writes them back and re-applies the mask. With density 1 it is plain dense FedAvg. Central
-evaluation, ``results.json`` fields (measured bytes, client seconds and peak memory, FLOPs,
-density) and ``model.pt`` match the zeroth-order runs, so the two are compared like for like.
-``forward_flops`` of a FedAvg client-round counts its forward **and** backward passes.
+:class:`MaskedFedAvg` is a :class:`~server_app.masked_rounds.MaskedRounds`. Each round it samples
+nodes exactly as ``FedZO`` does (same seeds), sends them the global model's kept coordinates (the
+pruned weights are 0 and are not sent; the mask bitmap goes once per node, as for ``FedZO``),
+averages the returned kept coordinates weighted by ``num-examples`` (Flower's
+``aggregate_arrayrecords``), writes them back and re-applies the mask. With density 1 it is plain
+dense FedAvg. Central evaluation, ``results.json`` fields (measured bytes, client seconds and peak
+memory, FLOPs, density) and ``model.pt`` match the zeroth-order runs, so the two are compared like
+for like. ``forward_flops`` of a FedAvg client-round counts its forward **and** backward passes.
 """
 
 from __future__ import annotations
 
-import io
-import time
-from collections.abc import Iterable
-from logging import INFO, WARNING
-from pathlib import Path
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from logging import INFO
 
 import numpy as np
 import torch
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    Message,
-    MetricRecord,
-)
-from flwr.common.logger import log
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log as flower_log
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import nn
 
 from fedzo_flwr import protocol
 from fedzo_flwr.config import RunConfig
 from fedzo_flwr.data import DatasetArrays
-from fedzo_flwr.files import atomic_write_bytes
-from fedzo_flwr.measure.flops import forward_backward_flops, forward_flops
-from fedzo_flwr.protocol.wire import encode_mask, mask_nbytes, sparse_weights_nbytes
-from fedzo_flwr.run.evaluation import evaluate
+from fedzo_flwr.errors import ReplyRejected
+from fedzo_flwr.measure.flops import forward_backward_flops
 from fedzo_flwr.run.results import RunRecorder, per_client_summary
 from fedzo_flwr.seeding import round_seed
-from fedzo_flwr.sparse.mask import (
-    Mask,
-    apply_mask_,
-    kept_count,
-    layer_densities,
-    mask_density,
-    total_count,
-)
+from fedzo_flwr.sparse.mask import Mask, apply_mask_
 from fedzo_flwr.sparse.space import KeptSpace
-from server_app.masked_rounds import MaskedRounds
-from server_app.message_size import message_nbytes
+from server_app.logs import log
+from server_app.masked_rounds import MaskedRounds, RoundUpdate
 
-#: Metrics every FedAvg train reply carries.
-FEDAVG_METRICS = (
-    "num-examples",
-    "train-loss",
-    "train-examples",
-    "client-seconds",
-    "peak-mem-bytes",
-    "partition-id",
-)
+#: Metrics every FedAvg train reply carries, and whether each must be an int.
+FEDAVG_METRICS = {
+    "num-examples": True,
+    "train-loss": False,
+    "train-examples": True,
+    "client-seconds": False,
+    "peak-mem-bytes": False,
+    "partition-id": True,
+}
+#: Optional metrics (default 0).
+FEDAVG_OPTIONAL_METRICS = {"extra-mem-bytes": False, "steps": True}
 
 
-class MaskedFedAvg(MaskedRounds):
+@dataclass(frozen=True)
+class FedAvgReply:
+    """A validated FedAvg train reply."""
+
+    partition_id: int
+    num_examples: int
+    train_loss: float
+    train_examples: int
+    steps: int
+    seconds: float
+    peak_mem_bytes: int
+    extra_mem_bytes: int
+    content: RecordDict  # exactly the kept weights and the metrics, for the weighted mean
+
+
+def _metric(metrics: MetricRecord, key: str, integer: bool, default: int | None = None) -> float:
+    value = metrics.get(key, default)
+    if value is None:
+        raise ReplyRejected(f"reply lacks metric '{key}'")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ReplyRejected(f"metric '{key}' must be a finite number, got {value!r}")
+    if integer and not isinstance(value, int):
+        raise ReplyRejected(f"metric '{key}' must be an int, got {value!r}")
+    return value
+
+
+class MaskedFedAvg(MaskedRounds[FedAvgReply]):
     """FedAvg over the kept coordinates of a (possibly pruned) model.
 
     Parameters
@@ -91,23 +105,32 @@ class MaskedFedAvg(MaskedRounds):
         test_data: DatasetArrays,
         flops_per_example: int,
     ) -> None:
-        super().__init__(cfg, encode_mask(mask))
+        super().__init__(cfg, mask, KeptSpace(model, mask), recorder, test_data)
         self.model = model
-        self.mask = mask
-        self.space = KeptSpace(model, mask)
-        self.recorder = recorder
-        self.test_data = test_data
         self.flops_per_example = flops_per_example
 
-    def kept_arrays(self) -> ArrayRecord:
-        """The global model's kept coordinates as the ArrayRecord clients receive."""
-        kept = self.space.gather(self.model).numpy().copy()
-        return ArrayRecord({protocol.KEPT_KEY: Array(kept)})
+    @classmethod
+    def for_model(
+        cls,
+        cfg: RunConfig,
+        model: nn.Module,
+        mask: Mask,
+        recorder: RunRecorder,
+        test_data: DatasetArrays,
+    ) -> MaskedFedAvg:
+        """The strategy for ``model``, with its forward+backward FLOPs per example measured."""
+        input_shape = tuple(test_data.x_test.shape[1:][::-1])  # HWC -> CHW
+        fb = forward_backward_flops(model, mask, input_shape=input_shape).sparse
+        return cls(cfg, model, mask, recorder, test_data, fb)
+
+    def kept_values(self) -> torch.Tensor:
+        """The global model's kept coordinates."""
+        return self.space.gather(self.model)
 
     def summary(self) -> None:
         """Log the strategy's configuration."""
         cfg = self.cfg
-        log(
+        flower_log(
             INFO,
             "\t├── MaskedFedAvg: %s, density %.4f (%s), %d kept coordinates",
             cfg.model,
@@ -118,7 +141,7 @@ class MaskedFedAvg(MaskedRounds):
         steps = (
             f"{cfg.local_batches} batches" if cfg.local_batches else f"{cfg.local_epochs} epochs"
         )
-        log(
+        flower_log(
             INFO,
             "\t└── local %s of %s (lr %g, batch %d) per round",
             steps,
@@ -139,192 +162,75 @@ class MaskedFedAvg(MaskedRounds):
         log(INFO, "configure_train: %d nodes (FedAvg)", len(messages))
         return messages
 
-    def _check(self, reply: Message) -> MetricRecord:
-        if reply.has_error():
-            raise ValueError(f"client error: {reply.error.reason}")
+    def parse_train_reply(self, server_round: int, node_id: int, reply: Message) -> FedAvgReply:
+        """Exactly the kept weights (finite float32 of the right size) and the metrics."""
         metrics = reply.content.metric_records.get(protocol.METRICS_KEY)
         arrays = reply.content.array_records.get(protocol.ARRAYS_KEY)
         if metrics is None or arrays is None or len(reply.content.array_records) != 1:
-            raise ValueError("reply needs exactly the 'arrays' and 'metrics' records")
+            raise ReplyRejected("reply needs exactly the 'arrays' and 'metrics' records")
         missing = [key for key in FEDAVG_METRICS if key not in metrics]
         if missing:
-            raise ValueError(f"reply lacks metrics {missing}")
-        if not isinstance(metrics["num-examples"], int) or int(metrics["num-examples"]) < 1:
-            raise ValueError("num-examples must be a positive int")
+            raise ReplyRejected(f"reply lacks metrics {missing}")
+        values = {key: _metric(metrics, key, integer) for key, integer in FEDAVG_METRICS.items()}
+        for key, integer in FEDAVG_OPTIONAL_METRICS.items():
+            values[key] = _metric(metrics, key, integer, default=0)
+        if values["num-examples"] < 1:
+            raise ReplyRejected("num-examples must be a positive int")
         if list(arrays.keys()) != [protocol.KEPT_KEY]:
-            raise ValueError(f"reply arrays must be exactly '{protocol.KEPT_KEY}'")
+            raise ReplyRejected(f"reply arrays must be exactly '{protocol.KEPT_KEY}'")
         kept = arrays[protocol.KEPT_KEY].numpy()
         if kept.shape != (self.space.dim,) or kept.dtype != np.float32:
-            raise ValueError(f"kept weights must be float32 ({self.space.dim},), got {kept.shape}")
+            raise ReplyRejected(
+                f"kept weights must be float32 ({self.space.dim},), got {kept.dtype} {kept.shape}"
+            )
         if not np.all(np.isfinite(kept)):
-            raise ValueError("kept weights contain NaN or inf")
-        return metrics
+            raise ReplyRejected("kept weights contain NaN or inf")
+        weighting = MetricRecord({"num-examples": int(values["num-examples"])})
+        return FedAvgReply(
+            partition_id=int(values["partition-id"]),
+            num_examples=int(values["num-examples"]),
+            train_loss=float(values["train-loss"]),
+            train_examples=int(values["train-examples"]),
+            steps=int(values["steps"]),
+            seconds=float(values["client-seconds"]),
+            peak_mem_bytes=int(values["peak-mem-bytes"]),
+            extra_mem_bytes=int(values["extra-mem-bytes"]),
+            content=RecordDict({protocol.ARRAYS_KEY: arrays, protocol.METRICS_KEY: weighting}),
+        )
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Drop invalid replies, average the rest with ``FedAvg``, re-apply the mask."""
-        valid: list[Message] = []
-        rejected: list[dict[str, object]] = []
-        per_client: dict[int, MetricRecord] = {}
-        uplink: dict[int, int] = {}
-        for reply in list(replies):
-            node_id = self.reply_node(reply)
-            try:
-                metrics = self._check(reply)
-                pid = int(metrics["partition-id"])  # type: ignore[call-overload]
-                if pid in per_client:
-                    raise ValueError(f"partition {pid} already replied this round")
-            except ValueError as err:
-                if protocol.MASK_MISSING in str(err):
-                    self.nodes_with_mask.discard(node_id)
-                log(
-                    WARNING, "Round %d: rejected reply from node %d: %s", server_round, node_id, err
-                )
-                rejected.append({"node_id": node_id, "reason": str(err)})
-                continue
-            self.accept(node_id, pid)
-            per_client[pid] = metrics
-            uplink[pid] = message_nbytes(reply)
-            valid.append(reply)
-        self.rejected_total += len(rejected)
-        entry: dict[str, object] = {
-            **self.round_bytes(uplink),
-            "density": self.cfg.effective_density,
-            "clients": len(valid),
-            "rejected": rejected,
-        }
-        if len(valid) < self.cfg.min_clients or not valid:
-            log(WARNING, "Round %d skipped: %d valid replies", server_round, len(valid))
-            entry["skipped"] = True
-            self.recorder.update_round(server_round, **entry)
-            return None, None
-        arrays, _ = super().aggregate_train(server_round, valid)
-        assert arrays is not None
+    def aggregate(self, server_round: int, replies: Mapping[int, FedAvgReply]) -> RoundUpdate:
+        """Average the kept weights by ``num-examples``, write them back, re-apply the mask."""
+        arrays = aggregate_arrayrecords([r.content for r in replies.values()], "num-examples")
         kept = np.asarray(arrays[protocol.KEPT_KEY].numpy(), dtype=np.float32)
         self.space.scatter_(self.model, torch.from_numpy(kept.copy()))
         apply_mask_(self.model, self.mask)
-        examples = {pid: int(m["num-examples"]) for pid, m in per_client.items()}  # type: ignore[call-overload]
         train_loss = float(
             np.average(
-                [float(m["train-loss"]) for m in per_client.values()],  # type: ignore[arg-type]
-                weights=list(examples.values()),
+                [r.train_loss for r in replies.values()],
+                weights=[r.num_examples for r in replies.values()],
             )
         )
-        entry.update(
-            client_seconds=per_client_summary(
-                {pid: float(m["client-seconds"]) for pid, m in per_client.items()}  # type: ignore[arg-type]
-            ),
-            client_peak_mem_bytes=per_client_summary(
-                {pid: int(m["peak-mem-bytes"]) for pid, m in per_client.items()}  # type: ignore[call-overload]
-            ),
-            client_extra_mem_bytes=per_client_summary(
-                {pid: int(m.get("extra-mem-bytes", 0)) for pid, m in per_client.items()}  # type: ignore[call-overload]
-            ),
-            forward_flops=per_client_summary(
-                {
-                    pid: int(m["train-examples"]) * self.flops_per_example  # type: ignore[call-overload]
-                    for pid, m in per_client.items()
-                }
-            ),
-            local_steps=per_client_summary(
-                {pid: int(m.get("steps", 0)) for pid, m in per_client.items()}  # type: ignore[call-overload]
-            ),
-            train_loss=train_loss,
-            round_seconds=time.perf_counter() - self.round_started,
-        )
-        self.recorder.update_round(server_round, **entry)
-        metrics = MetricRecord(
-            {
-                "train-loss": train_loss,
-                "clients": len(valid),
-                "uplink-bytes": entry["uplink_bytes"]["total"],  # type: ignore[index]
-                "downlink-bytes": entry["downlink_bytes"]["total"],  # type: ignore[index]
-            }
-        )
-        return self.kept_arrays(), metrics
+        steps = {pid: r.steps for pid, r in replies.items()}
+        return RoundUpdate(train_loss, {"local_steps": per_client_summary(steps)})
 
-    # ------------------------------------------------------------------------- evaluate
+    def client_flops(self, reply: FedAvgReply) -> int:
+        """Examples trained x forward+backward FLOPs per example."""
+        return reply.train_examples * self.flops_per_example
 
-    def evaluate_global(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Central test-set evaluation every ``eval-every`` rounds, at round 0 and at the end."""
-        last = server_round == self.cfg.num_server_rounds
-        if not (server_round == 0 or last or server_round % self.cfg.eval_every == 0):
-            return None
-        loss, accuracy = evaluate(
-            self.model, self.test_data.x_test, self.test_data.y_test, self.cfg.dataset
-        )
-        self.recorder.update_round(server_round, accuracy=accuracy, loss=loss)
-        entry = self.recorder.round_entry(server_round)
-        log(
-            INFO,
-            "[fedzo] round %d/%d (fedavg): accuracy %.4f, train-loss %.4f, up %d B, down %d B",
-            server_round,
-            self.cfg.num_server_rounds,
-            accuracy,
-            entry.get("train_loss", float("nan")),
-            entry.get("uplink_bytes", {}).get("total", 0),
-            entry.get("downlink_bytes", {}).get("total", 0),
-        )
-        return MetricRecord({"accuracy": accuracy, "loss": loss})
+    # ------------------------------------------------------------------ evaluate, save
 
+    @contextmanager
+    def evaluation_model(self) -> Iterator[nn.Module]:
+        """The global model itself (FedAvg keeps no separate evaluation weights)."""
+        yield self.model
 
-def run_fedavg(
-    grid: Grid,
-    cfg: RunConfig,
-    model: nn.Module,
-    mask: Mask,
-    prune_seconds: float,
-    test_data: DatasetArrays,
-    recorder: RunRecorder,
-) -> Path:
-    """Run the FedAvg baseline to the end; write ``model.pt``, the final results and the plot."""
-    input_shape = tuple(test_data.x_test.shape[1:][::-1])  # HWC -> CHW
-    flops = forward_flops(model, mask, input_shape=input_shape)
-    fb = forward_backward_flops(model, mask, input_shape=input_shape).sparse
-    strategy = MaskedFedAvg(cfg, model, mask, recorder, test_data, fb)
-    recorder.set_setup(
-        density=mask_density(mask),
-        kept_weights=kept_count(mask),
-        prunable_weights=total_count(mask),
-        kept_coordinates=strategy.space.dim,
-        layer_densities=layer_densities(mask),
-        prune_seconds=prune_seconds,
-        mask_bytes=mask_nbytes(mask),
-        sparse_weights_bytes=sparse_weights_nbytes(strategy.space),
-        forward_flops_per_example={"dense": flops.dense, "sparse": flops.sparse},
-        backprop_flops_per_example=fb,
-        flops_note=(
-            "FedAvg: forward_flops per client-round = examples trained x forward+backward FLOPs "
-            "per example (FlopCounterMode conv/linear FLOPs scaled by each layer's kept "
-            "fraction; loss and optimizer update not counted)"
-        ),
-    )
-    started = time.perf_counter()
-    strategy.start(
-        grid=grid,
-        initial_arrays=strategy.kept_arrays(),
-        num_rounds=cfg.num_server_rounds,
-        timeout=cfg.round_timeout,
-        evaluate_fn=strategy.evaluate_global,
-    )
-    checkpoint = recorder.run_dir / "model.pt"
-    buffer = io.BytesIO()
-    torch.save(
-        {
-            "config": cfg.to_run_config(),
-            "model_state": {k: v.clone() for k, v in model.state_dict().items()},
-            "mask": mask,
-            "optimizer": None,
-        },
-        buffer,
-    )
-    atomic_write_bytes(checkpoint, buffer.getvalue())
-    recorder.finish(
-        rounds=cfg.num_server_rounds,
-        seconds=time.perf_counter() - started,
-        rejected_replies=strategy.rejected_total,
-        checkpoint=str(checkpoint),
-    )
-    recorder.plot()
-    return checkpoint
+    def setup_fields(self) -> dict[str, object]:
+        """Forward+backward FLOPs per example, and how FedAvg FLOPs are counted."""
+        return {
+            "backprop_flops_per_example": self.flops_per_example,
+            "flops_note": (
+                "FedAvg: forward_flops per client-round = examples trained x forward+backward "
+                "FLOPs per example (FlopCounterMode conv/linear FLOPs scaled by each layer's kept "
+                "fraction; loss and optimizer update not counted)"
+            ),
+        }

@@ -17,17 +17,16 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
-from flwr.common.logger import log
 from flwr.serverapp import Grid
 from torch import nn
 
 from fedzo_flwr import protocol
 from fedzo_flwr.config import RunConfig
-from fedzo_flwr.errors import PruningError
+from fedzo_flwr.errors import PruningError, ReplyRejected
 from fedzo_flwr.protocol.wire import encode_mask
 from fedzo_flwr.pruning import client as cp
-from fedzo_flwr.pruning.common import check_result, iterative_prune, one_shot_prune
-from fedzo_flwr.sparse.mask import Mask, dense_mask
+from fedzo_flwr.sparse.mask import Mask
+from server_app.logs import log
 from server_app.message_size import message_nbytes
 from server_app.nodes import wait_for_nodes
 
@@ -36,6 +35,32 @@ PRUNE_MESSAGE_TYPE = f"{MessageType.QUERY}.{cp.PRUNE_ACTION}"
 
 class PruningPhaseError(PruningError):
     """Too few valid replies to score the mask."""
+
+
+def parse_prune_reply(
+    reply: Message, iteration: int, mask: Mask
+) -> tuple[dict[str, torch.Tensor], int]:
+    """The signed gradients and example count of one pruning reply.
+
+    Raises
+    ------
+    ReplyRejected
+        An error reply, a missing record, another iteration, a bad example count or a gradient
+        payload that is not ``4 · n_w`` bytes of finite float32.
+    """
+    if reply.has_error():
+        raise ReplyRejected(f"client error: {reply.error.reason}")
+    record = reply.content.config_records.get(cp.PRUNE_KEY)
+    metrics = reply.content.metric_records.get(protocol.METRICS_KEY)
+    if record is None or metrics is None:
+        raise ReplyRejected("reply lacks the 'prune' or 'metrics' record")
+    reported = record.get(cp.ITERATION_KEY)
+    if reported != iteration or not isinstance(reported, int):
+        raise ReplyRejected(f"reply is for iteration {str(reported)[:20]}, this is {iteration}")
+    examples = metrics.get("num-examples")
+    if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
+        raise ReplyRejected(f"num-examples must be a positive int, got {examples!r}")
+    return cp.decode_gradients(record.get(cp.GRADIENTS_KEY), mask), examples
 
 
 def federated_prune(grid: Grid, cfg: RunConfig, model: nn.Module) -> tuple[Mask, dict[str, Any]]:
@@ -71,9 +96,10 @@ def federated_prune(grid: Grid, cfg: RunConfig, model: nn.Module) -> tuple[Mask,
     iterations: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
 
-    def score(mask: Mask, t: int) -> dict[str, torch.Tensor]:
+    def collect(mask: Mask, t: int) -> list[tuple[dict[str, torch.Tensor], float]]:
         mask_bytes = encode_mask(mask)
         messages, down = [], 0
+        message_node: dict[str, int] = {}
         for node in node_ids:
             config = ConfigRecord(
                 {
@@ -87,58 +113,48 @@ def federated_prune(grid: Grid, cfg: RunConfig, model: nn.Module) -> tuple[Mask,
                 content[cp.WEIGHTS_KEY] = weights_record
             message = Message(content, dst_node_id=node, message_type=PRUNE_MESSAGE_TYPE)
             down += message_nbytes(message)
+            message_node[message.object_id] = node
             messages.append(message)
         replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
         valid: dict[int, tuple[dict[str, torch.Tensor], int]] = {}
         up = 0
         for reply in replies:
-            node = reply.metadata.src_node_id
+            # Error replies made by the SuperLink carry its own id as sender: look the node up
+            # by the message the reply answers.
+            meta = reply.metadata
+            node = message_node.get(meta.reply_to_message_id, meta.src_node_id)
             try:
-                if reply.has_error():
-                    raise ValueError(f"client error: {reply.error.reason}")
-                record = reply.content.config_records.get(cp.PRUNE_KEY)
-                metrics = reply.content.metric_records.get(protocol.METRICS_KEY)
-                if record is None or metrics is None:
-                    raise ValueError("reply lacks the 'prune' or 'metrics' record")
-                if int(record[cp.ITERATION_KEY]) != t:  # type: ignore[call-overload]
-                    raise ValueError(f"reply is for iteration {record[cp.ITERATION_KEY]}")
-                examples = metrics.get("num-examples")
-                if not isinstance(examples, int) or examples < 1:
-                    raise ValueError(f"num-examples must be a positive int, got {examples!r}")
-                grads = cp.decode_gradients(bytes(record[cp.GRADIENTS_KEY]), mask)  # type: ignore[arg-type]
-            except (KeyError, TypeError, ValueError) as err:
+                if node not in stream:
+                    raise ReplyRejected("reply from a node that was not asked")
+                if stream[node] in valid:
+                    raise ReplyRejected("second reply of this node")
+                share = parse_prune_reply(reply, t, mask)
+            except ReplyRejected as err:
                 log(WARNING, "Pruning iteration %d: dropped reply of node %d: %s", t, node, err)
                 failures.append({"iteration": t, "node_id": node, "reason": str(err)})
                 continue
-            valid[stream[node]] = (grads, examples)
+            valid[stream[node]] = share
             up += message_nbytes(reply)
         if len(valid) < cfg.min_clients:
             raise PruningPhaseError(
                 f"pruning iteration {t}: {len(valid)} valid replies, min-clients is "
                 f"{cfg.min_clients}; cannot compute the {cfg.prune_method} mask"
             )
-        order = sorted(valid)  # node order: sums do not depend on arrival order
         iterations.append(
             {"iteration": t, "clients": len(valid), "downlink_bytes": down, "uplink_bytes": up}
         )
         log(
             INFO,
-            "[fedzo] pruning (%s) iteration %d: %d clients, down %d B, up %d B",
+            "pruning (%s) iteration %d: %d clients, down %d B, up %d B",
             cfg.prune_method,
             t,
             len(valid),
             down,
             up,
         )
-        return cp.aggregate_scores([valid[s][0] for s in order], [valid[s][1] for s in order], mask)
+        return [valid[s] for s in sorted(valid)]  # node order: sums ignore arrival order
 
-    if cfg.prune_method == "snip":
-        mask = one_shot_prune(model, cfg.density, score(dense_mask(model), 1))
-    else:
-        mask = iterative_prune(
-            model, cfg.density, cp.prune_iterations(cfg), score, method="NTK-SAP (client data)"
-        )
-    mask = check_result(model, mask, cfg.density, cfg.prune_method)
+    mask = cp.phase_mask(model, cfg.prune_method, cfg.density, cp.prune_iterations(cfg), collect)
     report = {
         "method": cfg.prune_method,
         "nodes": len(node_ids),

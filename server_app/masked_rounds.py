@@ -1,40 +1,148 @@
 """What every strategy of a pruned model does each round, whatever the clients compute.
 
 :class:`MaskedRounds` (a ``FedAvg``) is the common base of ``FedZO`` (seeds and scalars) and
-``MaskedFedAvg`` (the backprop baseline): the nodes of a round are sampled reproducibly after a
-bounded wait, every node gets the global model's kept coordinates and the round seed, the mask
-bitmap travels once per node (again only after the node reports that it lost it), each message's
-serialized size is measured, and replies are traced back to the node they answer.
+``MaskedFedAvg`` (the backprop baseline). It owns everything the two share: the nodes of a round
+are sampled reproducibly after a bounded wait, every node gets the global model's kept
+coordinates and the round seed, the mask bitmap travels once per node (again only after the node
+reports, with a status code, that it lost it), each message's serialized size is measured,
+replies are traced back to the node they answer and screened, the round record and the returned
+metrics are built, and the run's setup, central evaluation and final ``model.pt`` are written.
 """
 
 from __future__ import annotations
 
+import io
+import math
 import time
-from collections.abc import Iterable
+from abc import abstractmethod
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+import torch
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from torch import nn
 
 from fedzo_flwr import protocol
 from fedzo_flwr.config import RunConfig
-from fedzo_flwr.run.results import per_client_summary
+from fedzo_flwr.data import DatasetArrays
+from fedzo_flwr.errors import ReplyRejected
+from fedzo_flwr.files import atomic_write_bytes
+from fedzo_flwr.measure.flops import forward_flops
+from fedzo_flwr.protocol.wire import encode_mask, mask_nbytes, sparse_weights_nbytes
+from fedzo_flwr.run.evaluation import evaluate
+from fedzo_flwr.run.results import RunRecorder, per_client_summary
+from fedzo_flwr.sparse.mask import Mask, kept_count, layer_densities, mask_density, total_count
+from fedzo_flwr.sparse.space import KeptSpace
+from server_app.logs import log
 from server_app.message_size import SizeCache, message_nbytes
-from server_app.nodes import sample_round_nodes, wait_for_nodes
+from server_app.nodes import sample_evaluate_nodes, sample_round_nodes, wait_for_nodes
 
 
-class MaskedRounds(FedAvg):
-    """Node sampling, the once-per-node mask and measured bytes, for strategies of a masked model.
+class ClientReply(Protocol):
+    """What every validated train reply reports, whatever the method."""
+
+    @property
+    def partition_id(self) -> int:
+        """The partition the client trained on (one reply per partition and round)."""
+
+    @property
+    def seconds(self) -> float:
+        """Client compute time of the round."""
+
+    @property
+    def peak_mem_bytes(self) -> int:
+        """Peak memory the client measured."""
+
+    @property
+    def extra_mem_bytes(self) -> int:
+        """Memory the client needed beyond the model's weights."""
+
+
+ReplyT = TypeVar("ReplyT", bound=ClientReply)
+
+
+@dataclass(frozen=True)
+class RoundUpdate:
+    """The outcome of a method's aggregation step.
+
+    Attributes
+    ----------
+    train_loss : float
+        The round's training loss (recorded and returned to Flower).
+    fields : dict
+        Method-specific fields of the round record (e.g. ``grad_norm``).
+    """
+
+    train_loss: float
+    fields: dict[str, object] = field(default_factory=dict)
+
+
+class MaskedRounds(FedAvg, Generic[ReplyT]):
+    """The shared round loop and bookkeeping of the strategies of a masked model.
+
+    A method (``FedZO``, ``MaskedFedAvg``, or a new one) subclasses it and supplies only what
+    differs:
+
+    * :meth:`configure_train`: which nodes train (``round_nodes``, then any method-specific
+      filter) and their messages (``train_messages``, plus ``first_contact_config`` for extra
+      first-contact keys);
+    * :meth:`parse_train_reply`: turn one reply that is neither an error nor a status reply into
+      a validated reply object (a :class:`ClientReply`), or raise ``ReplyRejected`` with the
+      reason; it never raises anything else for bad content;
+    * :meth:`aggregate`: step the global model with the round's valid replies (one per
+      partition) and return a :class:`RoundUpdate`;
+    * :meth:`kept_values`, :meth:`evaluation_model`, :meth:`client_flops`,
+      :meth:`setup_fields`, and optionally :meth:`eligible`, :meth:`accept_reply`,
+      :meth:`round_fields`, :meth:`optimizer_state`, :meth:`after_round`.
+
+    Everything else is done here, once: error replies and status codes (a node that lost its
+    mask is dropped from ``nodes_with_mask`` and gets the mask with its next train message),
+    rejections counted with node id and reason, duplicate partitions refused, the skip path
+    (fewer than ``min-clients`` valid replies: model unchanged, ``"skipped": true``), the round
+    record (measured bytes, clients, rejections, per-client seconds, peak and extra memory and
+    FLOPs, ``train_loss``, ``round_seconds``), bounded and seeded federated evaluation, central
+    evaluation with its log line, the run's setup record and the final ``model.pt``.
 
     Parameters
     ----------
     cfg : RunConfig
         The validated run config (sampling, timeouts, evaluation fraction).
-    mask_bytes : bytes
-        The encoded mask bitmap (:func:`fedzo_flwr.protocol.wire.encode_mask`).
+    mask : Mask
+        The run's mask (dense for density 1).
+    space : KeptSpace
+        The kept coordinates of the model under ``mask``.
+    recorder : RunRecorder
+        Where the setup and per-round results go.
+    test_data : DatasetArrays
+        Test split for central evaluation.
+    start_round : int
+        Rounds already done (when resuming); ``Strategy.start`` counts from 1, the strategy
+        numbers rounds ``start_round + 1 ...``.
     """
 
-    def __init__(self, cfg: RunConfig, mask_bytes: bytes) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        mask: Mask,
+        space: KeptSpace,
+        recorder: RunRecorder,
+        test_data: DatasetArrays,
+        start_round: int = 0,
+    ) -> None:
         wanted = cfg.clients_per_round or 1
         super().__init__(
             fraction_train=1.0,
@@ -46,8 +154,13 @@ class MaskedRounds(FedAvg):
             configrecord_key=protocol.CONFIG_KEY,
         )
         self.cfg = cfg
-        self.mask_bytes = mask_bytes
-        self.mask_id = protocol.mask_id(mask_bytes)
+        self.mask = mask
+        self.space = space
+        self.recorder = recorder
+        self.test_data = test_data
+        self.start_round = start_round
+        self.mask_bytes = encode_mask(mask)
+        self.mask_id = protocol.mask_id(self.mask_bytes)
         self.nodes_with_mask: set[int] = set()
         self.node_partition: dict[int, int] = {}
         self.round_downlink: dict[int, int] = {}
@@ -55,11 +168,51 @@ class MaskedRounds(FedAvg):
         self.round_started = 0.0
         self.rejected_total = 0
 
-    # ----------------------------------------------------------------------- sampling
+    # ----------------------------------------------------------------- method hooks
+
+    @abstractmethod
+    def parse_train_reply(self, server_round: int, node_id: int, reply: Message) -> ReplyT:
+        """Validate one train reply of ``node_id``; raise ``ReplyRejected`` if it is unusable."""
+
+    @abstractmethod
+    def aggregate(self, server_round: int, replies: Mapping[int, ReplyT]) -> RoundUpdate:
+        """Step the global model with the valid replies, keyed by partition id."""
+
+    @abstractmethod
+    def kept_values(self) -> torch.Tensor:
+        """The global model's kept coordinates (what clients receive)."""
+
+    @abstractmethod
+    def evaluation_model(self) -> AbstractContextManager[nn.Module]:
+        """The model to evaluate or save, for the duration of a ``with`` block."""
+
+    @abstractmethod
+    def client_flops(self, reply: ReplyT) -> int:
+        """FLOPs the client of ``reply`` spent on its round."""
+
+    @abstractmethod
+    def setup_fields(self) -> dict[str, object]:
+        """Method-specific fields of the setup record (FLOPs of a client-round, notes)."""
 
     def eligible(self, node_id: int) -> bool:
         """Whether ``node_id`` may train this round (every connected node, unless overridden)."""
         return True
+
+    def accept_reply(self, node_id: int, reply: ReplyT) -> None:
+        """Called for each valid reply before aggregation (e.g. to learn a node's budget)."""
+
+    def round_fields(self) -> dict[str, object]:
+        """Method-specific fields of every round record, skipped rounds included."""
+        return {}
+
+    def optimizer_state(self) -> dict[str, Any] | None:
+        """The server optimizer's state, saved in ``model.pt`` (``None``: no server optimizer)."""
+        return None
+
+    def after_round(self, server_round: int) -> None:
+        """Called after each round's central evaluation (e.g. to write a checkpoint)."""
+
+    # ----------------------------------------------------------------------- sampling
 
     def round_nodes(self, grid: Grid, server_round: int) -> list[int]:
         """The eligible nodes of ``server_round``: ``clients-per-round`` of them, or all.
@@ -74,6 +227,10 @@ class MaskedRounds(FedAvg):
         )
 
     # ----------------------------------------------------------------------- messages
+
+    def kept_arrays(self) -> ArrayRecord:
+        """The global model's kept coordinates as the ArrayRecord clients receive."""
+        return ArrayRecord({protocol.KEPT_KEY: Array(self.kept_values().numpy().copy())})
 
     def first_contact_config(self) -> dict[str, bytes | int]:
         """Extra config a node receives the first time (the mask; subclasses add to it)."""
@@ -109,13 +266,6 @@ class MaskedRounds(FedAvg):
             messages.append(message)
         return messages
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Federated evaluation (``fraction-evaluate`` > 0), with the mask id clients look up."""
-        config[protocol.MASK_ID_KEY] = self.mask_id
-        return super().configure_evaluate(server_round, arrays, config, grid)
-
     # ------------------------------------------------------------------------ replies
 
     def reply_node(self, reply: Message) -> int:
@@ -126,10 +276,51 @@ class MaskedRounds(FedAvg):
         """
         return self.message_node.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
-    def accept(self, node_id: int, partition_id: int) -> None:
-        """Record a valid reply of ``node_id`` (partition ``partition_id``): it holds the mask."""
-        self.nodes_with_mask.add(node_id)
-        self.node_partition[node_id] = partition_id
+    def screen(self, reply: Message, node_id: int) -> None:
+        """Raise ``ReplyRejected`` for an error reply or a status reply.
+
+        A status code is read from the ``status`` record (type-checked); ``mask-missing`` drops
+        ``node_id`` from ``nodes_with_mask``, so its next train message carries the mask again.
+        """
+        if reply.has_error():
+            raise ReplyRejected(f"client error: {reply.error.reason}")
+        record = reply.content.config_records.get(protocol.STATUS_KEY)
+        if record is None:
+            return
+        status = protocol.parse_status(record)
+        if status.code == protocol.STATUS_MASK_MISSING:
+            self.nodes_with_mask.discard(node_id)
+        raise ReplyRejected(f"{status.code}: {status.detail}")
+
+    def valid_replies(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[dict[int, ReplyT], dict[int, int], list[dict[str, object]]]:
+        """The round's valid replies and measured uplink, both by partition, and the rejections."""
+        valid: dict[int, ReplyT] = {}
+        uplink: dict[int, int] = {}
+        rejected: list[dict[str, object]] = []
+        for reply in replies:
+            node_id = self.reply_node(reply)
+            try:
+                self.screen(reply, node_id)
+                parsed = self.parse_train_reply(server_round, node_id, reply)
+                if parsed.partition_id in valid:
+                    raise ReplyRejected(
+                        f"partition {parsed.partition_id} already replied this round"
+                    )
+            except ReplyRejected as err:
+                log(
+                    WARNING, "Round %d: rejected reply from node %d: %s", server_round, node_id, err
+                )
+                rejected.append({"node_id": node_id, "reason": str(err)})
+                continue
+            self.nodes_with_mask.add(node_id)
+            self.node_partition[node_id] = parsed.partition_id
+            self.accept_reply(node_id, parsed)
+            valid[parsed.partition_id] = parsed
+            uplink[parsed.partition_id] = message_nbytes(reply)
+        self.rejected_total += len(rejected)
+        return valid, uplink, rejected
 
     def round_bytes(self, uplink: dict[int, int]) -> dict[str, object]:
         """``downlink_bytes`` and ``uplink_bytes`` summaries of the round, keyed by partition.
@@ -143,3 +334,247 @@ class MaskedRounds(FedAvg):
             "downlink_bytes": per_client_summary(downlink),
             "uplink_bytes": per_client_summary(uplink),
         }
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Screen and parse the replies, aggregate the valid ones, record the round."""
+        server_round += self.start_round
+        valid, uplink, rejected = self.valid_replies(server_round, list(replies))
+        entry: dict[str, Any] = {
+            **self.round_bytes(uplink),
+            "density": self.cfg.effective_density,
+            "clients": len(valid),
+            "rejected": rejected,
+            **self.round_fields(),
+        }
+        if len(valid) < self.cfg.min_clients:
+            log(
+                WARNING,
+                "Round %d skipped: %d valid replies, min-clients is %d; model unchanged",
+                server_round,
+                len(valid),
+                self.cfg.min_clients,
+            )
+            entry["skipped"] = True
+            self.recorder.update_round(server_round, **entry)
+            return None, None
+        update = self.aggregate(server_round, valid)
+        entry.update(
+            client_seconds=per_client_summary({pid: r.seconds for pid, r in valid.items()}),
+            client_peak_mem_bytes=per_client_summary(
+                {pid: r.peak_mem_bytes for pid, r in valid.items()}
+            ),
+            client_extra_mem_bytes=per_client_summary(
+                {pid: r.extra_mem_bytes for pid, r in valid.items()}
+            ),
+            forward_flops=per_client_summary(
+                {pid: self.client_flops(r) for pid, r in valid.items()}
+            ),
+            train_loss=update.train_loss,
+            **update.fields,
+            round_seconds=time.perf_counter() - self.round_started,
+        )
+        self.recorder.update_round(server_round, **entry)
+        metrics = MetricRecord(
+            {
+                "train-loss": update.train_loss,
+                "clients": len(valid),
+                "uplink-bytes": entry["uplink_bytes"]["total"],
+                "downlink-bytes": entry["downlink_bytes"]["total"],
+            }
+        )
+        return self.kept_arrays(), metrics
+
+    # ------------------------------------------------------------ federated evaluation
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Federated evaluation (``fraction-evaluate`` > 0) on a seeded sample of the nodes.
+
+        ``ceil(fraction-evaluate x connected)`` nodes (at least 1), drawn from the
+        ``evaluate_sample_seed`` stream after a wait bounded by ``round-timeout``; the message
+        names the mask (``mask-id``) the node must hold.
+        """
+        if self.cfg.fraction_evaluate <= 0:
+            return []
+        server_round += self.start_round
+        connected = wait_for_nodes(
+            grid, self.min_available_nodes, self.cfg.round_timeout, "evaluation"
+        )
+        node_ids = sample_evaluate_nodes(
+            connected, self.cfg.fraction_evaluate, self.cfg.seed, server_round
+        )
+        config = ConfigRecord(dict(config))  # Strategy.start passes the same record every round
+        config[protocol.ROUND_KEY] = server_round
+        config[protocol.MASK_ID_KEY] = self.mask_id
+        content = RecordDict({protocol.ARRAYS_KEY: arrays, protocol.CONFIG_KEY: config})
+        messages = [
+            Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node_id)
+            for node_id in node_ids
+        ]
+        self.message_node = {m.object_id: m.metadata.dst_node_id for m in messages}
+        log(INFO, "configure_evaluate: %d of %d nodes", len(messages), len(connected))
+        return messages
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Weighted mean of the valid evaluation replies' loss and accuracy."""
+        server_round += self.start_round
+        valid: list[RecordDict] = []
+        for reply in replies:
+            node_id = self.reply_node(reply)
+            try:
+                self.screen(reply, node_id)
+                valid.append(RecordDict({protocol.METRICS_KEY: evaluation_metrics(reply)}))
+            except ReplyRejected as err:
+                log(
+                    WARNING,
+                    "Round %d: rejected evaluation reply from node %d: %s",
+                    server_round,
+                    node_id,
+                    err,
+                )
+        if not valid:
+            return None
+        return self.evaluate_metrics_aggr_fn(valid, self.weighted_by_key)
+
+    # -------------------------------------------------------------- central evaluation
+
+    def is_evaluation_round(self, server_round: int) -> bool:
+        """Round 0, every ``eval-every`` rounds, and the last round."""
+        last = server_round == self.cfg.num_server_rounds
+        return server_round == 0 or last or server_round % self.cfg.eval_every == 0
+
+    def evaluate_global(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """``Strategy.start``'s ``evaluate_fn``: central test-set evaluation and the log line."""
+        if server_round == 0 and self.start_round:
+            return None  # evaluated before the checkpoint was taken
+        server_round += self.start_round
+        metrics, accuracy = None, None
+        if self.is_evaluation_round(server_round):
+            with self.evaluation_model() as model:
+                loss, accuracy = evaluate(
+                    model, self.test_data.x_test, self.test_data.y_test, self.cfg.dataset
+                )
+            self.recorder.update_round(server_round, accuracy=accuracy, loss=loss)
+            metrics = MetricRecord({"accuracy": accuracy, "loss": loss})
+        self.log_round(server_round, accuracy)
+        self.after_round(server_round)
+        return metrics
+
+    def log_round(self, server_round: int, accuracy: float | None) -> None:
+        """One line per round: accuracy (when evaluated), loss, clients, bytes, seconds."""
+        if server_round == 0:
+            log(INFO, "round 0: accuracy %.4f (initial model)", accuracy or 0.0)
+            return
+        entry = self.recorder.round_entry(server_round)
+        acc = "" if accuracy is None else f"accuracy {accuracy:.4f}, "
+        log(
+            INFO,
+            "round %d/%d: %strain-loss %.4f, %d clients, up %d B, down %d B, %.2fs",
+            server_round,
+            self.cfg.num_server_rounds,
+            acc,
+            entry.get("train_loss", float("nan")),
+            entry.get("clients", 0),
+            entry.get("uplink_bytes", {}).get("total", 0),
+            entry.get("downlink_bytes", {}).get("total", 0),
+            entry.get("round_seconds", 0.0),
+        )
+
+    # ---------------------------------------------------------------------------- run
+
+    def record_setup(self, prune_seconds: float) -> None:
+        """Write the setup record: mask, sizes, FLOPs (common fields, then the method's)."""
+        input_shape = tuple(self.test_data.x_test.shape[1:][::-1])  # HWC -> CHW
+        with self.evaluation_model() as model:
+            flops = forward_flops(model, self.mask, input_shape=input_shape)
+        self.recorder.set_setup(
+            density=mask_density(self.mask),
+            kept_weights=kept_count(self.mask),
+            prunable_weights=total_count(self.mask),
+            kept_coordinates=self.space.dim,
+            layer_densities=layer_densities(self.mask),
+            prune_seconds=prune_seconds,
+            mask_bytes=mask_nbytes(self.mask),
+            sparse_weights_bytes=sparse_weights_nbytes(self.space),
+            forward_flops_per_example={"dense": flops.dense, "sparse": flops.sparse},
+            **self.setup_fields(),
+        )
+
+    def save_model(self, path: Path) -> None:
+        """Write ``model.pt`` atomically: config, model state, mask and optimizer state."""
+        with self.evaluation_model() as model:
+            buffer = io.BytesIO()
+            torch.save(
+                {
+                    "config": self.cfg.to_run_config(),
+                    "model_state": {k: v.clone() for k, v in model.state_dict().items()},
+                    "mask": self.mask,
+                    "optimizer": self.optimizer_state(),
+                },
+                buffer,
+            )
+        atomic_write_bytes(path, buffer.getvalue())
+
+    def run(self, grid: Grid, prune_seconds: float) -> Path:
+        """Record the setup, train to the end, write ``model.pt``, the results and the plot."""
+        self.record_setup(prune_seconds)
+        started = time.perf_counter()
+        self.start(
+            grid=grid,
+            initial_arrays=self.kept_arrays(),
+            num_rounds=self.cfg.num_server_rounds - self.start_round,
+            timeout=self.cfg.round_timeout,
+            evaluate_fn=self.evaluate_global,
+        )
+        checkpoint = self.recorder.run_dir / "model.pt"
+        self.save_model(checkpoint)
+        final = self.recorder.finish(
+            rounds=self.cfg.num_server_rounds,
+            seconds=time.perf_counter() - started,
+            rejected_replies=self.rejected_total,
+            checkpoint=str(checkpoint),
+        )
+        plot = self.recorder.plot()
+        log(
+            INFO,
+            "%s finished: final accuracy %s; wrote %s, %s and %s",
+            self.cfg.method,
+            final.get("accuracy"),
+            self.recorder.results_path,
+            plot,
+            checkpoint,
+        )
+        return checkpoint
+
+
+def evaluation_metrics(reply: Message) -> MetricRecord:
+    """The validated ``loss``, ``accuracy`` and ``num-examples`` of an evaluation reply.
+
+    Raises
+    ------
+    ReplyRejected
+        If the ``metrics`` record is missing, ``num-examples`` is not a positive int, or the
+        loss or accuracy is not a finite number (accuracy in [0, 1]).
+    """
+    metrics = reply.content.metric_records.get(protocol.METRICS_KEY)
+    if metrics is None:
+        raise ReplyRejected("reply lacks the 'metrics' record")
+    examples = metrics.get("num-examples")
+    if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
+        raise ReplyRejected(f"num-examples must be a positive int, got {examples!r}")
+    values: dict[str, float] = {}
+    for key in ("loss", "accuracy"):
+        value = metrics.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ReplyRejected(f"metric '{key}' must be a number, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise ReplyRejected(f"metric '{key}' is not finite")
+        values[key] = float(value)
+    if not 0.0 <= values["accuracy"] <= 1.0:
+        raise ReplyRejected(f"accuracy {values['accuracy']} is outside [0, 1]")
+    return MetricRecord({**values, "num-examples": examples})

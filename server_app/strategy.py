@@ -2,33 +2,29 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import Any
 
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    Message,
-    MetricRecord,
-)
-from flwr.common.logger import log
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.common.logger import log as flower_log
 from flwr.serverapp import Grid
+from torch import nn
 
 from fedzo_flwr import protocol
 from fedzo_flwr.data import DatasetArrays
-from fedzo_flwr.protocol.wire import encode_mask
+from fedzo_flwr.errors import ReplyRejected
 from fedzo_flwr.run.checkpoint import save_checkpoint
-from fedzo_flwr.run.evaluation import evaluate
-from fedzo_flwr.run.results import RunRecorder, per_client_summary
+from fedzo_flwr.run.results import RunRecorder
 from fedzo_flwr.seeding import fingerprint_seed
 from fedzo_flwr.zo.directions import fingerprint
 from fedzo_flwr.zo.reconstruct import ScalarStep
 from fedzo_flwr.zo.server import ClientUpdate, ZOServer
-from server_app.masked_rounds import MaskedRounds
-from server_app.message_size import message_nbytes
+from server_app.logs import log
+from server_app.masked_rounds import MaskedRounds, RoundUpdate
 
 
 def kept_arrays(server: ZOServer) -> ArrayRecord:
@@ -36,7 +32,7 @@ def kept_arrays(server: ZOServer) -> ArrayRecord:
     return ArrayRecord({protocol.KEPT_KEY: Array(server.kept_values().numpy().copy())})
 
 
-class FedZO(MaskedRounds):
+class FedZO(MaskedRounds[protocol.ParsedReply]):
     """Seed-and-scalars federated zeroth-order training over a server-pruned model.
 
     Each round it samples nodes, sends them the kept weights and the round seed (and the mask
@@ -67,10 +63,8 @@ class FedZO(MaskedRounds):
         forward_flops: int,
         start_round: int = 0,
     ) -> None:
-        super().__init__(server.cfg, encode_mask(server.mask))
+        super().__init__(server.cfg, server.mask, server.space, recorder, test_data, start_round)
         self.server = server
-        self.recorder = recorder
-        self.test_data = test_data
         self.forward_flops = forward_flops
         # Generator agreement: the fingerprint every node must reproduce at first contact.
         self.fingerprint_seed = fingerprint_seed(self.cfg.seed)
@@ -82,12 +76,11 @@ class FedZO(MaskedRounds):
         self.node_budget_bytes: dict[int, float] = {}
         self.required_bytes = 0.0
         self.skipped_for_memory: set[int] = set()
-        self.start_round = start_round
 
     def summary(self) -> None:
         """Log the strategy's configuration."""
         cfg = self.cfg
-        log(
+        flower_log(
             INFO,
             "\t├── FedZO (%s): K=%d σ=%g %s differences, %s directions, seed-mode %s",
             cfg.method,
@@ -97,7 +90,7 @@ class FedZO(MaskedRounds):
             cfg.directions,
             cfg.seed_mode,
         )
-        log(
+        flower_log(
             INFO,
             "\t├── model %s, density %.4f, kept coordinates %d, mask %d bytes",
             cfg.model,
@@ -105,7 +98,7 @@ class FedZO(MaskedRounds):
             self.server.space.dim,
             len(self.mask_bytes),
         )
-        log(
+        flower_log(
             INFO,
             "\t└── server optimizer %s lr %g, local steps %d",
             cfg.optimizer,
@@ -158,77 +151,46 @@ class FedZO(MaskedRounds):
         log(INFO, "configure_train: %d nodes, round seed %d", len(node_ids), round_seed)
         return self.train_messages(server_round, round_seed, arrays, config, node_ids)
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate replies, aggregate their scalars, step the global model."""
-        server_round += self.start_round
-        replies = list(replies)
-        parsed: dict[int, protocol.ParsedReply] = {}
-        uplink: dict[int, int] = {}
-        rejected: list[dict[str, object]] = []
-        for reply in replies:
-            node_id = self.reply_node(reply)
-            if reply.has_error():
-                reason = reply.error.reason
-                if protocol.MASK_MISSING in reason:
-                    self.nodes_with_mask.discard(node_id)
-                log(WARNING, "Round %d: node %d failed: %s", server_round, node_id, reason)
-                rejected.append({"node_id": node_id, "reason": f"client error: {reason}"})
-                continue
-            try:
-                zo = reply.content.config_records.get(protocol.ZO_KEY)
-                metrics = reply.content.metric_records.get(protocol.METRICS_KEY)
-                if zo is None or metrics is None:
-                    raise protocol.ReplyRejected("reply lacks the 'zo' or 'metrics' record")
-                partition_hint = int(metrics.get("partition-id", -1))
-                result = protocol.parse_reply(
-                    zo,
-                    metrics,
-                    server_round=server_round,
-                    k=self.cfg.k,
-                    local_steps=self.cfg.local_steps,
-                    max_abs_delta=self.cfg.max_abs_delta,
-                    expected_seeds=self.server.expected_seeds(server_round, partition_hint),
-                )
-                self._check_fingerprint(node_id, zo)
-                if result.partition_id in parsed:
-                    raise protocol.ReplyRejected(
-                        f"partition {result.partition_id} already replied this round"
-                    )
-            except protocol.ReplyRejected as err:
-                log(
-                    WARNING, "Round %d: rejected reply from node %d: %s", server_round, node_id, err
-                )
-                rejected.append({"node_id": node_id, "reason": str(err)})
-                continue
-            self.accept(node_id, result.partition_id)
-            self.required_bytes = max(self.required_bytes, float(result.peak_mem_bytes))
-            budget_mb = metrics.get(protocol.MEMORY_BUDGET_KEY)
-            if budget_mb:
-                self.node_budget_bytes[node_id] = float(budget_mb) * 2**20
-            parsed[result.partition_id] = result
-            uplink[result.partition_id] = message_nbytes(reply)
-        self.rejected_total += len(rejected)
-        entry: dict[str, object] = {
-            **self.round_bytes(uplink),
-            "density": self.cfg.effective_density,
-            "clients": len(parsed),
-            "rejected": rejected,
+    def parse_train_reply(
+        self, server_round: int, node_id: int, reply: Message
+    ) -> protocol.ParsedReply:
+        """Validate the loss differences, seeds and metrics; check the fingerprint once."""
+        zo = reply.content.config_records.get(protocol.ZO_KEY)
+        metrics = reply.content.metric_records.get(protocol.METRICS_KEY)
+        if zo is None or metrics is None:
+            raise ReplyRejected("reply lacks the 'zo' or 'metrics' record")
+        partition_hint = metrics.get("partition-id", -1)
+        if not isinstance(partition_hint, int):
+            raise ReplyRejected(f"partition-id must be an int, got {type(partition_hint).__name__}")
+        result = protocol.parse_reply(
+            zo,
+            metrics,
+            server_round=server_round,
+            k=self.cfg.k,
+            local_steps=self.cfg.local_steps,
+            max_abs_delta=self.cfg.max_abs_delta,
+            expected_seeds=self.server.expected_seeds(server_round, partition_hint),
+        )
+        self._check_fingerprint(node_id, zo)
+        return result
+
+    def accept_reply(self, node_id: int, reply: protocol.ParsedReply) -> None:
+        """Learn the largest client peak and the node's declared memory budget."""
+        self.required_bytes = max(self.required_bytes, float(reply.peak_mem_bytes))
+        if reply.memory_budget_mb:
+            self.node_budget_bytes[node_id] = reply.memory_budget_mb * 2**20
+
+    def round_fields(self) -> dict[str, object]:
+        """Refused nodes and nodes skipped for memory, in every round record."""
+        return {
             "refused_nodes": len(self.refused_nodes),
             "skipped_for_memory": sorted(self.skipped_for_memory),
         }
-        if len(parsed) < self.cfg.min_clients:
-            log(
-                WARNING,
-                "Round %d skipped: %d valid replies, min-clients is %d; model unchanged",
-                server_round,
-                len(parsed),
-                self.cfg.min_clients,
-            )
-            entry["skipped"] = True
-            self.recorder.update_round(server_round, **entry)
-            return None, None
+
+    def aggregate(
+        self, server_round: int, replies: Mapping[int, protocol.ParsedReply]
+    ) -> RoundUpdate:
+        """Reconstruct the update from the ``(seed, scalars)`` pairs and step the global model."""
         updates = [
             ClientUpdate(
                 pid,
@@ -236,33 +198,20 @@ class FedZO(MaskedRounds):
                 [ScalarStep(seed, r.deltas[j]) for j, seed in enumerate(r.step_seeds)],
                 r.base_loss,
             )
-            for pid, r in parsed.items()
+            for pid, r in replies.items()
         ]
-        summary = self.server.apply_round(updates)
-        seconds = {pid: r.seconds for pid, r in parsed.items()}
-        peaks = {pid: r.peak_mem_bytes for pid, r in parsed.items()}
-        entry.update(
-            client_seconds=per_client_summary(seconds),
-            client_peak_mem_bytes=per_client_summary(peaks),
-            client_extra_mem_bytes=per_client_summary(
-                {pid: r.extra_mem_bytes for pid, r in parsed.items()}
-            ),
-            forward_flops=per_client_summary({pid: self.forward_flops for pid in parsed}),
-            train_loss=summary.train_loss,
-            grad_norm=summary.grad_norm,
-            reconstructions=summary.distinct_seeds * self.cfg.local_steps,
-            round_seconds=time.perf_counter() - self.round_started,
-        )
-        self.recorder.update_round(server_round, **entry)
-        metrics = MetricRecord(
+        summary = self.server.apply_round(updates, server_round)
+        return RoundUpdate(
+            summary.train_loss,
             {
-                "train-loss": summary.train_loss,
-                "clients": len(parsed),
-                "uplink-bytes": entry["uplink_bytes"]["total"],  # type: ignore[index]
-                "downlink-bytes": entry["downlink_bytes"]["total"],  # type: ignore[index]
-            }
+                "grad_norm": summary.grad_norm,
+                "reconstructions": summary.distinct_seeds * self.cfg.local_steps,
+            },
         )
-        return kept_arrays(self.server), metrics
+
+    def client_flops(self, reply: protocol.ParsedReply) -> int:
+        """Forward FLOPs of a client-round (the same for every client)."""
+        return self.forward_flops
 
     def _check_fingerprint(self, node_id: int, zo: ConfigRecord) -> None:
         """Refuse a node whose direction generator disagrees with the server's."""
@@ -278,32 +227,40 @@ class FedZO(MaskedRounds):
         )
         self.refused_nodes[node_id] = reason
         log(WARNING, "Refusing node %d: %s", node_id, reason)
-        raise protocol.ReplyRejected(f"refused: {reason}")
+        raise ReplyRejected(f"refused: {reason}")
 
-    # ------------------------------------------------------------------------- evaluate
+    # ------------------------------------------------------------------ evaluate, save
 
-    def evaluate_global(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Central evaluation every ``eval-every`` rounds and at the end; periodic checkpoints."""
-        if server_round == 0 and self.start_round:
-            return None  # evaluated before the checkpoint was taken
-        server_round += self.start_round
-        last = server_round == self.cfg.num_server_rounds
-        metrics = None
-        if server_round == 0 or last or server_round % self.cfg.eval_every == 0:
-            loss, accuracy = evaluate(
-                self.server.eval_model(),
-                self.test_data.x_test,
-                self.test_data.y_test,
-                self.cfg.dataset,
-            )
+    def kept_values(self) -> torch.Tensor:
+        """The global model's kept coordinates."""
+        return self.server.kept_values()
+
+    @contextmanager
+    def evaluation_model(self) -> Iterator[nn.Module]:
+        """The model with the optimizer's evaluation weights (e.g. its EMA), then restored."""
+        model = self.server.eval_model()
+        try:
+            yield model
+        finally:
             self.server.restore_training_weights()
-            self.recorder.update_round(server_round, accuracy=accuracy, loss=loss)
-            metrics = MetricRecord({"accuracy": accuracy, "loss": loss})
-        self._log_round(server_round, None if metrics is None else float(metrics["accuracy"]))
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """The server optimizer's state (saved in ``model.pt``)."""
+        return self.server.optimizer.state_dict()
+
+    def setup_fields(self) -> dict[str, object]:
+        """Forward FLOPs of a client-round."""
+        return {
+            "client_round_forward_flops": self.forward_flops,
+            "flops_note": "FlopCounterMode conv/linear FLOPs scaled by each layer's kept fraction",
+        }
+
+    def after_round(self, server_round: int) -> None:
+        """Write a checkpoint every ``checkpoint-every`` rounds and after the last one."""
         every = self.cfg.checkpoint_every
+        last = server_round == self.cfg.num_server_rounds
         if server_round and (last or (every and server_round % every == 0)):
             self.save_checkpoint(server_round)
-        return metrics
 
     @property
     def checkpoint_path(self) -> Path:
@@ -320,25 +277,4 @@ class FedZO(MaskedRounds):
             self.server.state_dict(),
             self.recorder.data,
         )
-        log(INFO, "[fedzo] checkpoint after round %d: %s", server_round, self.checkpoint_path)
-
-    def _log_round(self, server_round: int, accuracy: float | None) -> None:
-        if server_round == 0:
-            log(INFO, "[fedzo] round 0: accuracy %.4f (initial model)", accuracy or 0.0)
-            return
-        entry = self.recorder.round_entry(server_round)
-        up = entry.get("uplink_bytes", {}).get("total", 0)
-        down = entry.get("downlink_bytes", {}).get("total", 0)
-        acc = "" if accuracy is None else f"accuracy {accuracy:.4f}, "
-        log(
-            INFO,
-            "[fedzo] round %d/%d: %strain-loss %.4f, %d clients, up %d B, down %d B, %.2fs",
-            server_round,
-            self.cfg.num_server_rounds,
-            acc,
-            entry.get("train_loss", float("nan")),
-            entry.get("clients", 0),
-            up,
-            down,
-            entry.get("round_seconds", 0.0),
-        )
+        log(INFO, "checkpoint after round %d: %s", server_round, self.checkpoint_path)

@@ -12,9 +12,10 @@ from inprocess_grid import ROOT, InProcessGrid, app_config, server_context
 from client_app.client_app import app as client_app
 from fedzo_flwr.config import RunConfig
 from fedzo_flwr.data.client_data import load_client_data
+from fedzo_flwr.errors import ReplyRejected
 from fedzo_flwr.fedavg.client import local_batch_indices, train_round_backprop
 from fedzo_flwr.pruning import client as cp
-from fedzo_flwr.pruning import federated_ntk_mask, prune, snip_mask
+from fedzo_flwr.pruning import local_ntk_mask, prune, snip_mask
 from fedzo_flwr.pruning.common import one_shot_prune
 from fedzo_flwr.run.setup import build_global_model, initial_model
 from fedzo_flwr.sparse.mask import apply_mask_, dense_mask, kept_count, kept_target
@@ -157,7 +158,7 @@ def test_switching_method_changes_nothing_else(runs):
         assert sorted(runs[name][0]["rounds"][1]["uplink_bytes"]["per_client"]) == ["0", "1", "2"]
 
 
-def test_ntk_local_phase_equals_federated_ntk_mask(runs, data_dir):
+def test_ntk_local_phase_over_flower_equals_the_in_process_phase(runs, data_dir):
     results, checkpoint, config = runs["zo-ntk-local"]
     cfg = RunConfig.from_run_config(config)
     model = build_global_model(cfg)
@@ -166,7 +167,7 @@ def test_ntk_local_phase_equals_federated_ntk_mask(runs, data_dir):
         x, y = load_client_data(cfg, pid, NODES)
         batches.append([cp.prune_batch(cfg, x, y, pid)[0]])
         weights.append(len(y))
-    expected = federated_ntk_mask(
+    expected = local_ntk_mask(
         model, cfg.model, cfg.density, batches, weights, cp.ntk_config(cfg), cp.prune_seed(cfg)
     )
     assert all(torch.equal(checkpoint["mask"][n], expected[n]) for n in expected)
@@ -203,8 +204,13 @@ def test_gradient_payload_round_trip_and_validation():
     assert len(data) == 4 * sum(m.numel() for m in mask.values())
     back = cp.decode_gradients(data, mask)
     assert all(torch.equal(back[n], grads[n]) for n in mask)
-    with pytest.raises(ValueError):
+    with pytest.raises(ReplyRejected, match="bad gradients"):
         cp.decode_gradients(data[:-4], mask)
+    with pytest.raises(ReplyRejected, match="must be bytes"):
+        cp.decode_gradients([1.0, 2.0], mask)
+    nan = cp.encode_gradients({n: torch.full(m.shape, float("nan")) for n, m in mask.items()}, mask)
+    with pytest.raises(ReplyRejected, match="NaN"):
+        cp.decode_gradients(nan, mask)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])

@@ -8,7 +8,7 @@ import tomllib
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, Message, RecordDict
 from inprocess_grid import ROOT, InProcessGrid, app_config, server_context
 
 from client_app.client_app import app as client_app
@@ -162,13 +162,17 @@ def test_per_client_mode_with_local_steps(tmp_path, data_dir):
     assert all(min(r["uplink_bytes"]["per_client"].values()) > 160 for r in entries)
 
 
-def test_node_that_lost_its_mask_gets_it_again(tmp_path, data_dir):
+@pytest.mark.parametrize("method", ["zo-pruned", "fedavg"])
+def test_node_that_lost_its_mask_gets_it_again(tmp_path, data_dir, method):
     from client_app import client_app as client_module
+
+    replies = {}
 
     def forget(node_index, message, reply):
         # Node 1 loses its state after round 1 (e.g. a restarted SuperNode), and in round 2 it
         # runs in a fresh process (no module cache), as a deployed ClientApp always does.
         server_round = message.content.config_records["config"]["server-round"]
+        replies[(node_index, server_round)] = reply
         if node_index == 1 and server_round == 1:
             del grid.contexts[grid.node_ids[1]].state["fedzo"]
         if node_index == 0 and server_round == 2:
@@ -180,19 +184,161 @@ def test_node_that_lost_its_mask_gets_it_again(tmp_path, data_dir):
             "data-dir": str(data_dir),
             "output-dir": str(tmp_path),
             "run-name": "run",
+            "method": method,
             "num-server-rounds": 3,
             "eval-every": 3,
             "k": 10,
+            "local-batches": 1,
             "prune-iterations": 2,
         }
     )
-    grid = InProcessGrid(client_app, 3, config, intercept=forget)
+    grid = InProcessGrid(client_app, 3, config, intercept=forget, message_ids=True)
     server_app(grid, server_context(config))
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     rounds = {r["round"]: r for r in results["rounds"]}
+    # The protocol state travels as a code in a normal reply, not as an error text.
+    lost = replies[(1, 2)]
+    assert not lost.has_error()
+    assert set(lost.content.config_records) == {protocol.STATUS_KEY}
+    assert lost.content.config_records[protocol.STATUS_KEY]["code"] == "mask-missing"
     assert rounds[2]["clients"] == 2
-    assert "mask-missing" in rounds[2]["rejected"][0]["reason"]
-    assert rounds[3]["clients"] == 3  # the server re-sent the mask
+    assert rounds[2]["rejected"] == [
+        {
+            "node_id": grid.node_ids[1],
+            "reason": f"mask-missing: no mask {_mask_id(grid)} cached on this node",
+        }
+    ]
+    to_node_1 = {
+        m.content.config_records["config"]["server-round"]: m
+        for m in grid.sent
+        if m.metadata.dst_node_id == grid.node_ids[1]
+    }
+    assert protocol.MASK_KEY not in to_node_1[2].content.config_records["config"]
+    assert protocol.MASK_KEY in to_node_1[3].content.config_records["config"]  # re-sent
+    assert rounds[3]["clients"] == 3 and rounds[3]["rejected"] == []
+    assert results["final"]["rejected_replies"] == 1
+
+
+def _mask_id(grid):
+    return grid.sent[0].content.config_records["config"][protocol.MASK_ID_KEY]
+
+
+def test_status_codes_are_type_checked(tmp_path, data_dir):
+    bad = {1: {"code": 7}, 2: {"code": "reboot", "detail": "x"}}
+
+    def odd_status(node_index, message, reply):
+        server_round = message.content.config_records["config"]["server-round"]
+        if server_round == 1 and node_index in bad:
+            status = ConfigRecord(bad[node_index])
+            return Message(RecordDict({protocol.STATUS_KEY: status}), reply_to=message)
+        return reply
+
+    _, results, _ = run_inprocess(
+        tmp_path, data_dir, num_nodes=3, intercept=odd_status, **{"num-server-rounds": 2}
+    )
+    first = {r["round"]: r for r in results["rounds"]}[1]
+    reasons = [r["reason"] for r in first["rejected"]]
+    assert first["clients"] == 1 and len(reasons) == 2
+    assert all("status code must be one of ['mask-missing']" in r for r in reasons)
+    assert "got '7'" in reasons[0] and "got 'reboot'" in reasons[1]
+
+
+def test_node_that_lost_its_mask_before_evaluating_reports_it(tmp_path, data_dir):
+    from client_app import client_app as client_module
+
+    replies = []
+
+    def forget_before_evaluating(node_index, message, reply):
+        # Node 2 loses its state after training round 1 and evaluates in a fresh process (the
+        # in-process nodes share one module cache: clear it before node 2 runs).
+        if message.metadata.message_type == "evaluate":
+            replies.append(reply)
+            client_module._MODELS.clear()
+        elif node_index == 2 and message.content.config_records["config"]["server-round"] == 1:
+            del grid.contexts[grid.node_ids[2]].state["fedzo"]
+        return reply
+
+    config = app_config(
+        **{
+            "data-dir": str(data_dir),
+            "output-dir": str(tmp_path),
+            "run-name": "run",
+            "num-server-rounds": 2,
+            "eval-every": 2,
+            "k": 10,
+            "prune-iterations": 2,
+            "fraction-evaluate": 1.0,
+        }
+    )
+    grid = InProcessGrid(client_app, 3, config, intercept=forget_before_evaluating)
+    server_app(grid, server_context(config))
+    lost = [r for r in replies if protocol.STATUS_KEY in r.content.config_records]
+    assert len(lost) == 1 and not lost[0].has_error()
+    assert lost[0].content.config_records[protocol.STATUS_KEY]["code"] == "mask-missing"
+    # Round 2's train message re-sends node 2 the mask it reported missing.
+    second = [
+        m
+        for m in grid.sent
+        if m.metadata.message_type == "train"
+        and m.content.config_records["config"]["server-round"] == 2
+    ]
+    with_mask = {m.metadata.dst_node_id for m in second if protocol.MASK_KEY in m.content["config"]}
+    assert with_mask == {grid.node_ids[2]}
+
+
+def test_federated_evaluation_samples_a_bounded_seeded_share(tmp_path, data_dir):
+    import random
+
+    from fedzo_flwr.seeding import evaluate_sample_seed
+
+    def evaluated(name, seed):
+        config = app_config(
+            **{
+                "data-dir": str(data_dir),
+                "output-dir": str(tmp_path),
+                "run-name": name,
+                "seed": seed,
+                "num-server-rounds": 3,
+                "eval-every": 3,
+                "k": 10,
+                "prune-iterations": 2,
+                "fraction-evaluate": 0.4,
+            }
+        )
+        grid = InProcessGrid(client_app, 5, config)
+        server_app(grid, server_context(config))
+        rounds = {}
+        for m in grid.sent:
+            if m.metadata.message_type == "evaluate":
+                cfg = m.content.config_records["config"]
+                assert cfg[protocol.MASK_ID_KEY] == _mask_id(grid)
+                rounds.setdefault(cfg["server-round"], []).append(m.metadata.dst_node_id)
+        return grid.node_ids, rounds
+
+    node_ids, rounds = evaluated("a", 7)
+    # ceil(0.4 x 5) = 2 nodes per round, drawn from the evaluate_sample_seed stream.
+    for server_round in (1, 2, 3):
+        chooser = random.Random(evaluate_sample_seed(7, server_round))
+        assert sorted(rounds[server_round]) == sorted(chooser.sample(node_ids, 2))
+    assert evaluated("b", 7)[1] == rounds  # reproducible
+
+
+def test_federated_evaluation_takes_the_ceiling_of_the_fraction(tmp_path, data_dir):
+    evaluations = []
+
+    def capture(node_index, message, reply):
+        if message.metadata.message_type == "evaluate":
+            evaluations.append(message.metadata.dst_node_id)
+        return reply
+
+    run_inprocess(
+        tmp_path,
+        data_dir,
+        num_nodes=3,
+        intercept=capture,
+        **{"num-server-rounds": 1, "fraction-evaluate": 0.5},
+    )
+    assert len(evaluations) == 2  # ceil(0.5 x 3); Flower's int(0.5 x 3) gives 1
 
 
 @pytest.mark.parametrize("method", ["zo-pruned", "fedavg"])

@@ -11,16 +11,16 @@ import pytest
 import torch
 from torch import nn
 
+import fedzo_flwr.pruning.client as federated
 import fedzo_flwr.pruning.common as common
-import fedzo_flwr.pruning.federated as federated
 from fedzo_flwr.config import ConfigError, RunConfig
 from fedzo_flwr.models import build_model
 from fedzo_flwr.pruning import (
     PRUNERS,
     NTKSAPConfig,
     derive_seed,
-    federated_ntk_mask,
     gaussian_inputs,
+    local_ntk_mask,
     ntk_mask_gradients,
     ntk_sap_mask,
     prune,
@@ -389,16 +389,12 @@ def test_one_gaussian_client_equals_data_free_server() -> None:
     model = build_model("lenet-gn")
     cfg = NTKSAPConfig(iterations=3, repeats=2, prune_samples=24, batch_size=16)
     server = ntk_sap_mask(model, "lenet-gn", 0.1, cfg, seed=8)
-    client = federated_ntk_mask(
-        model, "lenet-gn", 0.1, [gaussian_inputs(cfg, seed=8)], None, cfg, seed=8
-    )
+    client = local_ntk_mask(model, "lenet-gn", 0.1, [gaussian_inputs(cfg, seed=8)], None, cfg, 8)
     assert _masks_equal(server, client)
-    implicit = federated_ntk_mask(model, "lenet-gn", 0.1, None, [3.0], cfg, seed=8)
-    assert _masks_equal(server, implicit)
+    weighted = local_ntk_mask(model, "lenet-gn", 0.1, [gaussian_inputs(cfg, seed=8)], [3.0], cfg, 8)
+    assert _masks_equal(server, weighted)  # one client's weight normalises to 1
     # ... and a different input stream changes it (the equality is not vacuous)
-    other = federated_ntk_mask(
-        model, "lenet-gn", 0.1, [gaussian_inputs(cfg, seed=9)], None, cfg, seed=8
-    )
+    other = local_ntk_mask(model, "lenet-gn", 0.1, [gaussian_inputs(cfg, seed=9)], None, cfg, 8)
     assert not _masks_equal(server, other)
 
 
@@ -426,7 +422,7 @@ def test_server_sums_signed_client_gradients_weighted(monkeypatch: pytest.Monkey
     monkeypatch.setattr(federated, "client_ntk_gradients", fake_client)
     monkeypatch.setattr(common, "global_topk_mask", spy)
     cfg = NTKSAPConfig(iterations=1)
-    federated_ntk_mask(model, "lenet-gn", 0.3, [[0], [1]], [3.0, 1.0], cfg, seed=0)
+    local_ntk_mask(model, "lenet-gn", 0.3, [[0], [1]], [3.0, 1.0], cfg, seed=0)
     assert calls == [0, 1]
     for n in names:
         expected = (0.75 * fake[0][n] + 0.25 * fake[1][n]).abs().double()
@@ -436,24 +432,26 @@ def test_server_sums_signed_client_gradients_weighted(monkeypatch: pytest.Monkey
 def test_zero_weight_client_is_ignored() -> None:
     model = build_model("lenet-gn")
     a, b = _client_batches(2)
-    one = federated_ntk_mask(model, "lenet-gn", 0.1, [a], None, FAST, seed=3)
-    two = federated_ntk_mask(model, "lenet-gn", 0.1, [a, b], [1.0, 0.0], FAST, seed=3)
-    both = federated_ntk_mask(model, "lenet-gn", 0.1, [a, b], None, FAST, seed=3)
+    one = local_ntk_mask(model, "lenet-gn", 0.1, [a], None, FAST, seed=3)
+    two = local_ntk_mask(model, "lenet-gn", 0.1, [a, b], [1.0, 0.0], FAST, seed=3)
+    both = local_ntk_mask(model, "lenet-gn", 0.1, [a, b], None, FAST, seed=3)
     assert _masks_equal(one, two)
     assert not _masks_equal(one, both)
 
 
 def test_federated_rejects_bad_inputs() -> None:
     model = build_model("lenet-gn")
-    with pytest.raises(ValueError, match="weights"):
-        federated_ntk_mask(model, "lenet-gn", 0.1, None, None, FAST)
+    with pytest.raises(ValueError, match="at least one client"):
+        local_ntk_mask(model, "lenet-gn", 0.1, [], None, FAST)
     with pytest.raises(ValueError, match="2 clients"):
-        federated_ntk_mask(model, "lenet-gn", 0.1, _client_batches(2), [1.0], FAST)
+        local_ntk_mask(model, "lenet-gn", 0.1, _client_batches(2), [1.0], FAST)
     with pytest.raises(ValueError, match="weights"):
-        federated_ntk_mask(model, "lenet-gn", 0.1, _client_batches(2), [1.0, -1.0], FAST)
+        local_ntk_mask(model, "lenet-gn", 0.1, _client_batches(2), [1.0, -1.0], FAST)
+    with pytest.raises(ValueError, match="not all 0"):
+        local_ntk_mask(model, "lenet-gn", 0.1, _client_batches(2), [0.0, 0.0], FAST)
     with pytest.raises(ValueError, match="one-shot iterator"):
         one_shot = iter(_client_batches(1)[0])
-        federated_ntk_mask(model, "lenet-gn", 0.1, [one_shot], None, FAST)
+        local_ntk_mask(model, "lenet-gn", 0.1, [one_shot], None, FAST)
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-from inprocess_grid import InProcessGrid, app_config, server_context
+from inprocess_grid import InProcessGrid, app_config, server_context, superlink_error
 
 from client_app.client_app import app as client_app
 from fedzo_flwr import protocol
@@ -29,7 +29,16 @@ BASE = {"k": 12, "prune-iterations": 2, "prune-repeats": 1, "eval-every": 2}
 TIMING_KEYS = {"client_seconds", "client_peak_mem_bytes", "client_extra_mem_bytes", "round_seconds"}
 
 
-def run(tmp_path, data_dir, name, num_nodes=3, intercept=None, node_config=None, **overrides):
+def run(
+    tmp_path,
+    data_dir,
+    name,
+    num_nodes=3,
+    intercept=None,
+    node_config=None,
+    message_ids=False,
+    **overrides,
+):
     config = app_config(
         **{
             "data-dir": str(data_dir),
@@ -40,7 +49,7 @@ def run(tmp_path, data_dir, name, num_nodes=3, intercept=None, node_config=None,
             **overrides,
         }
     )
-    grid = InProcessGrid(client_app, num_nodes, config, intercept=intercept)
+    grid = InProcessGrid(client_app, num_nodes, config, intercept, message_ids)
     for index, extra in (node_config or {}).items():
         grid.contexts[grid.node_ids[index]].node_config.update(extra)
     server_app(grid, server_context(config))
@@ -151,6 +160,51 @@ def test_client_exception_and_vanished_node_are_tolerated(tmp_path, data_dir):
     assert "FileNotFoundError" in rounds[1]["rejected"][0]["reason"]
     assert "missing" in rounds[1]["rejected"][0]["reason"]
     assert results["final"]["accuracy"] is not None
+
+
+@pytest.mark.parametrize("method", ["zo-pruned", "fedavg"])
+def test_superlink_error_replies_name_the_node_they_answer(tmp_path, data_dir, method):
+    # The SuperLink answers for an unreachable node with its own id (0) as the sender.
+    def unreachable(node, message, reply):
+        if node == 1 and message.metadata.message_type == "train":
+            return superlink_error(message, "node unavailable")
+        return reply
+
+    grid, results, _ = run(
+        tmp_path,
+        data_dir,
+        "superlink",
+        intercept=unreachable,
+        message_ids=True,
+        method=method,
+        **{"local-batches": 1},
+    )
+    rounds = {r["round"]: r for r in results["rounds"] if r["round"]}
+    for entry in rounds.values():
+        assert entry["rejected"] == [
+            {"node_id": grid.node_ids[1], "reason": "client error: node unavailable"}
+        ]
+
+
+def test_pruning_phase_failures_name_the_node_they_answer(tmp_path, data_dir):
+    def unreachable(node, message, reply):
+        if node == 1 and message.metadata.message_type == "query.prune":
+            return superlink_error(message, "node unavailable")
+        return reply
+
+    grid, results, _ = run(
+        tmp_path,
+        data_dir,
+        "prune-fail",
+        intercept=unreachable,
+        message_ids=True,
+        **{"num-server-rounds": 1, "prune-method": "snip", "prune-samples": 16},
+    )
+    phase = results["setup"]["pruning_phase"]
+    assert phase["failures"] == [
+        {"iteration": 1, "node_id": grid.node_ids[1], "reason": "client error: node unavailable"}
+    ]
+    assert phase["per_iteration"][0]["clients"] == 2
 
 
 # ------------------------------------------------------- generator agreement, memory budget

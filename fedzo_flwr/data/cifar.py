@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedzo_flwr.errors import DataError
+
 DATASETS: tuple[str, ...] = ("cifar10", "cifar100")
 """Names accepted by :func:`load_dataset` and :func:`to_tensor`."""
 
@@ -130,8 +132,10 @@ def load_dataset(name: str, data_dir: str | Path, *, verify: bool = True) -> Dat
     Raises
     ------
     ValueError
-        If ``name`` is unknown, or the files are corrupt, truncated, fail the checksum or
-        hold arrays of the wrong shape, dtype or label range (the message names the file).
+        If ``name`` is unknown.
+    DataError
+        If the files are corrupt, truncated, fail the checksum or hold arrays of the wrong
+        shape, dtype or label range (the message names the file).
     FileNotFoundError
         If neither format is present; the message lists every path looked at and how to
         obtain the data.
@@ -247,7 +251,7 @@ def _verify_shipped_checksum(path: Path) -> None:
         return
     digest = _file_sha256(path)
     if digest != SHIPPED_CIFAR10_SHA256:
-        raise ValueError(
+        raise DataError(
             f"{path}: sha256 mismatch (got {digest}, expected {SHIPPED_CIFAR10_SHA256}); "
             "the file is corrupt. Copy it again from the project's shared data, or pass "
             "verify=False to skip this check."
@@ -255,17 +259,17 @@ def _verify_shipped_checksum(path: Path) -> None:
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    """Read the required arrays of an npz file; corrupt/truncated files raise ValueError."""
+    """Read the required arrays of an npz file; corrupt/truncated files raise ``DataError``."""
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in _NPZ_ARRAYS if k in npz.files}
     except (zipfile.BadZipFile, EOFError, zlib.error, OSError, ValueError) as err:
-        raise ValueError(
+        raise DataError(
             f"{path}: cannot read npz file (truncated or corrupt?): {type(err).__name__}: {err}"
         ) from err
     missing = [k for k in _NPZ_ARRAYS if k not in arrays]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"{path}: missing array(s) {', '.join(missing)}; expected {', '.join(_NPZ_ARRAYS)}"
         )
     return arrays
@@ -282,7 +286,7 @@ def _read_torchvision(name: str, root: Path, folder: Path) -> dict[str, np.ndarr
         train = cls(root=str(root), train=True, download=False)
         test = cls(root=str(root), train=False, download=False)
     except (RuntimeError, OSError, EOFError, KeyError, pickle.UnpicklingError, ValueError) as err:
-        raise ValueError(
+        raise DataError(
             f"{folder}: torchvision could not read the folder (incomplete or corrupt?): "
             f"{type(err).__name__}: {err}"
         ) from err
@@ -300,27 +304,27 @@ def _validated(name: str, arrays: dict[str, np.ndarray], source: str) -> Dataset
     num_classes = NUM_CLASSES[name]
     classes = tuple(str(c) for c in np.asarray(arrays["classes"]).reshape(-1))
     if len(classes) != num_classes:
-        raise ValueError(f"{source}: expected {num_classes} class names, got {len(classes)}")
+        raise DataError(f"{source}: expected {num_classes} class names, got {len(classes)}")
     out: dict[str, np.ndarray] = {}
     for split in ("train", "test"):
         x = np.asarray(arrays[f"x_{split}"])
         y = np.asarray(arrays[f"y_{split}"])
         if x.ndim != 4 or x.shape[1:] != IMAGE_SHAPE:
-            raise ValueError(f"{source}: x_{split} must have shape (N, 32, 32, 3), got {x.shape}")
+            raise DataError(f"{source}: x_{split} must have shape (N, 32, 32, 3), got {x.shape}")
         if x.dtype != np.uint8:
-            raise ValueError(f"{source}: x_{split} must have dtype uint8, got {x.dtype}")
+            raise DataError(f"{source}: x_{split} must have dtype uint8, got {x.dtype}")
         if y.ndim != 1:
-            raise ValueError(f"{source}: y_{split} must have shape (N,), got {y.shape}")
+            raise DataError(f"{source}: y_{split} must have shape (N,), got {y.shape}")
         if not np.issubdtype(y.dtype, np.integer):
-            raise ValueError(f"{source}: y_{split} must hold integers, got dtype {y.dtype}")
+            raise DataError(f"{source}: y_{split} must hold integers, got dtype {y.dtype}")
         if len(x) != len(y):
-            raise ValueError(
+            raise DataError(
                 f"{source}: x_{split} has {len(x)} images but y_{split} has {len(y)} labels"
             )
         if len(y) == 0:
-            raise ValueError(f"{source}: the {split} split is empty")
+            raise DataError(f"{source}: the {split} split is empty")
         if y.min() < 0 or y.max() >= num_classes:
-            raise ValueError(
+            raise DataError(
                 f"{source}: y_{split} labels must lie in [0, {num_classes}), "
                 f"got range [{y.min()}, {y.max()}]"
             )

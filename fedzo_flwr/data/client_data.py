@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import os
 import zipfile
 from collections import OrderedDict
@@ -21,9 +20,11 @@ import numpy as np
 from fedzo_flwr.config import RunConfig
 from fedzo_flwr.data.cifar import DatasetArrays, load_dataset
 from fedzo_flwr.data.partition import client_partition
+from fedzo_flwr.errors import DataError
 from fedzo_flwr.files import atomic_write_bytes
+from fedzo_flwr.logs import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 CACHE_DIR_ENV = "FEDZO_CACHE_DIR"
 MEMORY_CACHE_SIZE = 4
@@ -147,15 +148,13 @@ def load_partition_file(
         with np.load(path) as data:
             x, y, meta = data["x"], data["y"], json.loads(str(data["meta"]))
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
-        raise ValueError(
-            f"partition-file {path} is not a readable partition file ({err})"
-        ) from None
+        raise DataError(f"partition-file {path} is not a readable partition file ({err})") from None
     expected = {k: cfg.to_run_config()[k] for k in PARTITION_KEYS}
     expected.update({"partition-id": partition_id, "num-partitions": num_partitions})
     wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
     if wrong:
         details = ", ".join(f"{k}: file {a!r} vs run {b!r}" for k, (a, b) in wrong.items())
-        raise ValueError(f"partition-file {path} was made for other settings ({details})")
+        raise DataError(f"partition-file {path} was made for other settings ({details})")
     if x.dtype != np.uint8 or x.ndim != 4 or len(x) != len(y):
-        raise ValueError(f"partition-file {path} holds arrays of the wrong shape or dtype")
+        raise DataError(f"partition-file {path} holds arrays of the wrong shape or dtype")
     return x, y

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from fedzo_flwr.config import RunConfig
 from fedzo_flwr.data import to_tensor
+from fedzo_flwr.errors import DataError
 from fedzo_flwr.measure.memory import PeakMemory
 from fedzo_flwr.seeding import fedavg_batches_seed
 from fedzo_flwr.sparse.mask import Mask, apply_mask_
@@ -78,7 +79,7 @@ def local_batch_indices(cfg: RunConfig, num_examples: int, seed: int) -> list[np
     into batches of ``batch-size`` (the last one of an epoch may be smaller).
     """
     if num_examples < 1:
-        raise ValueError("a client needs at least one example")
+        raise DataError("a client needs at least one example")
     rng = np.random.default_rng(seed)
     size = min(cfg.batch_size, num_examples)
     if cfg.local_batches:
@@ -157,7 +158,7 @@ def train_round_backprop(
                 target = torch.as_tensor(y[idx], dtype=torch.long)
                 optimizer.zero_grad(set_to_none=False)
                 loss = F.cross_entropy(model(x), target)
-                loss.backward()  # type: ignore[no-untyped-call]  # Tensor.backward is unannotated
+                torch.autograd.backward(loss)
                 mask_gradients_(model, mask)
                 optimizer.step()
                 apply_mask_(model, mask)

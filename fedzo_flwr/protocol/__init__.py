@@ -14,6 +14,12 @@ Train reply (client -> server)
     ``metrics``: MetricRecord with ``num-examples``, ``base-loss``, ``client-seconds``,
     ``peak-mem-bytes``, ``extra-mem-bytes``, ``partition-id`` and, if the node declares one in
     its node config, ``memory-budget-mb``.
+
+Status reply (client -> server, instead of a result)
+    ``status``: ConfigRecord with ``code`` (one of ``STATUS_CODES``, e.g. ``mask-missing``: the
+    node does not hold the mask named by ``mask-id``; the server sends it again with the node's
+    next train message) and ``detail`` (free text, for the log). Only a node that cannot act on a
+    message sends one; normal replies carry no status record.
 """
 
 from __future__ import annotations
@@ -28,17 +34,21 @@ from fedzo_flwr.protocol.keys import (
     KEPT_KEY,
     MASK_ID_KEY,
     MASK_KEY,
-    MASK_MISSING,
     MEMORY_BUDGET_KEY,
     METRICS_KEY,
     REQUIRED_METRICS,
     ROUND_KEY,
     ROUND_SEED_KEY,
+    STATUS_CODE_KEY,
+    STATUS_CODES,
+    STATUS_DETAIL_KEY,
+    STATUS_KEY,
+    STATUS_MASK_MISSING,
     STEP_SEEDS_KEY,
     ZO_KEY,
     mask_id,
 )
-from fedzo_flwr.protocol.replies import ParsedReply, parse_reply
+from fedzo_flwr.protocol.replies import ParsedReply, Status, parse_reply, parse_status
 
 __all__ = [
     "ARRAYS_KEY",
@@ -49,16 +59,22 @@ __all__ = [
     "KEPT_KEY",
     "MASK_ID_KEY",
     "MASK_KEY",
-    "MASK_MISSING",
     "MEMORY_BUDGET_KEY",
     "METRICS_KEY",
     "REQUIRED_METRICS",
     "ROUND_KEY",
     "ROUND_SEED_KEY",
+    "STATUS_CODES",
+    "STATUS_CODE_KEY",
+    "STATUS_DETAIL_KEY",
+    "STATUS_KEY",
+    "STATUS_MASK_MISSING",
     "STEP_SEEDS_KEY",
     "ZO_KEY",
     "ParsedReply",
     "ReplyRejected",
+    "Status",
     "mask_id",
     "parse_reply",
+    "parse_status",
 ]

@@ -19,10 +19,19 @@ ROUND_KEY = "server-round"
 ROUND_SEED_KEY = "round-seed"
 DELTAS_KEY = "deltas"
 STEP_SEEDS_KEY = "step-seeds"
-MASK_MISSING = "mask-missing"
 FINGERPRINT_SEED_KEY = "fingerprint-seed"
 FINGERPRINT_KEY = "fingerprint"
 MEMORY_BUDGET_KEY = "memory-budget-mb"
+
+#: ConfigRecord a ClientApp replies with, instead of a result, when it cannot act on a message.
+STATUS_KEY = "status"
+STATUS_CODE_KEY = "code"
+STATUS_DETAIL_KEY = "detail"
+#: The node does not hold the mask the message names (e.g. a restarted SuperNode): the server
+#: sends it the mask again at its next train message.
+STATUS_MASK_MISSING = "mask-missing"
+#: Every status code a ClientApp may send.
+STATUS_CODES: frozenset[str] = frozenset({STATUS_MASK_MISSING})
 
 REQUIRED_METRICS = ("num-examples", "base-loss", "client-seconds", "peak-mem-bytes", "partition-id")
 

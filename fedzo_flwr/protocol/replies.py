@@ -9,7 +9,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedzo_flwr.errors import ReplyRejected
-from fedzo_flwr.protocol.keys import DELTAS_KEY, REQUIRED_METRICS, ROUND_KEY, STEP_SEEDS_KEY
+from fedzo_flwr.protocol.keys import (
+    DELTAS_KEY,
+    MEMORY_BUDGET_KEY,
+    REQUIRED_METRICS,
+    ROUND_KEY,
+    STATUS_CODE_KEY,
+    STATUS_CODES,
+    STATUS_DETAIL_KEY,
+    STEP_SEEDS_KEY,
+)
 from fedzo_flwr.protocol.wire import decode_scalars
 
 
@@ -25,6 +34,39 @@ class ParsedReply:
     seconds: float
     peak_mem_bytes: int
     extra_mem_bytes: int
+    memory_budget_mb: float | None = None
+
+
+@dataclass(frozen=True)
+class Status:
+    """A validated status record: a code of :data:`~fedzo_flwr.protocol.keys.STATUS_CODES`."""
+
+    code: str
+    detail: str
+
+
+#: Longest ``detail`` kept from a status record (the rest is cut: it only goes to the log).
+MAX_STATUS_DETAIL = 200
+
+
+def parse_status(record: Mapping[str, object]) -> Status:
+    """Validate a ``status`` record of a reply (sent instead of a result).
+
+    Raises
+    ------
+    ReplyRejected
+        If ``code`` is not a ``str`` among the known codes, or ``detail`` is present and not a
+        ``str``.
+    """
+    code = record.get(STATUS_CODE_KEY)
+    if not isinstance(code, str) or code not in STATUS_CODES:
+        raise ReplyRejected(
+            f"status code must be one of {sorted(STATUS_CODES)}, got {str(code)[:40]!r}"
+        )
+    detail = record.get(STATUS_DETAIL_KEY, "")
+    if not isinstance(detail, str):
+        raise ReplyRejected(f"status detail must be a str, got {type(detail).__name__}")
+    return Status(code, detail[:MAX_STATUS_DETAIL])
 
 
 def parse_reply(
@@ -43,8 +85,35 @@ def parse_reply(
     ------
     ReplyRejected
         Missing keys, another round, wrong scalar count, non-finite or absurd values, or step
-        seeds other than the ones the server expects from this client.
+        seeds other than the ones the server expects from this client, or a value of the
+        wrong type (e.g. a list where a number belongs).
     """
+    try:
+        return _parse_reply(
+            zo,
+            metrics,
+            server_round=server_round,
+            k=k,
+            local_steps=local_steps,
+            max_abs_delta=max_abs_delta,
+            expected_seeds=expected_seeds,
+        )
+    except ReplyRejected:
+        raise
+    except (TypeError, ValueError, OverflowError) as err:
+        raise ReplyRejected(f"malformed reply: {err}") from None
+
+
+def _parse_reply(
+    zo: Mapping[str, object],
+    metrics: Mapping[str, object],
+    *,
+    server_round: int,
+    k: int,
+    local_steps: int,
+    max_abs_delta: float,
+    expected_seeds: Sequence[int] | None = None,
+) -> ParsedReply:
     for key in (DELTAS_KEY, STEP_SEEDS_KEY, ROUND_KEY):
         if key not in zo:
             raise ReplyRejected(f"reply lacks '{key}'")
@@ -76,6 +145,9 @@ def parse_reply(
     base_loss = float(metrics["base-loss"])  # type: ignore[arg-type]
     if not math.isfinite(base_loss):
         raise ReplyRejected("base-loss is not finite")
+    budget = metrics.get(MEMORY_BUDGET_KEY)
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))):
+        raise ReplyRejected(f"{MEMORY_BUDGET_KEY} must be a number, got {type(budget).__name__}")
     return ParsedReply(
         partition_id=int(metrics["partition-id"]),  # type: ignore[call-overload]
         num_examples=num_examples,
@@ -85,4 +157,5 @@ def parse_reply(
         seconds=float(metrics["client-seconds"]),  # type: ignore[arg-type]
         peak_mem_bytes=int(metrics["peak-mem-bytes"]),  # type: ignore[call-overload]
         extra_mem_bytes=int(metrics.get("extra-mem-bytes", 0)),  # type: ignore[call-overload]
+        memory_budget_mb=None if budget is None else float(budget),
     )

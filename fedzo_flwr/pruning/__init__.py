@@ -4,7 +4,7 @@
 method         needs data  what it does
 =============  ==========  ==========================================================
 ``ntk``        no          data-free NTK-SAP on the server (:func:`ntk_sap_mask`)
-``ntk-local``  yes         federated NTK-SAP on client inputs (:func:`federated_ntk_mask`)
+``ntk-local``  yes         federated NTK-SAP on client inputs (:func:`local_ntk_mask`)
 ``snip``       yes         SNIP, ``|g ⊙ w|`` of the cross-entropy (:func:`snip_mask`)
 ``synflow``    no          SynFlow, iterative, data-free (:func:`synflow_mask`)
 ``magnitude``  no          global ``|w|`` at initialisation (:func:`magnitude_mask`)
@@ -18,16 +18,22 @@ weights are never modified.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Sequence
 from typing import cast
 
 import torch
 from torch import nn
 
-from fedzo_flwr.pruning.baselines import magnitude_mask, random_mask, snip_mask, synflow_mask
-from fedzo_flwr.pruning.common import check_result, derive_seed
-from fedzo_flwr.pruning.federated import client_ntk_gradients, federated_ntk_mask
+from fedzo_flwr.logs import get_logger
+from fedzo_flwr.pruning.baselines import (
+    magnitude_mask,
+    random_mask,
+    snip_gradients,
+    snip_mask,
+    synflow_mask,
+)
+from fedzo_flwr.pruning.client import client_ntk_gradients, local_ntk_mask
+from fedzo_flwr.pruning.common import check_result
 from fedzo_flwr.pruning.ntk_sap import (
     GaussianInputs,
     NTKSAPConfig,
@@ -37,6 +43,7 @@ from fedzo_flwr.pruning.ntk_sap import (
     ntk_sap_scores,
     scoring_seed,
 )
+from fedzo_flwr.seeding import derive_seed
 from fedzo_flwr.sparse.mask import (
     Mask,
     check_density,
@@ -53,8 +60,8 @@ __all__ = [
     "NTKSAPConfig",
     "client_ntk_gradients",
     "derive_seed",
-    "federated_ntk_mask",
     "gaussian_inputs",
+    "local_ntk_mask",
     "magnitude_mask",
     "ntk_mask_gradients",
     "ntk_sap_mask",
@@ -62,11 +69,12 @@ __all__ = [
     "prune",
     "random_mask",
     "scoring_seed",
+    "snip_gradients",
     "snip_mask",
     "synflow_mask",
 ]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 PRUNERS: tuple[str, ...] = ("ntk", "ntk-local", "snip", "synflow", "magnitude", "random")
 DATA_FREE_PRUNERS: frozenset[str] = frozenset({"ntk", "synflow", "magnitude", "random"})
@@ -128,7 +136,7 @@ def prune(
         raise ValueError("prune_method 'snip' needs data: pass data_batches of (x, y)")
     if method == "ntk-local":
         if client_batches is None and data_batches is not None:
-            # (x, y) pairs are accepted where input batches are (client_ntk_gradients).
+            # The NTK scorer takes (x, y) pairs as well as inputs (it ignores y).
             client_batches = [cast(Iterable[torch.Tensor], data_batches)]
         if client_batches is None:
             raise ValueError(
@@ -143,7 +151,8 @@ def prune(
     elif method == "ntk":
         mask = ntk_sap_mask(model, model_name, density, config, seed)
     elif method == "ntk-local":
-        mask = federated_ntk_mask(
+        assert client_batches is not None  # checked above
+        mask = local_ntk_mask(
             model, model_name, density, client_batches, client_weights, config, seed
         )
     elif method == "snip":

@@ -26,7 +26,7 @@ from fedzo_flwr.pruning.common import (
 )
 from fedzo_flwr.sparse.mask import Mask, check_density, dense_mask, prunable_parameters
 
-__all__ = ["magnitude_mask", "random_mask", "snip_mask", "synflow_mask"]
+__all__ = ["magnitude_mask", "random_mask", "snip_gradients", "snip_mask", "synflow_mask"]
 
 
 def random_mask(model: nn.Module, density: float, seed: int = 0) -> Mask:
@@ -51,6 +51,23 @@ def magnitude_mask(model: nn.Module, density: float) -> Mask:
     return check_result(model, one_shot_prune(model, density, scores), density, "magnitude")
 
 
+def snip_gradients(
+    model: nn.Module, mask: Mask, x: torch.Tensor, y: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Signed SNIP mask gradients ``∂L/∂m`` at ``mask`` (= ``w ⊙ ∂L/∂w``), ``L`` = mean CE.
+
+    The one SNIP scorer: :func:`snip_mask` sums it over batches, and a client of the federated
+    pruning phase uploads it (:func:`fedzo_flwr.pruning.client.client_prune_gradients`).
+    ``model`` holds the weights to score (θ0); it is not modified.
+    """
+    work = working_copy(model)
+    params = {k: v.detach() for k, v in work.named_parameters()}
+    dtype = next(p for _, p in prunable_parameters(work)).dtype
+    m = float_mask(mask, dtype)
+    loss = F.cross_entropy(masked_forward(work, params, m, x.to(dtype)), y)
+    return mask_gradient(loss, m)
+
+
 def snip_mask(
     model: nn.Module, density: float, batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None
 ) -> Mask:
@@ -58,7 +75,7 @@ def snip_mask(
 
     ``g`` is the gradient of the sum over ``batches`` of the mean cross-entropy, evaluated at the
     model's current weights (eval mode; our models have no train-mode-only layers). Computed as
-    ``|∂L/∂m|`` at ``m = 1``, which equals ``|w ⊙ ∂L/∂w|``.
+    ``|∂L/∂m|`` at ``m = 1`` (:func:`snip_gradients`), which equals ``|w ⊙ ∂L/∂w|``.
 
     Parameters
     ----------
@@ -78,21 +95,18 @@ def snip_mask(
     density = check_density(density)
     if batches is None:
         raise ValueError("snip needs data: pass batches of (x, y) (it is not data-free)")
-    work = working_copy(model)
-    params = {k: v.detach() for k, v in work.named_parameters()}
-    dtype = next(p for _, p in prunable_parameters(work)).dtype
-    m = float_mask(dense_mask(work), dtype)
-    total = {n: torch.zeros_like(v) for n, v in m.items()}
-    count = 0
+    dense = dense_mask(model)
+    total: dict[str, torch.Tensor] | None = None
     for batch in batches:
         if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
             raise TypeError("snip batches must be (x, y) pairs")
-        x, y = batch[0].to("cpu", dtype), batch[1].to("cpu")
-        loss = F.cross_entropy(masked_forward(work, params, m, x), y)
-        for n, g in mask_gradient(loss, m).items():
-            total[n] += g
-        count += 1
-    if count == 0:
+        grads = snip_gradients(model, dense, batch[0].to("cpu"), batch[1].to("cpu"))
+        if total is None:
+            total = grads
+        else:
+            for n, g in grads.items():
+                total[n] += g
+    if total is None:
         raise ValueError("snip needs data: batches yielded no (x, y) batch")
     scores = {n: g.abs() for n, g in total.items()}
     return check_result(model, one_shot_prune(model, density, scores), density, "SNIP")

@@ -10,7 +10,6 @@ weight through :func:`torch.func.functional_call`.
 from __future__ import annotations
 
 import copy
-import logging
 import math
 from collections.abc import Callable
 
@@ -19,7 +18,9 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fedzo_flwr.seeding import derive_seed as derive_seed  # re-exported
+from fedzo_flwr.errors import PruningError
+from fedzo_flwr.logs import get_logger
+from fedzo_flwr.seeding import derive_seed as derive_seed  # re-exported for the pruners
 from fedzo_flwr.sparse.mask import (
     Mask,
     check_density,
@@ -33,7 +34,7 @@ from fedzo_flwr.sparse.mask import (
     validate_mask,
 )
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 #: ``score_fn(mask, t)`` returns one non-negative score tensor per prunable weight for iteration
 #: ``t`` (1-based) of an iterative schedule, evaluated under ``mask``.
@@ -128,7 +129,7 @@ def check_result(model: nn.Module, mask: Mask, density: float, method: str) -> M
 
     Raises
     ------
-    RuntimeError
+    PruningError
         If the count is not ``kept_target(density, n)`` or a prunable tensor is empty (layer
         collapse); both indicate a bug, never a user error.
 
@@ -137,10 +138,10 @@ def check_result(model: nn.Module, mask: Mask, density: float, method: str) -> M
     target = kept_target(density, total_count(mask))
     kept = kept_count(mask)
     if kept != target:
-        raise RuntimeError(f"{method}: mask keeps {kept} weights, expected exactly {target}")
+        raise PruningError(f"{method}: mask keeps {kept} weights, expected exactly {target}")
     empty = [n for n, m in mask.items() if not bool(m.any())]
     if empty:
-        raise RuntimeError(f"{method}: layer collapse, fully pruned tensors {empty}")
+        raise PruningError(f"{method}: layer collapse, fully pruned tensors {empty}")
     return mask
 
 
@@ -181,7 +182,7 @@ def iterative_prune(
 
     Raises
     ------
-    RuntimeError
+    PruningError
         If a kept entry gets a non-finite score.
 
     """
@@ -201,14 +202,14 @@ def iterative_prune(
             s = scores[name].detach().to(torch.float64)
             kept_scores = s[keep]
             if not bool(torch.isfinite(kept_scores).all()):
-                raise RuntimeError(f"{method}: non-finite scores in {name!r} at iteration {t}")
+                raise PruningError(f"{method}: non-finite scores in {name!r} at iteration {t}")
             zeros += int((kept_scores == 0).sum())
             restricted[name] = torch.where(keep, s, torch.full_like(s, -math.inf))
         zero_fractions.append(zeros / kept_count(mask))
         new = global_topk_mask(restricted, d_t)
         regrown = [n for n in mask if bool((new[n] & ~mask[n]).any())]
         if regrown:  # cannot happen while kept_target(d_t) is non-increasing; guard anyway
-            raise RuntimeError(f"{method}: pruned entries regrew in {regrown}")
+            raise PruningError(f"{method}: pruned entries regrew in {regrown}")
         mask = new
         logger.info(
             "%s iteration %d/%d: density %.6f (kept %d/%d, %.1f%% zero scores)",

@@ -7,7 +7,6 @@ start-up and makes parameter sweeps cheap.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -15,12 +14,13 @@ from typing import Any
 from fedzo_flwr.config import RunConfig
 from fedzo_flwr.data import load_dataset
 from fedzo_flwr.data.client_data import load_client_data
+from fedzo_flwr.logs import get_logger
 from fedzo_flwr.run.evaluation import evaluate
 from fedzo_flwr.run.setup import initial_model
 from fedzo_flwr.zo.client import train_round
 from fedzo_flwr.zo.server import ClientUpdate, ZOServer
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 def run_inprocess(

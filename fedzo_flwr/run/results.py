@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from fedzo_flwr.files import atomic_write_bytes
 SCHEMA_VERSION = 1
 
 
-def per_client_summary(values: dict[int, float | int]) -> dict[str, Any]:
+def per_client_summary(values: Mapping[int, float]) -> dict[str, Any]:
     """``{"per_client": {id: v}, "total": Σ, "mean": ..., "max": ...}`` of one per-client metric."""
     numbers = list(values.values())
     return {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 
@@ -11,11 +10,12 @@ from torch import nn
 from fedzo_flwr import seeding
 from fedzo_flwr.config import RunConfig
 from fedzo_flwr.data import NUM_CLASSES
+from fedzo_flwr.logs import get_logger
 from fedzo_flwr.models import build_model
 from fedzo_flwr.pruning import NTKSAPConfig, prune
 from fedzo_flwr.sparse.mask import Mask, apply_mask_, dense_mask, layer_densities, mask_density
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 @dataclass
