@@ -15,7 +15,7 @@ import io
 import math
 import time
 from abc import abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -73,6 +73,9 @@ class ClientReply(Protocol):
 
 
 ReplyT = TypeVar("ReplyT", bound=ClientReply)
+
+#: ``payload(node_id) -> (arrays or None, extra config)``: one node's train-message content.
+Payload = Callable[[int], tuple[ArrayRecord | None, Mapping[str, bytes | int]]]
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,9 @@ class MaskedRounds(FedAvg, Generic[ReplyT]):
     def after_round(self, server_round: int) -> None:
         """Called after each round's central evaluation (e.g. to write a checkpoint)."""
 
+    def on_status(self, node_id: int, code: str, detail: str) -> None:
+        """Called for every status reply (after the base handled ``mask-missing``)."""
+
     # ----------------------------------------------------------------------- sampling
 
     def round_nodes(self, grid: Grid, server_round: int) -> list[int]:
@@ -243,12 +249,18 @@ class MaskedRounds(FedAvg, Generic[ReplyT]):
         arrays: ArrayRecord,
         config: ConfigRecord,
         node_ids: Iterable[int],
+        payload: Payload | None = None,
     ) -> list[Message]:
-        """One train message per node; records each message's measured size and its node."""
+        """One train message per node; records each message's measured size and its node.
+
+        ``payload(node_id)`` may replace the shared ``arrays`` for one node (``None``: no
+        ArrayRecord at all) and add config keys; by default every node gets ``arrays``.
+        """
         messages: list[Message] = []
         self.round_downlink, self.message_node = {}, {}
         sizes = SizeCache()  # the nodes share one ArrayRecord: serialize it once
         for node_id in node_ids:
+            node_arrays, extra = (arrays, {}) if payload is None else payload(node_id)
             node_config = ConfigRecord(dict(config))
             node_config[protocol.ROUND_KEY] = server_round
             node_config[protocol.ROUND_SEED_KEY] = round_seed
@@ -256,8 +268,15 @@ class MaskedRounds(FedAvg, Generic[ReplyT]):
             if node_id not in self.nodes_with_mask:
                 for key, value in self.first_contact_config().items():
                     node_config[key] = value
+            for key, value in extra.items():
+                node_config[key] = value
+            records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {
+                protocol.CONFIG_KEY: node_config
+            }
+            if node_arrays is not None:
+                records = {protocol.ARRAYS_KEY: node_arrays, **records}
             message = Message(
-                content=RecordDict({protocol.ARRAYS_KEY: arrays, protocol.CONFIG_KEY: node_config}),
+                content=RecordDict(records),
                 message_type=MessageType.TRAIN,
                 dst_node_id=node_id,
             )
@@ -290,6 +309,7 @@ class MaskedRounds(FedAvg, Generic[ReplyT]):
         status = protocol.parse_status(record)
         if status.code == protocol.STATUS_MASK_MISSING:
             self.nodes_with_mask.discard(node_id)
+        self.on_status(node_id, status.code, status.detail)
         raise ReplyRejected(f"{status.code}: {status.detail}")
 
     def valid_replies(

@@ -25,6 +25,7 @@ from fedzo_flwr.zo.reconstruct import ScalarStep
 from fedzo_flwr.zo.server import ClientUpdate, ZOServer
 from server_app.logs import log
 from server_app.masked_rounds import MaskedRounds, RoundUpdate
+from server_app.replay_downlink import ReplayDownlink
 
 
 def kept_arrays(server: ZOServer) -> ArrayRecord:
@@ -49,7 +50,7 @@ class FedZO(MaskedRounds[protocol.ParsedReply]):
     test_data : DatasetArrays
         Test split for central evaluation.
     forward_flops : int
-        Forward FLOPs of one client-round (K+1 or 2K sparse forward passes x local steps).
+        Forward FLOPs of one client-round (K+1 or 2K+1 sparse forward passes x local steps).
     start_round : int
         Rounds already done (when resuming from a checkpoint); ``Strategy.start`` counts from 1,
         the strategy numbers rounds ``start_round + 1 ...``.
@@ -72,6 +73,9 @@ class FedZO(MaskedRounds[protocol.ParsedReply]):
             server.space.dim, self.fingerprint_seed, self.cfg.directions
         )
         self.refused_nodes: dict[int, str] = {}
+        # downlink = replay: nodes that hold the previous weights get the missed rounds' updates.
+        self.replay = ReplayDownlink(server) if self.cfg.downlink == "replay" else None
+        self.current_round = 0
         # Memory: each node's declared budget and the largest peak measured on any client.
         self.node_budget_bytes: dict[int, float] = {}
         self.required_bytes = 0.0
@@ -149,7 +153,27 @@ class FedZO(MaskedRounds[protocol.ParsedReply]):
             node_ids = []
         round_seed = self.server.round_seed(server_round)
         log(INFO, "configure_train: %d nodes, round seed %d", len(node_ids), round_seed)
-        return self.train_messages(server_round, round_seed, arrays, config, node_ids)
+        self.current_round = server_round
+        if self.replay is None:
+            return self.train_messages(server_round, round_seed, arrays, config, node_ids)
+        replay = self.replay
+        replay.sent = {}
+        weights = replay.full_weights()
+
+        def payload(node_id: int) -> tuple[ArrayRecord | None, dict[str, bytes | int]]:
+            if node_id not in self.nodes_with_mask:  # first contact, or the node lost its state
+                replay.forget(node_id, "the node does not hold the mask")
+            return replay.payload(node_id, server_round, weights)
+
+        messages = self.train_messages(server_round, round_seed, weights, config, node_ids, payload)
+        paths = [path for path, _ in replay.sent.values()]
+        log(
+            INFO,
+            "downlink: %d nodes replay their missed rounds, %d get the weights",
+            paths.count("replay"),
+            paths.count("weights"),
+        )
+        return messages
 
     def parse_train_reply(
         self, server_round: int, node_id: int, reply: Message
@@ -176,16 +200,26 @@ class FedZO(MaskedRounds[protocol.ParsedReply]):
 
     def accept_reply(self, node_id: int, reply: protocol.ParsedReply) -> None:
         """Learn the largest client peak and the node's declared memory budget."""
+        if self.replay is not None:
+            self.replay.confirm(node_id, self.current_round)
         self.required_bytes = max(self.required_bytes, float(reply.peak_mem_bytes))
         if reply.memory_budget_mb:
             self.node_budget_bytes[node_id] = reply.memory_budget_mb * 2**20
 
+    def on_status(self, node_id: int, code: str, detail: str) -> None:
+        """A node that could not rebuild the weights from round updates gets them in full."""
+        if self.replay is not None and code == protocol.STATUS_REPLAY_MISMATCH:
+            self.replay.forget(node_id, detail)
+
     def round_fields(self) -> dict[str, object]:
-        """Refused nodes and nodes skipped for memory, in every round record."""
-        return {
+        """Refused nodes, nodes skipped for memory and (replay) each node's downlink path."""
+        fields: dict[str, object] = {
             "refused_nodes": len(self.refused_nodes),
             "skipped_for_memory": sorted(self.skipped_for_memory),
         }
+        if self.replay is not None:
+            fields["downlink_path"] = self.replay.round_paths(self.node_partition)
+        return fields
 
     def aggregate(
         self, server_round: int, replies: Mapping[int, protocol.ParsedReply]

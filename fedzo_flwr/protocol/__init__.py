@@ -20,6 +20,14 @@ Status reply (client -> server, instead of a result)
     node does not hold the mask named by ``mask-id``; the server sends it again with the node's
     next train message) and ``detail`` (free text, for the log). Only a node that cannot act on a
     message sends one; normal replies carry no status record.
+
+Replay downlink (``downlink = replay``, server -> client)
+    After a node's first contact, a train message may carry ``replay`` (bytes: the round updates
+    the node has not applied, :mod:`fedzo_flwr.protocol.replay`) and no ArrayRecord; the node
+    rebuilds the weights from its own copy and checks the hash. Full-weight messages under
+    ``replay`` also carry the optimizer's per-coordinate buffers (ArrayRecord entries
+    ``optimizer.<name>``) and ``optimizer-steps``. A node that cannot rebuild the weights
+    replies with the status ``replay-mismatch``.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ from fedzo_flwr.protocol.keys import (
     MASK_KEY,
     MEMORY_BUDGET_KEY,
     METRICS_KEY,
+    OPTIMIZER_STEPS_KEY,
+    REPLAY_KEY,
     REQUIRED_METRICS,
     ROUND_KEY,
     ROUND_SEED_KEY,
@@ -44,6 +54,7 @@ from fedzo_flwr.protocol.keys import (
     STATUS_DETAIL_KEY,
     STATUS_KEY,
     STATUS_MASK_MISSING,
+    STATUS_REPLAY_MISMATCH,
     STEP_SEEDS_KEY,
     ZO_KEY,
     mask_id,
@@ -61,6 +72,8 @@ __all__ = [
     "MASK_KEY",
     "MEMORY_BUDGET_KEY",
     "METRICS_KEY",
+    "OPTIMIZER_STEPS_KEY",
+    "REPLAY_KEY",
     "REQUIRED_METRICS",
     "ROUND_KEY",
     "ROUND_SEED_KEY",
@@ -69,6 +82,7 @@ __all__ = [
     "STATUS_DETAIL_KEY",
     "STATUS_KEY",
     "STATUS_MASK_MISSING",
+    "STATUS_REPLAY_MISMATCH",
     "STEP_SEEDS_KEY",
     "ZO_KEY",
     "ParsedReply",

@@ -30,8 +30,19 @@ STATUS_DETAIL_KEY = "detail"
 #: The node does not hold the mask the message names (e.g. a restarted SuperNode): the server
 #: sends it the mask again at its next train message.
 STATUS_MASK_MISSING = "mask-missing"
+#: ``downlink = replay``: the node could not rebuild the global weights from the round updates
+#: it was sent (its state was lost or does not match the server's hash): it did not train, and
+#: the server sends it the full weights at its next train message.
+STATUS_REPLAY_MISMATCH = "replay-mismatch"
 #: Every status code a ClientApp may send.
-STATUS_CODES: frozenset[str] = frozenset({STATUS_MASK_MISSING})
+STATUS_CODES: frozenset[str] = frozenset({STATUS_MASK_MISSING, STATUS_REPLAY_MISMATCH})
+
+#: ``downlink = replay``: the round updates a node has not applied (bytes, protocol/replay.py),
+#: sent instead of the kept weights.
+REPLAY_KEY = "replay"
+#: With full weights under ``downlink = replay``: the server optimizer's step count, so the node
+#: can take the same steps (its per-coordinate buffers travel in the ArrayRecord).
+OPTIMIZER_STEPS_KEY = "optimizer-steps"
 
 REQUIRED_METRICS = ("num-examples", "base-loss", "client-seconds", "peak-mem-bytes", "partition-id")
 

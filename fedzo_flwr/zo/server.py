@@ -173,14 +173,15 @@ class ZOServer:
     def updates_since(self, applied_round: int, server_round: int) -> list[RoundUpdate] | None:
         """The updates of rounds ``applied_round + 1 .. server_round - 1``, oldest first.
 
-        ``None`` when some of them are no longer (or were never) in the history: the node then
-        needs the full weights.
+        Rounds that were skipped (no update: the weights did not change) are simply absent.
+        ``None`` when some of the rounds may have left the bounded history (or were never in
+        it): the node then needs the full weights.
         """
-        wanted = list(range(applied_round + 1, server_round))
-        by_round = {update.server_round: update for update in self.history}
-        if any(r not in by_round for r in wanted):
+        if applied_round + 1 >= server_round:
+            return []
+        if not self.history or applied_round + 1 < self.history[0].server_round:
             return None
-        return [by_round[r] for r in wanted]
+        return [u for u in self.history if applied_round < u.server_round < server_round]
 
     def eval_model(self) -> nn.Module:
         """The model to evaluate: EMA weights if enabled, else the current ones."""
