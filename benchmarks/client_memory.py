@@ -40,14 +40,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from machine import cpu_model, data_dir, trim_memory
+from isolated import cifar_batch, measure_step, run_worker, status_bytes
+from machine import data_dir, load_average, machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -55,13 +53,6 @@ if str(ROOT) not in sys.path:
 
 MB = 2**20
 PAPER_RATIO = 9.0
-
-
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 # ------------------------------------------------------------------------------ worker
@@ -75,9 +66,7 @@ def worker(job: dict) -> dict:
     from torch.nn import functional as F
 
     from fedzo_flwr.config import RunConfig
-    from fedzo_flwr.data import clear_cache, load_dataset, to_tensor
     from fedzo_flwr.fedavg.client import mask_gradients_
-    from fedzo_flwr.measure.memory import PeakMemory
     from fedzo_flwr.measure.memory_model import backprop_breakdown, zo_breakdown
     from fedzo_flwr.models import build_model
     from fedzo_flwr.pruning import prune
@@ -86,12 +75,8 @@ def worker(job: dict) -> dict:
     from fedzo_flwr.zo.estimator import loss_differences
     from fedzo_flwr.zo.settings import ZOSettings
 
-    rss_imports = _status_bytes("VmRSS")
-    data = load_dataset("cifar10", job["data_dir"])
-    x = to_tensor(data.x_train[: job["batch"]], "cifar10")
-    y = torch.tensor(data.y_train[: job["batch"]], dtype=torch.long)
-    del data
-    clear_cache()  # a client holds its batch, not the whole dataset
+    rss_imports = status_bytes("VmRSS")
+    x, y = cifar_batch(job["data_dir"], job["batch"])
     model = build_model(job["model"], seed=3407)
     density = job["density"]
     mask = prune("random", model, job["model"], density, seed=0) if density < 1 else None
@@ -131,39 +116,13 @@ def worker(job: dict) -> dict:
         def reset() -> None:
             pass
 
-    step()  # warm-up: lazy initialisation (kernels, thread pools, the fused plan)
-    reset()
-    trim_memory()
-    with torch.no_grad(), PeakMemory() as forward:  # one plain forward pass, for reference
-        model(x)
-    trim_memory()
-    rss_idle = _status_bytes("VmRSS")
-    started = time.perf_counter()
-    with PeakMemory() as memory:
-        step()
-    seconds = time.perf_counter() - started
-    reset()
+    measured = measure_step(step, reset, forward=lambda: model(x))
     return {
         "rss_after_imports": rss_imports,
-        "rss_idle": rss_idle,
-        "step_peak_rss": memory.peak_bytes,
-        "extra": memory.extra_bytes,
-        "forward_extra": forward.extra_bytes,
-        "method_of_measurement": memory.method,
-        "step_seconds": seconds,
+        **measured,
         "analytic": analytic.as_dict(),
         "param_count": sum(p.numel() for p in model.parameters()),
     }
-
-
-def run_worker(job: dict) -> dict:
-    """Run :func:`worker` in a fresh interpreter and return its JSON result."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker failed for {job}:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # -------------------------------------------------------------------------------- main
@@ -295,23 +254,12 @@ def main() -> int:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
     args.models = args.models or (["lenet5"] if args.quick else ["lenet5", "resnet18"])
-    import torch
-
-    from fedzo_flwr.zo import fast_engine
-
     started = time.perf_counter()
-    machine = {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": args.threads,
-        "load_before": [round(x, 1) for x in os.getloadavg()],
-    }
+    machine = machine_info(args.threads)
     rows = []
     jobs = plan(args)
     for job in jobs:
-        result = run_worker(job)
+        result = run_worker(__file__, job)
         rows.append({**job, **result})
         print(
             f"# {job['model']} {label(job)}: extra {result['extra'] / MB:.2f} MB "
@@ -320,7 +268,7 @@ def main() -> int:
         )
     ratio_rows = ratios(rows)
     print_tables(rows, ratio_rows)
-    machine["load_after"] = [round(x, 1) for x in os.getloadavg()]
+    machine["load_after"] = load_average()
     result = {
         "machine": machine,
         "settings": {

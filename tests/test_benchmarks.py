@@ -49,3 +49,69 @@ def test_server_rounds_quick_shared_mode_rebuilds_once(tmp_path, data_dir):
         assert row["reconstructions_per_round"] == expected, row
     assert [r["clients"] for r in result["strategy_rows"]] == [10, 100]
     assert all(r["rounds_timed"] >= 1 and r["round_s"] > 0 for r in result["strategy_rows"])
+
+
+@pytest.mark.slow
+def test_progressive_memory_quick_measures_every_stage_against_the_analytic_model(
+    tmp_path, data_dir
+):
+    from fedzo_flwr.progressive import (
+        NodeInfo,
+        build_staged,
+        device_budget,
+        eligibility_report,
+        memory_plan,
+    )
+
+    result = run_benchmark("progressive_memory.py", tmp_path / "progressive.json", data_dir)
+    machine = result["machine"]
+    assert {"cpu", "cores", "torch", "threads", "load_before", "load_after"} <= set(machine)
+    assert result["settings"]["batch"] == 8 and result["settings"]["rounds_per_stage"] == "equal"
+    rows = result["rows"]
+    stages = {m: [r["stage"] for r in rows if r["model"] == m] for m in ("lenet5", "resnet20")}
+    assert stages == {"lenet5": [0, 1, 2, None], "resnet20": [0, None]}
+    for row in rows:
+        assert row["method_of_measurement"] == "vmhwm", row
+        assert row["extra"] > 0 and row["then_extra"] > 0 and row["forward_extra"] >= 0, row
+        assert row["extra_runs"] == [row["extra"]] and row["repeats"] == 1
+    # The analytic columns are the library's model, exactly (same seed, batch and stages).
+    for model in ("lenet5", "resnet20"):
+        staged = build_staged(model, seed=3407)
+        assert staged.num_stages == 3
+        plan = memory_plan(staged, 8)
+        mine = {r["stage"]: r for r in rows if r["model"] == model}
+        for t, row in mine.items():
+            expected = plan.full if t is None else plan.stages[t]
+            assert row["analytic"] == expected.as_dict(), (model, t)
+            assert row["num_stages"] == 3
+    summaries = {s["model"]: s for s in result["summaries"]}
+    assert summaries["lenet5"]["stages_measured"] == [0, 1, 2]
+    assert summaries["resnet20"]["stages_measured"] == [0]
+    assert "analytic_plan" not in summaries["resnet20"]  # peak/average need every stage
+    lenet_plan = memory_plan(build_staged("lenet5", seed=3407), 8).as_dict()
+    assert summaries["lenet5"]["analytic_plan"] == lenet_plan
+    shares = [p["measured_share"] for p in summaries["lenet5"]["per_stage"]]
+    assert summaries["lenet5"]["measured_peak"] == max(shares)
+    assert summaries["lenet5"]["measured_average"] == pytest.approx(sum(shares) / 3)
+    for p in summaries["resnet20"]["per_stage"]:
+        assert p["analytic_vs_full"] < 1, p
+    # The population fractions follow from the reported needs (100 nodes, memory-seed 0).
+    for s in summaries.values():
+        per_stage, full = s["per_stage"], s["full"]
+        needs = {
+            "measured": ([p["measured_share"] for p in per_stage], full["measured_share"]),
+            "analytic": ([p["analytic_total"] for p in per_stage], full["analytic_total"]),
+        }
+        for kind, (stage_needs, full_need) in needs.items():
+            for profile in ("profl-uniform", "device-tier"):
+                nodes = [
+                    NodeInfo(i, device_budget(profile, i, full_need, seed=0).budget_bytes)
+                    for i in range(100)
+                ]
+                report = eligibility_report(nodes, stage_needs, full_need, margin=0.0)
+                got = s["population"][kind][profile]
+                assert got["stages"] == [len(ids) / 100 for ids in report.per_stage]
+                assert got["full_model"] == len(report.full_model) / 100
+                assert got["no_stage"] == len(report.never_eligible) / 100
+        uniform = s["population"]["analytic"]["profl-uniform"]
+        assert all(f > uniform["full_model"] for f in uniform["stages"]), s["model"]
