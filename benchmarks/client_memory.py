@@ -254,6 +254,8 @@ def main() -> int:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
     args.models = args.models or (["lenet5"] if args.quick else ["lenet5", "resnet18"])
+    from fedzo_flwr.zo.engines.fused import DEFAULT_MEMORY_BUDGET_MB
+
     started = time.perf_counter()
     machine = machine_info(args.threads)
     rows = []
@@ -279,7 +281,7 @@ def main() -> int:
             "optimizer": args.optimizer,
             "threads": args.threads,
             "quick": args.quick,
-            "engine_memory_mb": fast_engine.DEFAULT_MEMORY_BUDGET_MB,  # fused: chunk budget
+            "engine_memory_mb": DEFAULT_MEMORY_BUDGET_MB,  # fused: chunk budget
         },
         "rows": rows,
         "ratios": ratio_rows,
