@@ -16,6 +16,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client_app.replay import ReplayOutOfSync, received_weights
 from fedzo_flwr import protocol
 from fedzo_flwr.config import RunConfig
 from fedzo_flwr.data import NUM_CLASSES
@@ -125,8 +126,7 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, torch.nn.Module, 
         torch.set_num_threads(cfg.client_threads)
     config = msg.content.config_records[protocol.CONFIG_KEY]
     model, space = masked_model(cfg, config, context)
-    kept = msg.content.array_records[protocol.ARRAYS_KEY][protocol.KEPT_KEY].numpy()
-    space.scatter_(model, torch.from_numpy(kept.copy()))
+    space.scatter_(model, received_weights(cfg, msg, context))
     return cfg, model, space
 
 
@@ -137,6 +137,8 @@ def train(msg: Message, context: Context) -> Message:
         cfg, model, space = _setup(msg, context)
     except MaskMissing as err:
         return status_reply(msg, protocol.STATUS_MASK_MISSING, str(err))
+    except ReplayOutOfSync as err:
+        return status_reply(msg, protocol.STATUS_REPLAY_MISMATCH, str(err))
     if cfg.method == "fedavg":
         return train_fedavg(msg, context, cfg, model, space)
     config = msg.content.config_records[protocol.CONFIG_KEY]

@@ -139,6 +139,17 @@ class RunConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _replay_needs_zeroth_order(self) -> RunConfig:
+        # Replay rebuilds a round's step from its seeds and scalars: only the ZO methods have one.
+        if self.downlink == "replay" and not self.method.startswith("zo-"):
+            raise ValueError(
+                f"keys 'downlink' and 'method': downlink='replay' rebuilds a round's update from "
+                f"its seeds and scalars, which method={self.method!r} does not have; use "
+                "downlink='weights'"
+            )
+        return self
+
     @property
     def pruned(self) -> bool:
         """Whether the run prunes before training (``zo-dense`` trains the dense model)."""
