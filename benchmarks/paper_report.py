@@ -293,7 +293,7 @@ def notes(
 
 def memory_budget_note(memory: dict[str, Any]) -> str:
     """How the fused rows' memory budget compares with the engine's current default."""
-    from fedzo_flwr.zo.fast_engine import DEFAULT_MEMORY_BUDGET_MB
+    from fedzo_flwr.zo.engines.fused import DEFAULT_MEMORY_BUDGET_MB
 
     budget = memory["settings"].get("engine_memory_mb")
     if budget is None:
