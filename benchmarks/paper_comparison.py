@@ -15,8 +15,9 @@ Outputs: every run's ``results.json`` under ``--out-dir``; a summary JSON (``--j
 ``docs/results.md`` (tables, verdicts per paper claim, commands, machine) and PNG plots under
 ``docs/figures/``. The client-memory section is read from ``benchmarks/client_memory.py``'s
 JSON (``--memory-json``) when it exists. This module runs the matrix; the numbers per run are
-``paper_summary.py``, the verdicts ``paper_verdicts.py``, the report ``paper_report.py`` (every
-sentence computed from the summary JSON) and the figures ``paper_plots.py``.
+``paper_summary.py``, the verdicts ``paper_verdicts.py``, the report ``paper_report.py`` (its
+sentences, every one computed from the summary JSON, ``paper_notes.py``) and the figures
+``paper_plots.py``.
 
 Usage::
 

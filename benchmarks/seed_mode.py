@@ -14,6 +14,7 @@ import json
 import platform
 import time
 from collections import defaultdict
+from typing import NotRequired, TypedDict
 
 import torch
 
@@ -29,16 +30,27 @@ from fedzo_flwr.zo.reconstruct import ScalarStep, accumulate_steps, aggregate_de
 from fedzo_flwr.zo.server import ClientUpdate, ZOServer
 
 
+class ModeResult(TypedDict):
+    """One seed mode's estimate quality (and, with ``--rounds``, its accuracy curve)."""
+
+    cosine_mean: float
+    cosines: list[float]
+    client_gradient_norm_mean: float
+    mean_gradient_norm_mean: float
+    kept_coordinates: int
+    accuracy: NotRequired[list[dict[str, float]]]
+    seconds: NotRequired[float]
+
+
 def true_gradient(server: ZOServer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    model = server.model
-    model.zero_grad()
-    batch_loss(model(x), y).backward()
-    grads = {n: p.grad for n, p in model.named_parameters()}
+    """Autograd gradient of the batch loss over the kept coordinates, in KeptSpace order."""
+    params = dict(server.model.named_parameters())
+    wrt = [params[n] for n in server.space.names]
+    grads = torch.autograd.grad(batch_loss(server.model(x), y), wrt)
     parts = [
-        grads[n].reshape(-1) if i is None else grads[n].reshape(-1)[i]
-        for n, i in zip(server.space.names, server.space.indices)
+        g.reshape(-1) if i is None else g.reshape(-1)[i]
+        for g, i in zip(grads, server.space.indices)
     ]
-    model.zero_grad()
     return torch.cat(parts).detach()
 
 
@@ -61,7 +73,7 @@ def round_estimate(server: ZOServer, updates: list[ClientUpdate]) -> torch.Tenso
     return grad
 
 
-def estimate_quality(cfg: RunConfig, num_clients: int, trials: int) -> dict:
+def estimate_quality(cfg: RunConfig, num_clients: int, trials: int) -> ModeResult:
     init = initial_model(cfg)
     server = ZOServer(cfg, init.model, init.mask)
     clients = [load_client_data(cfg, pid, num_clients) for pid in range(num_clients)]
@@ -99,7 +111,7 @@ def main() -> None:
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rows = {}
+    rows: dict[str, ModeResult] = {}
     for mode in ("shared", "per-client"):
         overrides = {
             "seed-mode": mode,

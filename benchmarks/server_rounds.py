@@ -35,15 +35,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
 from machine import ROOT, cpu_model, data_dir
 
 from fedzo_flwr import protocol
 from fedzo_flwr.config import RunConfig
-from fedzo_flwr.data import load_dataset
+from fedzo_flwr.data import DatasetArrays, load_dataset
 from fedzo_flwr.models import build_model
 from fedzo_flwr.protocol.wire import encode_scalars
 from fedzo_flwr.pruning import prune
@@ -61,6 +63,31 @@ from inprocess_grid import InProcessGrid
 from server_app.strategy import FedZO, kept_arrays
 
 
+class RoundTiming(TypedDict):
+    """:meth:`ZOServer.apply_round` timed over synthetic rounds with a fixed client count."""
+
+    round_s: float
+    rounds_per_s: float
+    rounds_timed: int
+    times_s: list[float]
+    reconstructions_per_round: int
+    synthetic_updates_s: float
+
+
+class StrategyTiming(TypedDict):
+    """``configure_train`` and ``aggregate_train`` of :class:`FedZO` timed with ``clients``."""
+
+    clients: int
+    k: int
+    kept_coordinates: int
+    configure_train_s: float
+    aggregate_train_s: float
+    round_s: float
+    rounds_per_s: float
+    rounds_timed: int
+    results_json_bytes: int
+
+
 def make_server(model_name: str, density: float, seed_mode: str, k: int) -> ZOServer:
     cfg = RunConfig(model=model_name, k=k, seed_mode=seed_mode, density=density, seed=3407)
     model = build_model(model_name, seed=3407)
@@ -69,7 +96,9 @@ def make_server(model_name: str, density: float, seed_mode: str, k: int) -> ZOSe
     return ZOServer(cfg, model, mask)
 
 
-def updates_for(server: ZOServer, server_round: int, clients: int, rng: np.random.Generator):
+def updates_for(
+    server: ZOServer, server_round: int, clients: int, rng: np.random.Generator
+) -> list[ClientUpdate]:
     k = server.cfg.k
     updates = []
     for pid in range(clients):
@@ -79,7 +108,7 @@ def updates_for(server: ZOServer, server_round: int, clients: int, rng: np.rando
     return updates
 
 
-def time_rounds(server: ZOServer, clients: int, repeats: int, max_seconds: float) -> dict:
+def time_rounds(server: ZOServer, clients: int, repeats: int, max_seconds: float) -> RoundTiming:
     rng = np.random.default_rng(clients)
     times: list[float] = []
     build: list[float] = []
@@ -107,25 +136,36 @@ def time_rounds(server: ZOServer, clients: int, repeats: int, max_seconds: float
     }
 
 
-def stand_in_client(k: int, seed_mode: str, directions: str):
-    """A ClientApp stand-in: answers a train message as the real one does, without computing."""
+def _config_int(config: ConfigRecord, key: str) -> int:
+    """The integer ``config[key]`` of a train message."""
+    value = config[key]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"train message: {key!r} is {type(value).__name__}, not int")
+    return value
 
+
+def stand_in_client(k: int, seed_mode: str, directions: str) -> ClientApp:
+    """A ClientApp stand-in: answers a train message as the real one does, without computing."""
+    app = ClientApp()
+
+    @app.train()
     def answer(message: Message, context: Context) -> Message:
         config = message.content.config_records[protocol.CONFIG_KEY]
         pid = int(context.node_config["partition-id"])
         rng = np.random.default_rng(pid)
-        seeds = client_step_seeds(int(config[protocol.ROUND_SEED_KEY]), seed_mode, pid, 1)
+        round_seed = _config_int(config, protocol.ROUND_SEED_KEY)
+        seeds = client_step_seeds(round_seed, seed_mode, pid, 1)
         zo = ConfigRecord(
             {
                 protocol.DELTAS_KEY: encode_scalars(1e-3 * rng.standard_normal(k)),
                 protocol.STEP_SEEDS_KEY: seeds,
-                protocol.ROUND_KEY: int(config[protocol.ROUND_KEY]),
+                protocol.ROUND_KEY: _config_int(config, protocol.ROUND_KEY),
             }
         )
         if protocol.FINGERPRINT_SEED_KEY in config:
             kept = message.content.array_records[protocol.ARRAYS_KEY][protocol.KEPT_KEY]
             zo[protocol.FINGERPRINT_KEY] = fingerprint(
-                int(kept.shape[0]), int(config[protocol.FINGERPRINT_SEED_KEY]), directions
+                int(kept.shape[0]), _config_int(config, protocol.FINGERPRINT_SEED_KEY), directions
             )
         metrics = MetricRecord(
             {
@@ -141,17 +181,20 @@ def stand_in_client(k: int, seed_mode: str, directions: str):
             RecordDict({protocol.ZO_KEY: zo, protocol.METRICS_KEY: metrics}), reply_to=message
         )
 
-    return answer
+    return app
 
 
-def time_strategy(clients: int, k: int, rounds: int, out_dir: Path, test_data) -> dict:
+def time_strategy(
+    clients: int, k: int, rounds: int, out_dir: Path, test_data: DatasetArrays
+) -> StrategyTiming:
     """Median ``configure_train`` and ``aggregate_train`` seconds of FedZO with ``clients``."""
     server = make_server("lenet5", 0.1, "shared", k)
     cfg = server.cfg
     recorder = RunRecorder(out_dir / f"strategy-{clients}", cfg.to_run_config())
     strategy = FedZO(server, recorder, test_data, forward_flops=0)
     grid = InProcessGrid(stand_in_client(k, cfg.seed_mode, cfg.directions), clients, {})
-    configure, aggregate = [], []
+    configure: list[float] = []
+    aggregate: list[float] = []
     arrays = kept_arrays(server)
     for server_round in range(1, rounds + 1):
         t0 = time.perf_counter()
@@ -236,14 +279,14 @@ def main() -> int:
     )
     print("|---|---|---|---|---|")
     test_data = load_dataset("cifar10", data_dir(args.data_dir))
-    strategy_rows = []
+    strategy_rows: list[StrategyTiming] = []
     with tempfile.TemporaryDirectory() as tmp:
         for clients in counts:
-            point = time_strategy(clients, k, args.strategy_rounds, Path(tmp), test_data)
-            strategy_rows.append(point)
+            timing = time_strategy(clients, k, args.strategy_rounds, Path(tmp), test_data)
+            strategy_rows.append(timing)
             print(
-                f"| FedZO | {clients} | {point['configure_train_s']:.4f} "
-                f"| {point['aggregate_train_s']:.4f} | {point['rounds_per_s']:.2f} |",
+                f"| FedZO | {clients} | {timing['configure_train_s']:.4f} "
+                f"| {timing['aggregate_train_s']:.4f} | {timing['rounds_per_s']:.2f} |",
                 flush=True,
             )
     info["load_after"] = os.getloadavg()

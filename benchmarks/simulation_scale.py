@@ -50,6 +50,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NotRequired, TypedDict
 
 import numpy as np
 import psutil
@@ -60,6 +61,27 @@ from flwr_sandbox import flwr_run_command, sandbox_env
 from stop_local_superlink import our_superlinks
 
 MB = 2**20
+
+
+class ScaleRow(TypedDict):
+    """One ``flwr run .`` with ``clients`` SuperNodes: its outcome, times and memory."""
+
+    clients: int
+    clients_per_round: int
+    regime: str
+    rounds: int
+    complete: bool
+    timed_out: bool
+    returncode: int | None
+    wall_seconds: float
+    first_round_seconds: float | None
+    median_round_seconds: float | None
+    prune_seconds: float | None
+    peak_pss_bytes: int
+    peak_used_rise_bytes: int
+    peak_processes: int
+    final_accuracy: float | None
+    log_tail: NotRequired[str]
 
 
 def used_memory() -> int:
@@ -108,7 +130,7 @@ class TreeSampler(threading.Thread):
             self.stop_event.wait(self.period)
 
 
-def run_once(clients: int, per_round: int, args: argparse.Namespace) -> dict:
+def run_once(clients: int, per_round: int, args: argparse.Namespace) -> ScaleRow:
     """One ``flwr run .`` with ``clients`` SuperNodes; its outcome, times and memory."""
     work = Path(tempfile.mkdtemp(prefix="fedzo-scale-"))
     env, ray_tmp = sandbox_env(work)
@@ -153,7 +175,7 @@ def run_once(clients: int, per_round: int, args: argparse.Namespace) -> dict:
     # Round 1 also starts the ClientApps (torch import, partitioning): steady state from round 2.
     round_seconds = [r["round_seconds"] for r in trained[1:] if "round_seconds" in r]
     tail = log_path.read_text()[-2000:]
-    row = {
+    row: ScaleRow = {
         "clients": clients,
         "clients_per_round": expected,
         "regime": "all" if not per_round else "sampled",
@@ -177,7 +199,7 @@ def run_once(clients: int, per_round: int, args: argparse.Namespace) -> dict:
     return row
 
 
-def print_row(row: dict, header: bool) -> None:
+def print_row(row: ScaleRow, header: bool) -> None:
     if header:
         print(
             "| clients | per round | complete | wall (s) | round 1 (s) | later rounds (s) "
@@ -216,15 +238,16 @@ def main() -> int:
     args.rounds = args.rounds or (2 if args.quick else 4)
     all_max = args.all_max if args.all_max is not None else (50 if args.quick else 1000)
 
+    memory_bytes = psutil.virtual_memory().total
     info = {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
-        "memory_bytes": psutil.virtual_memory().total,
+        "memory_bytes": memory_bytes,
         "python": sys.version.split()[0],
         "load_before": os.getloadavg(),
     }
-    print(f"# {info['cpu']}, {info['cores']} cores, {info['memory_bytes'] / 2**30:.0f} GiB")
-    rows: list[dict] = []
+    print(f"# {info['cpu']}, {info['cores']} cores, {memory_bytes / 2**30:.0f} GiB")
+    rows: list[ScaleRow] = []
     for regime, per_round in (("sampled", args.per_round), ("all", 0)):
         for clients in sizes:
             if regime == "all" and clients > all_max:

@@ -49,7 +49,9 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -60,7 +62,7 @@ from fedzo_flwr.measure.flops import zo_step_flops
 from fedzo_flwr.measure.memory import PeakMemory
 from fedzo_flwr.models import build_model
 from fedzo_flwr.pruning import prune
-from fedzo_flwr.sparse.mask import apply_mask_
+from fedzo_flwr.sparse.mask import Mask, apply_mask_
 from fedzo_flwr.sparse.space import KeptSpace
 from fedzo_flwr.zo.directions import DirectionGenerator
 from fedzo_flwr.zo.engines.fused import DEFAULT_MEMORY_BUDGET_MB, planned_chunk
@@ -74,6 +76,24 @@ SEED = 3407
 BATCH = 32
 RTOL, ATOL = 1e-3, 1e-6
 MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=65536:glibc.malloc.trim_threshold=131072"
+
+
+class TimingJob(TypedDict):
+    """What a timing worker measures (sent to it as JSON on its command line)."""
+
+    model: str
+    density: float
+    k: int
+    threads: int
+    repeats: int
+    engines: list[str]
+    data_dir: str
+
+
+class MemoryJob(TimingJob):
+    """A timing job narrowed to the one engine whose step memory a memory worker measures."""
+
+    engine: str
 
 
 # ------------------------------------------------------------------------ naive reference
@@ -116,7 +136,9 @@ def naive_loss_differences(
 # ----------------------------------------------------------------------------- set-up
 
 
-def setup(model_name: str, density: float, data: str | None):
+def setup(
+    model_name: str, density: float, data: str | None
+) -> tuple[torch.nn.Module, KeptSpace, Mask | None, torch.Tensor, torch.Tensor]:
     """Model (masked), its KeptSpace, mask and the first CIFAR-10 training batch of 32."""
     dataset = load_dataset("cifar10", data_dir(data))
     x = to_tensor(dataset.x_train[:BATCH], "cifar10")
@@ -129,7 +151,15 @@ def setup(model_name: str, density: float, data: str | None):
     return model, KeptSpace(model, mask), mask, x, y
 
 
-def step_fn(engine: str, model, space, x, y, settings: ZOSettings):
+def step_fn(
+    engine: str,
+    model: torch.nn.Module,
+    space: KeptSpace,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    settings: ZOSettings,
+) -> Callable[[], np.ndarray]:
+    """One client step of ``engine`` on the batch, returning its K loss differences."""
     if engine == "naive":
         return lambda: naive_loss_differences(model, space, x, y, SEED, settings)
     return lambda: loss_differences(model, space, x, y, SEED, settings, engine=engine).deltas
@@ -138,7 +168,7 @@ def step_fn(engine: str, model, space, x, y, settings: ZOSettings):
 # ---------------------------------------------------------------------------- workers
 
 
-def timing_worker(job: dict) -> dict:
+def timing_worker(job: TimingJob) -> dict[str, Any]:
     torch.set_num_threads(job["threads"])
     settings = ZOSettings(k=job["k"], sigma=SIGMA)
     model, space, mask, x, y = setup(job["model"], job["density"], job["data_dir"])
@@ -153,7 +183,7 @@ def timing_worker(job: dict) -> dict:
             times[engine].append(time.perf_counter() - start)
             cpu[engine].append(time.process_time() - start_cpu)
     reference = deltas["naive"]
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for engine in fns:
         diff = float(np.max(np.abs(deltas[engine] - reference)))
         out[engine] = {
@@ -176,7 +206,7 @@ def timing_worker(job: dict) -> dict:
     }
 
 
-def memory_worker(job: dict) -> dict:
+def memory_worker(job: MemoryJob) -> dict[str, Any]:
     torch.set_num_threads(job["threads"])
     settings = ZOSettings(k=job["k"], sigma=SIGMA)
     model, space, _, x, y = setup(job["model"], job["density"], job["data_dir"])
@@ -199,7 +229,7 @@ def memory_worker(job: dict) -> dict:
     }
 
 
-def run_worker(kind: str, job: dict) -> dict:
+def run_worker(kind: str, job: TimingJob | MemoryJob) -> dict[str, Any]:
     """Run a worker in a fresh interpreter and return its JSON result."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, json.dumps(job)]
     env = dict(os.environ)
@@ -208,7 +238,8 @@ def run_worker(kind: str, job: dict) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} worker failed for {job}:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
 
 
 # ----------------------------------------------------------------------------- machine
@@ -234,7 +265,7 @@ def matmul_gflops(threads: int, n: int = 1024, repeats: int = 15) -> dict[str, f
     return {"median": flops / float(np.median(times)), "best": flops / min(times)}
 
 
-def machine_info(threads: int) -> dict:
+def machine_info(threads: int) -> dict[str, Any]:
     return {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
@@ -264,8 +295,8 @@ def main() -> int:
     args = parser.parse_args()
 
     if args.worker:
-        kind, job = args.worker[0], json.loads(args.worker[1])
-        result = timing_worker(job) if kind == "timing" else memory_worker(job)
+        kind, payload = args.worker[0], json.loads(args.worker[1])
+        result = timing_worker(payload) if kind == "timing" else memory_worker(payload)
         print(json.dumps(result))
         return 0
 
@@ -281,10 +312,11 @@ def main() -> int:
         f" dense fp32 matmul {matmul:.1f} GFLOP/s (best of 15; median"
         f" {info['matmul_gflops_before']['median']:.1f}); load {info['load_before']}"
     )
-    rows, failures = [], []
+    rows: list[dict[str, Any]] = []
+    failures: list[str] = []
     for model_name in models:
         for density in (1.0, 0.1):
-            job = {
+            job: TimingJob = {
                 "model": model_name,
                 "density": density,
                 "k": k,
@@ -312,7 +344,8 @@ def main() -> int:
                 }
                 skip_memory = args.no_memory or (args.quick and engine == "batched")
                 if not skip_memory:
-                    row.update(run_worker("memory", {**job, "engine": engine}))
+                    memory_job: MemoryJob = {**job, "engine": engine}
+                    row.update(run_worker("memory", memory_job))
                     row["extra_over_forward_in_kept"] = (
                         row["step_extra_bytes"] - row["forward_extra_bytes"]
                     ) / row["kept_bytes"]
@@ -351,7 +384,7 @@ def main() -> int:
     return 0
 
 
-def print_row(row: dict, matmul: float, header: bool) -> None:
+def print_row(row: dict[str, Any], matmul: float, header: bool) -> None:
     if header:
         print(
             "| model | density | engine | time (s) | CPU (s) | vs naive | dense GFLOP/s "

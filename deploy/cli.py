@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from deploy.commands import PROG, down, run_app, status, up
-from deploy.data import DATA_SOURCES
+from deploy.data import dataset_arg
 from deploy.errors import DeployError
 from deploy.nodes import start_supernode, stop_process
 from deploy.state import DEFAULT_STATE_DIR, MODES
@@ -48,7 +48,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
     p_up.add_argument(
         "--dataset",
-        choices=tuple(DATA_SOURCES),
+        type=dataset_arg,
         default=None,
         help="require this dataset in --data-dir (default: any; `run` checks the run's own)",
     )

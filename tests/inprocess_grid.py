@@ -8,8 +8,9 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict, UserConfig
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
@@ -18,10 +19,10 @@ from flwr.supercore.task_identity import TaskIdentity
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def app_config(**overrides: object) -> dict:
+def app_config(**overrides: object) -> dict[str, Any]:
     """``[tool.flwr.app.config]`` of pyproject.toml with overrides (kebab-case keys)."""
     with open(ROOT / "pyproject.toml", "rb") as handle:
-        config = tomllib.load(handle)["tool"]["flwr"]["app"]["config"]
+        config: dict[str, Any] = tomllib.load(handle)["tool"]["flwr"]["app"]["config"]
     config.update({k.replace("_", "-"): v for k, v in overrides.items()})
     return config
 
@@ -35,7 +36,7 @@ class InProcessGrid(Grid):
         The app under test.
     num_nodes : int
         Simulated nodes; node ``i`` gets partition ``i`` of ``num_nodes``.
-    run_config : dict
+    run_config : UserConfig
         The run config every node sees.
     intercept : callable, optional
         ``intercept(node_index, message, reply) -> reply | None``: lets a test tamper with
@@ -51,7 +52,7 @@ class InProcessGrid(Grid):
         self,
         client_app: ClientApp,
         num_nodes: int,
-        run_config: dict,
+        run_config: UserConfig,
         intercept: Callable[[int, Message, Message], Message] | None = None,
         message_ids: bool = False,
     ) -> None:
@@ -81,7 +82,14 @@ class InProcessGrid(Grid):
     def run(self) -> Run:
         return self._run
 
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
         return Message(content, dst_node_id, message_type, group_id=group_id, ttl=ttl)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -110,7 +118,9 @@ class InProcessGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self.replies.pop(i) for i in message_ids if i in self.replies]
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
 
 
@@ -121,6 +131,6 @@ def superlink_error(message: Message, reason: str) -> Message:
     return reply
 
 
-def server_context(run_config: dict) -> Context:
+def server_context(run_config: UserConfig) -> Context:
     """Context for the ServerApp."""
     return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)

@@ -2,7 +2,9 @@
 
 * ``up`` accepts a data folder that holds CIFAR-100 only (and refuses, naming the files it
   looked for, one that holds no dataset or not the one asked for), before anything starts;
-* ``run`` refuses a run whose ``dataset`` is not in its ``data-dir`` and passes one that is.
+* ``run`` refuses a run whose ``dataset`` is not in its ``data-dir`` and passes one that is;
+* the checks use the loader's own dataset, file and folder names
+  (:func:`fedzo_flwr.data.cifar.dataset_sources`), imported only when a folder is checked.
 
 The ``cifar100`` folders made here are empty placeholders in the layout the loader looks for:
 they exercise only the presence check, never the loading of real CIFAR-100.
@@ -70,16 +72,57 @@ def test_up_refuses_a_folder_without_the_dataset(tmp_path, busy_port):
     assert not (tmp_path / "state" / "deployment.json").exists()  # refused before anything
 
 
-def test_data_sources_are_the_loaders():
-    from deploy.data import DATA_SOURCES
+def test_data_sources_are_the_loaders(tmp_path):
+    from deploy.data import has_dataset, loader_sources
     from fedzo_flwr.data import DATASETS, load_dataset
+    from fedzo_flwr.data.cifar import dataset_sources
 
-    assert set(DATA_SOURCES) == set(DATASETS)
-    for name, (npz, folder) in DATA_SOURCES.items():
+    # torchvision's folder names (CIFAR10/CIFAR100.base_folder) and the shipped npz names.
+    assert dataset_sources("cifar10") == ("cifar10.npz", "cifar-10-batches-py")
+    assert dataset_sources("cifar100") == ("cifar100.npz", "cifar-100-python")
+    for name in DATASETS:
+        npz, folder = dataset_sources(name)
+        assert loader_sources(name) == (npz, folder)
         with pytest.raises(FileNotFoundError) as err:  # the loader lists where it looked
             load_dataset(name, ROOT / "no-such-folder")
         assert f"/{npz} (npz file" in str(err.value)
         assert f"/{folder} (torchvision folder" in str(err.value)
+        for layout in (npz, folder):  # deploy accepts a folder holding either, nothing else
+            data = tmp_path / name / layout.replace(".", "-")
+            data.mkdir(parents=True)
+            assert not has_dataset(data, name)
+            if layout == npz:
+                (data / npz).write_bytes(b"")
+            else:
+                (data / folder).mkdir()
+            assert has_dataset(data, name)
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
+        dataset_sources("imagenet")
+    with pytest.raises(local.DeployError) as deploy_err:
+        loader_sources("imagenet")
+    assert str(deploy_err.value) == "dataset: unknown 'imagenet'; valid: cifar10, cifar100"
+
+
+def test_the_command_line_does_not_import_torch():
+    # status, down and node never look at data: they must not pay for the library's torch.
+    code = "import sys, deploy.cli; deploy.cli.build_parser(); print('torch' in sys.modules)"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert proc.stdout.strip() == "False"
+
+
+def test_up_dataset_option_takes_the_loaders_names(capsys):
+    from deploy.cli import build_parser
+
+    assert build_parser().parse_args(["up", "--dataset", "cifar100"]).dataset == "cifar100"
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["up", "--dataset", "imagenet"])
+    assert exit_info.value.code == 2
+    assert (
+        "argument --dataset: dataset: unknown 'imagenet'; valid: cifar10, cifar100"
+        in capsys.readouterr().err
+    )
 
 
 def _deployment(tmp_path: Path, data: Path) -> Path:

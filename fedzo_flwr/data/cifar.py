@@ -11,6 +11,9 @@ Two on-disk formats are understood, looked for in this order inside ``data_dir``
 2. torchvision's python folder (``cifar-10-batches-py`` / ``cifar-100-python``), read with
    ``torchvision.datasets.CIFAR10/CIFAR100(root=data_dir, download=False)``.
 
+:func:`dataset_sources` names both for a dataset (the one definition; ``deploy`` checks a data
+folder with it).
+
 Loaded datasets are cached per process (see :func:`load_dataset`, :func:`clear_cache`).
 """
 
@@ -22,6 +25,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -48,8 +52,6 @@ SHIPPED_CIFAR10_SHA256 = "579b96fbe2b1ed8ec084996a9da7841cebf6866e6b670ccda1bbc1
 
 IMAGE_SHAPE: tuple[int, int, int] = (32, 32, 3)
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
-_NPZ_FILENAMES = {"cifar10": "cifar10.npz", "cifar100": "cifar100.npz"}
-_TORCHVISION_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 _TORCHVISION_CLASSES = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 _NPZ_ARRAYS = ("x_train", "y_train", "x_test", "y_test", "classes")
 _CHUNK = 1 << 20
@@ -57,6 +59,28 @@ _CHUNK = 1 << 20
 _DATASET_CACHE: dict[tuple[str, str], DatasetArrays] = {}
 _SHA256_CACHE: dict[tuple[str, int, int], str] = {}
 _LOCK = threading.Lock()
+
+
+class DatasetSources(NamedTuple):
+    """The names, inside a data folder, that :func:`load_dataset` reads a dataset from.
+
+    Attributes
+    ----------
+    npz_file : str
+        The npz file (e.g. ``cifar10.npz``), read first when present.
+    torchvision_folder : str
+        torchvision's python-format folder (e.g. ``cifar-10-batches-py``), read otherwise.
+
+    """
+
+    npz_file: str
+    torchvision_folder: str
+
+
+_SOURCES: dict[str, DatasetSources] = {
+    "cifar10": DatasetSources("cifar10.npz", "cifar-10-batches-py"),
+    "cifar100": DatasetSources("cifar100.npz", "cifar-100-python"),
+}
 
 
 @dataclass(frozen=True)
@@ -94,6 +118,18 @@ def check_dataset_name(dataset: str) -> str:
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(DATASETS)}")
     return dataset
+
+
+def dataset_sources(name: str) -> DatasetSources:
+    """The file and folder names :func:`load_dataset` accepts for ``name``, in lookup order.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not one of :data:`DATASETS`.
+
+    """
+    return _SOURCES[check_dataset_name(name)]
 
 
 def clear_cache() -> None:
@@ -148,8 +184,9 @@ def load_dataset(name: str, data_dir: str | Path, *, verify: bool = True) -> Dat
         cached = _DATASET_CACHE.get(key)
         if cached is not None:
             return cached
-        npz_path = root / _NPZ_FILENAMES[name]
-        folder = root / _TORCHVISION_FOLDERS[name]
+        sources = dataset_sources(name)
+        npz_path = root / sources.npz_file
+        folder = root / sources.torchvision_folder
         if npz_path.is_file():
             if verify:
                 _verify_shipped_checksum(npz_path)
