@@ -43,3 +43,46 @@ def test_flwr_run_simulation_writes_results(tmp_path, data_dir):
     assert all(r["clients"] == 3 and not r["rejected"] for r in trained)
     assert "accuracy" in trained[-1]
     assert "[fedzo] round 2/2" in log
+
+
+@pytest.mark.slow
+def test_flwr_run_replay_downlink_matches_the_weights_downlink(tmp_path, data_dir):
+    """Under real `flwr run`, nodes replaying round updates train exactly as with the weights."""
+    env, ray_tmp = sandbox_env(tmp_path)
+    common = (
+        f'num-server-rounds=3 k=10 prune-iterations=2 eval-every=1 optimizer="adam" '
+        f'data-dir="{data_dir}" output-dir="{tmp_path / "out"}"'
+    )
+    logs = {}
+    try:
+        for downlink in ("weights", "replay"):
+            run_config = f'{common} downlink="{downlink}" run-name="{downlink}"'
+            proc = subprocess.run(
+                flwr_run_command(ROOT, 3, run_config),
+                env=env,
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=480,
+            )
+            logs[downlink] = proc.stdout + proc.stderr
+    finally:
+        for pid in our_superlinks(env["FLWR_HOME"]):
+            os.kill(pid, 15)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    runs = {}
+    for downlink in ("weights", "replay"):
+        path = tmp_path / "out" / downlink / "results.json"
+        assert path.is_file(), logs[downlink][-4000:]
+        runs[downlink] = json.loads(path.read_text())["rounds"]
+    keys = ("round", "accuracy", "loss", "train_loss", "grad_norm", "clients")
+    assert [{k: r.get(k) for k in keys} for r in runs["replay"]] == [
+        {k: r.get(k) for k in keys} for r in runs["weights"]
+    ]
+    paths = [r["downlink_path"] for r in runs["replay"] if r["round"]]
+    assert [sorted(set(p.values())) for p in paths] == [["weights"], ["replay"], ["replay"]]
+    later = [r["downlink_bytes"]["max"] for r in runs["replay"] if r["round"] > 1]
+    full = [
+        min(r["downlink_bytes"]["per_client"].values()) for r in runs["weights"] if r["round"] > 1
+    ]
+    assert max(later) < min(full) / 5
