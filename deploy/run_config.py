@@ -100,8 +100,9 @@ def checked_run_config(run_config: str, data_dir: str, app_dir: Path) -> str:
 
     In order: the string parses; every key is one the app declares; the run's ``dataset``
     is in its ``data-dir`` (the run's own, else the deployment's ``data_dir``); the fused
-    config validates. ``data-dir`` and ``output-dir`` are prepended unless set (the
-    deployment's data folder, ``outputs/`` of the repository).
+    config validates (for this repository's app: :class:`fedzo_flwr.config.RunConfig`).
+    ``data-dir`` and ``output-dir`` are prepended unless set (the deployment's data folder,
+    ``outputs/`` of the repository).
 
     Raises
     ------
@@ -118,6 +119,7 @@ def checked_run_config(run_config: str, data_dir: str, app_dir: Path) -> str:
     fused.update(extra)
     folder = Path(str(overrides.get("data-dir") or data_dir)).expanduser()
     check_run_data(str(fused.get("dataset", "cifar10")), folder)
-    check_values(fused)
+    if app_dir.resolve() == ROOT:  # RunConfig is this repository's app's validation
+        check_values(fused)
     prefix = [f"{key}={toml_string(value)}" for key, value in extra.items()]
     return " ".join([*prefix, run_config]).strip()
