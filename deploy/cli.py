@@ -4,7 +4,7 @@
 
     python -m deploy up --mode tls-auth --nodes 2 --data-dir ../shared/data
     python -m deploy status
-    python -m deploy run 'num-server-rounds=3 k=50'
+    python -m deploy run 'num-server-rounds=3 k=50'   # exit status: the run's outcome
     python -m deploy node stop 1        # simulate a device going away (node start 1: back)
     python -m deploy down
 
@@ -21,7 +21,8 @@ from deploy.commands import PROG, down, run_app, status, up
 from deploy.data import dataset_arg
 from deploy.errors import DeployError
 from deploy.nodes import start_supernode, stop_process
-from deploy.state import DEFAULT_STATE_DIR, MODES
+from deploy.runs import EXIT_FAILED, EXIT_UNFINISHED
+from deploy.state import DEFAULT_STATE_DIR, MODES, ROOT
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
@@ -87,7 +88,15 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
 
     p_run = sub.add_parser(
-        "run", parents=[common], help="flwr run . fedzo-local --stream --run-config ..."
+        "run",
+        parents=[common],
+        help="check the run config, run the app, follow its log, exit with its outcome",
+        description=(
+            "Check the run config (unknown keys, invalid values, missing dataset: exit 1 "
+            "before submission), submit the run, follow its log and exit with its outcome: "
+            f"0 completed, 1 refused, {EXIT_FAILED} failed or stopped, {EXIT_UNFINISHED} "
+            "not finished."
+        ),
     )
     p_run.add_argument(
         "run_config",
@@ -95,7 +104,12 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         default="",
         help="run-config overrides, e.g. 'num-server-rounds=3 k=50'",
     )
-    p_run.add_argument("--no-stream", action="store_true")
+    p_run.add_argument(
+        "--no-stream", action="store_true", help="do not show the log (still wait for the end)"
+    )
+    p_run.add_argument(
+        "--app-dir", default=str(ROOT), help="the Flower app to run (default: this repository)"
+    )
 
     p_node = sub.add_parser("node", parents=[common], help="stop or (re)start one SuperNode")
     p_node.add_argument("action", choices=("stop", "start"))
@@ -127,7 +141,9 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
         elif args.command == "status":
             return status(args.state_dir)
         elif args.command == "run":
-            return run_app(args.state_dir, args.run_config, stream=not args.no_stream)
+            return run_app(
+                args.state_dir, args.run_config, stream=not args.no_stream, app_dir=args.app_dir
+            )
         elif args.command == "node":
             name = f"supernode-{args.index}"
             if args.action == "stop":

@@ -9,27 +9,22 @@ time, never by name. These functions are also the API the deployment test uses.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, overload
 
-from deploy.data import check_run_data, require_data
+from deploy.certs import CERTIFICATES, ensure_certs, expiry
+from deploy.data import require_data
 from deploy.errors import DeployError
-from deploy.flower_cli import (
-    cli_env,
-    daemon_env,
-    flower_bin,
-    flwr_cli,
-    register_key,
-    superlink_argv,
-    toml_string,
-)
+from deploy.flower_cli import cli_env, daemon_env, flwr_cli, register_key, superlink_argv
 from deploy.nodes import start_supernode, wait_online, wait_superlink
 from deploy.ports import port_in_use
 from deploy.processes import forget, is_running, spawn, stop_records
+from deploy.run_config import checked_run_config
+from deploy.runs import EXIT_INTERRUPTED, follow_run, outcome, submit_run
 from deploy.state import (
     CONNECTION,
     DEFAULT_STATE_DIR,
@@ -39,7 +34,6 @@ from deploy.state import (
     Layout,
     State,
     display_path,
-    ensure_certs,
     layout_of,
     load_state,
     make_key,
@@ -94,9 +88,7 @@ def up(
     node_ports = [int(p) for p in node_ports]
     if len(node_ports) != nodes:
         raise DeployError("need one node port per SuperNode")
-    busy = [p for p in [port, *node_ports] if port_in_use(p)]
-    if busy:
-        raise DeployError(f"port(s) {busy} on 127.0.0.1 already in use; choose --port")
+    check_ports(port, node_ports)
 
     for folder in (layout.logs, layout.pids):
         shutil.rmtree(folder, ignore_errors=True)
@@ -106,7 +98,9 @@ def up(
         for path in layout.database.parent.glob("state.db*"):
             path.unlink()
     if mode != "insecure":
-        ensure_certs(layout)
+        renewed = ensure_certs(layout)
+        if renewed and not quiet:
+            print(renewed)
     write_cli_config(layout, mode, port)
     state: State = {
         "mode": mode,
@@ -154,12 +148,50 @@ def up(
     return state
 
 
+def port_roles(port: int, node_ports: Sequence[int]) -> dict[int, str]:
+    """What each port of a deployment serves (the SuperLink's, then each node's Runtime API)."""
+    roles = {port: "the SuperLink"}
+    for i, node_port in enumerate(node_ports):
+        roles.setdefault(node_port, f"supernode-{i}'s Runtime API")
+    return roles
+
+
+def check_ports(port: int, node_ports: Sequence[int]) -> None:
+    """Refuse ports that repeat or that something on 127.0.0.1 already holds, naming each.
+
+    A stock ``flower-supernode`` started by hand takes 9094 (its default ``--port``), the port
+    ``up``'s first SuperNode gets by default (``--port`` 9093 + 1).
+    """
+    wanted = [port, *node_ports]
+    repeated = sorted({p for p in wanted if wanted.count(p) > 1})
+    if repeated:
+        raise DeployError(
+            f"port(s) {repeated} given twice (SuperLink {port}, SuperNodes "
+            f"{', '.join(map(str, node_ports))}): every daemon needs its own"
+        )
+    roles = port_roles(port, node_ports)
+    busy = [p for p in wanted if port_in_use(p)]
+    if busy:
+        which = ", ".join(f"{p} ({roles[p]})" for p in busy)
+        hint = (
+            " (9094 is also the default --port of a flower-supernode started by hand)"
+            if 9094 in busy
+            else ""
+        )
+        raise DeployError(
+            f"port(s) {busy} on 127.0.0.1 already in use: {which}{hint}; choose free ones "
+            "with --port (SuperLink) and --node-port-base (SuperNode i: base+i)"
+        )
+
+
 def summary(layout: Layout, state: State) -> str:
     """What ``up`` prints: addresses, PIDs, log paths, how to run and stop."""
     scheme = "http" if state["mode"] == "insecure" else "https"
     rel = display_path(layout.root)
     procs = state["processes"]
     where = "" if rel == ".deploy" else f" --state-dir {rel}"
+    roles = port_roles(state["port"], state["node_ports"])
+    ports = ", ".join(f"{p} ({role.removeprefix('the ')})" for p, role in roles.items())
     lines = [
         f"[deploy] mode {state['mode']}: SuperLink {scheme}://127.0.0.1:{state['port']} "
         f"(pid {procs['superlink']['pid']}), {state['nodes']} SuperNode(s) online "
@@ -171,10 +203,16 @@ def summary(layout: Layout, state: State) -> str:
             f"    {name:<12} pid {r['pid']:<8} {display_path(Path(r['log']))}"
             for name, r in procs.items()
         ],
+        f"  ports:     {ports} on 127.0.0.1 (a flower-supernode started by hand on this host "
+        "needs a --port of its own)",
         f"  pid files: {rel}/pids/   state: {rel}/{STATE_FILE}",
     ]
     if state["mode"] != "insecure":
-        lines.append(f"  TLS:       CA {rel}/certs/ca.crt, server cert {rel}/certs/server.pem")
+        until = min(expiry(layout.certs / name) for name in CERTIFICATES)
+        lines.append(
+            f"  TLS:       CA {rel}/certs/ca.crt, server cert {rel}/certs/server.pem "
+            f"(valid until {until:%Y-%m-%d %H:%M} UTC; `up` renews them a day before)"
+        )
     if state["mode"] == "tls-auth":
         lines.append(f"  auth keys: {rel}/keys/node<i> (registered: {state.get('registered')})")
     lines += [
@@ -277,27 +315,43 @@ def run_app(
     background: bool = False,
     **popen_kwargs: Any,
 ) -> int | subprocess.Popen[Any]:
-    """``flwr run <app> fedzo-local [--stream] --run-config ...`` against the deployment.
+    """Run the app on the deployment and report what became of it; ``run``'s exit status.
 
-    ``data-dir`` (the deployment's) and ``output-dir`` (``outputs/`` of the repository) are
-    added unless ``run_config`` sets them: the ServerApp runs with the SuperLink's working
-    directory, so relative paths would land in the state directory. A run whose ``dataset``
-    is not in its ``data-dir`` is refused (:class:`DeployError`) before anything starts.
+    The run config is checked first (:func:`deploy.run_config.checked_run_config`: unknown
+    keys, invalid values and a dataset missing from its ``data-dir`` raise
+    :class:`DeployError` naming the key, before anything is submitted). ``data-dir`` (the
+    deployment's) and ``output-dir`` (``outputs/`` of the repository) are added unless
+    ``run_config`` sets them: the ServerApp runs with the SuperLink's working directory, so
+    relative paths would land in the state directory. Then the run is submitted, its log
+    followed (shown if ``stream``) and its recorded outcome printed (:mod:`deploy.runs`):
+    0 if it completed, :data:`deploy.runs.EXIT_FAILED` if it failed or was stopped,
+    :data:`deploy.runs.EXIT_UNFINISHED` if it had not finished. ``popen_kwargs`` go to the
+    ``flwr log`` process that shows the log.
+
+    With ``background`` the checks run here and the rest runs in a ``python -m deploy run``
+    child, whose :class:`subprocess.Popen` is returned (its exit status is the same verdict).
     """
     layout = layout_of(state_dir)
     state = require_state(layout)
-    check_run_data(run_config, state["data_dir"], Path(app_dir).resolve())
-    extra = []
-    if not re.search(r"(^|\s)data-dir\s*=", run_config):
-        extra.append(f"data-dir={toml_string(state['data_dir'])}")
-    if not re.search(r"(^|\s)output-dir\s*=", run_config):
-        extra.append(f"output-dir={toml_string(str(ROOT / 'outputs'))}")
-    config = " ".join([*extra, run_config]).strip()
-    argv = [flower_bin("flwr"), "run", str(Path(app_dir).resolve()), CONNECTION]
-    if stream:
-        argv.append("--stream")
-    argv += ["--run-config", config]
-    kwargs: dict[str, Any] = {"env": cli_env(layout), "cwd": layout.root, **popen_kwargs}
+    app = Path(app_dir).resolve()
+    config = checked_run_config(run_config, state["data_dir"], app)
     if background:
-        return subprocess.Popen(argv, **kwargs)
-    return subprocess.run(argv, check=False, **kwargs).returncode
+        argv = [sys.executable, "-m", "deploy", "--state-dir", str(layout.root), "run"]
+        argv += [run_config, "--app-dir", str(app), *([] if stream else ["--no-stream"])]
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        env = {**cli_env(layout), "PYTHONPATH": path}
+        return subprocess.Popen(argv, **{"env": env, "cwd": ROOT, **popen_kwargs})
+    run_id = submit_run(layout, state, app, config)
+    print(f"[deploy] run {run_id} submitted; its log: `flwr log {run_id} {CONNECTION}`", flush=True)
+    try:
+        follow_run(layout, run_id, stream=stream, **popen_kwargs)
+    except KeyboardInterrupt:
+        print(
+            f"[deploy] stopped following run {run_id}; it goes on "
+            f"(FLWR_HOME={layout.cli_home} flwr stop {run_id} {CONNECTION} stops it)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    result = outcome(layout, run_id)
+    print(result.describe(), file=sys.stdout if result.completed else sys.stderr, flush=True)
+    return result.exit_status

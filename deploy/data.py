@@ -9,7 +9,6 @@ at least one dataset (or the one asked for), and ``run`` checks the run's own da
 from __future__ import annotations
 
 import argparse
-import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -73,31 +72,11 @@ def require_data(data_dir: Path, dataset: str | None = None) -> None:
         raise DeployError(f"no {dataset} in {data_dir} ({_expected(dataset)})")
 
 
-def default_dataset(app_dir: Path) -> str:
-    """The ``dataset`` of the app's ``[tool.flwr.app.config]`` (``cifar10`` if not set)."""
-    path = app_dir / "pyproject.toml"
-    try:
-        config = tomllib.loads(path.read_text())["tool"]["flwr"]["app"]["config"]
-    except (OSError, KeyError, tomllib.TOMLDecodeError):
-        return "cifar10"
-    return str(config.get("dataset", "cifar10"))
+def check_run_data(dataset: str, folder: Path) -> None:
+    """Refuse a run whose ``dataset`` (run config, else the app's default) is not in ``folder``.
 
-
-def check_run_data(run_config: str, data_dir: str, app_dir: Path) -> None:
-    """Refuse a run whose ``dataset`` is missing from the ServerApp's ``data-dir``.
-
-    ``run_config`` is the ``--run-config`` string as given to ``flwr run``; it is parsed with
-    Flower's own parser. A string Flower cannot parse is left for ``flwr run`` to report.
+    ``folder`` is the ServerApp's ``data-dir``: the run's own, else the deployment's.
     """
-    import click
-    from flwr.common.config import parse_config_args
-
-    try:
-        overrides = parse_config_args([run_config]) if run_config.strip() else {}
-    except click.ClickException:
-        return
-    dataset = str(overrides.get("dataset", default_dataset(app_dir)))
-    folder = Path(str(overrides.get("data-dir") or data_dir)).expanduser()
     if not has_dataset(folder, dataset):
         raise DeployError(
             f"run-config dataset={dataset!r} needs {_expected(dataset)} in the data-dir "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 
+from deploy.certs import ensure_certs, expiry, renewal_reason
 from deploy.cli import main
 from deploy.commands import down, run_app, status, summary, up
 from deploy.errors import DeployError
@@ -30,6 +31,8 @@ from deploy.flower_cli import (
 from deploy.nodes import start_supernode, stop_process, wait_online, wait_superlink
 from deploy.ports import free_port, port_in_use, port_open
 from deploy.processes import exit_code, is_running, log_tail, spawn, stop_records, wait_exit
+from deploy.run_config import checked_run_config
+from deploy.runs import EXIT_FAILED, EXIT_UNFINISHED, RunOutcome, outcome, submit_run
 from deploy.state import (
     CONNECTION,
     DEFAULT_STATE_DIR,
@@ -46,6 +49,8 @@ from deploy.state import (
 __all__ = [
     "CONNECTION",
     "DEFAULT_STATE_DIR",
+    "EXIT_FAILED",
+    "EXIT_UNFINISHED",
     "MODES",
     "OFFLINE_ENV",
     "ROOT",
@@ -53,10 +58,14 @@ __all__ = [
     "SUPERNODE_EXIT_CODES",
     "DeployError",
     "Layout",
+    "RunOutcome",
+    "checked_run_config",
     "cli_env",
     "daemon_env",
     "down",
+    "ensure_certs",
     "exit_code",
+    "expiry",
     "flower_bin",
     "flower_exit_code",
     "flwr_cli",
@@ -69,9 +78,11 @@ __all__ = [
     "make_key",
     "node_config",
     "node_path",
+    "outcome",
     "port_in_use",
     "port_open",
     "register_key",
+    "renewal_reason",
     "run_app",
     "save_state",
     "spawn",
@@ -79,6 +90,7 @@ __all__ = [
     "status",
     "stop_process",
     "stop_records",
+    "submit_run",
     "summary",
     "superlink_argv",
     "supernode_argv",

@@ -18,7 +18,7 @@ from deploy.flower_cli import (
     node_path,
     supernode_argv,
 )
-from deploy.ports import port_open
+from deploy.ports import port_in_use, port_open
 from deploy.processes import Record, exit_code, is_running, log_tail, spawn, stop_records
 from deploy.state import Layout, layout_of, require_state, save_state
 
@@ -60,6 +60,12 @@ def start_supernode(
                 node_path(state.get("node_data_dir"), index) or state["data_dir"],
             ),
             key,
+        )
+    node_port = int(argv[argv.index("--port") + 1])
+    if port_in_use(node_port):
+        raise DeployError(
+            f"port {node_port} on 127.0.0.1 ({name}'s Runtime API) is already in use, e.g. by "
+            "a flower-supernode started by hand (give that one another --port)"
         )
     env = daemon_env(layout, name, state["data_dir"])
     cache = node_path(state.get("node_cache_dir"), index)

@@ -1,9 +1,10 @@
-"""The state directory of a deployment: its layout, its record, certificates and keys.
+"""The state directory of a deployment: its layout, its record and the nodes' keys.
 
-Everything lives in the state directory (default ``.deploy/`` in the repository): ``certs/``,
-``keys/``, ``logs/<daemon>.log``, ``pids/<daemon>.pid``, the SuperLink database, one Flower home
-per daemon under ``home/``, ``flwr-home/config.toml`` (the ``flwr`` CLI's connection
-:data:`CONNECTION`) and ``deployment.json`` (the record of what runs, read by every command).
+Everything lives in the state directory (default ``.deploy/`` in the repository): ``certs/``
+(made and renewed by :mod:`deploy.certs`), ``keys/``, ``logs/<daemon>.log``,
+``pids/<daemon>.pid``, the SuperLink database, one Flower home per daemon under ``home/``,
+``flwr-home/config.toml`` (the ``flwr`` CLI's connection :data:`CONNECTION`) and
+``deployment.json`` (the record of what runs, read by every command).
 """
 
 from __future__ import annotations
@@ -127,17 +128,6 @@ def write_cli_config(layout: Layout, mode: str, port: int) -> Path:
     path = layout.cli_home / "config.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def ensure_certs(layout: Layout) -> None:
-    """Generate the CA and server certificate with ``deploy/gen_certs.sh`` unless present."""
-    if all((layout.certs / f).is_file() for f in TLS_FILES):
-        return
-    subprocess.run(
-        ["bash", str(ROOT / "deploy" / "gen_certs.sh"), str(layout.certs)],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
 
 
 def make_key(path: Path) -> Path:

@@ -1,9 +1,12 @@
 """A real deployment on loopback: SuperLink + 2 SuperNodes over TLS with SuperNode authentication.
 
 One deployment (``deploy.local.up(mode="tls-auth")``, free ports chosen at run time, its own state
-directory and Flower homes) serves the three tests, in this order:
+directory and Flower homes) serves the four tests, in this order:
 
 * the real app runs 2 rounds on CIFAR-10 with both nodes and writes ``results.json``;
+* a run the ServerApp refuses (``resume-from`` a missing checkpoint) makes ``run`` exit
+  :data:`deploy.runs.EXIT_FAILED` with the ServerApp's error, and a run config the SuperLink
+  refuses is reported with the SuperLink's reason (no ServerApp is started for it);
 * a SuperNode whose key was never registered is refused;
 * a SuperNode killed (SIGKILL) in the middle of a round does not crash the server: the round
   proceeds with the surviving node once the SuperLink marks the dead one offline, and the run
@@ -173,6 +176,42 @@ def test_tls_auth_deployment_runs_two_rounds(deployment, tmp_path):
     assert "accuracy" in trained[-1]
     assert results["final"]["rounds"] == 2
     assert "[fedzo] round 2/2" in run.log
+
+
+def test_a_failed_run_exits_non_zero_and_says_why(deployment, tmp_path):
+    state = _ensure_nodes_online(deployment)
+    layout = local.Layout(Path(deployment))
+    # A setting only the ServerApp can judge (the checkpoint path is on its side): it raises,
+    # the SuperLink records finished:failed, and `run` says so and why.
+    out = tmp_path / "out"
+    missing = (tmp_path / "no-such-checkpoint.pt").resolve()
+    run = _Run(
+        deployment,
+        f"num-server-rounds=1 {SMALL} resume-from='{missing}' "
+        f'output-dir="{out}" run-name="failed"',
+    )
+    rc = run.finish()
+    assert rc != 0, run.log[-4000:]  # flwr run --stream alone exits 0 here
+    assert rc == local.EXIT_FAILED, run.log[-4000:]
+    details = f"ServerApp failed with exception: resume-from: no checkpoint at {missing}"
+    verdicts = [line for line in run.log.splitlines() if "finished:" in line]
+    assert verdicts[-1].endswith(f"finished:failed: {details}"), run.log[-4000:]
+    errors = run.log[run.log.index("[deploy] the ServerApp's errors (flwr log):") :]
+    assert f"[fedzo] cannot resume: resume-from: no checkpoint at {missing}" in errors
+    # The verdict is the SuperLink's own record of the run.
+    run_id = re.findall(r"\[deploy\] run (\d+) submitted", run.log)[0]
+    listed = local.flwr_cli(layout, "ls", local.CONNECTION, "--run-id", run_id, "--format", "json")
+    (record,) = json.loads(listed.stdout)["runs"]
+    assert (record["status"], record["status-details"]) == ("finished:failed", details)
+
+    # A key the app does not declare, past the launcher's own check: the SuperLink's refusal
+    # reaches the CLI as "[code: 15]" only; `run` adds the reason from the SuperLink's log.
+    with pytest.raises(local.DeployError) as err:
+        local.submit_run(layout, state, local.ROOT, "densty=0.2")
+    assert str(err.value) == (
+        "the SuperLink refused the run: [code: 15] Invalid run configuration.; the SuperLink's "
+        "log says: Key 'densty' is not present in the main dictionary"
+    )
 
 
 def test_unregistered_supernode_is_refused(deployment, tmp_path):
