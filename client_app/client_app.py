@@ -1,7 +1,10 @@
 """ClientApp: forward-only training; receives weights and a seed, returns K loss differences.
 
 ``method = "fedavg"`` (the backprop baseline) trains by local SGD instead and returns its kept
-weights; ``query.prune`` messages score pruning masks on local data (``snip``, ``ntk-local``).
+weights; ``method = "smartfreeze" | "profl"`` train one block at a time
+(``client_app/progressive.py``), and ``query.node_info`` messages ask a node for its partition,
+label histogram and memory budget; ``query.prune`` messages score pruning masks on local data
+(``snip``, ``ntk-local``).
 A node that does not hold the mask a train or evaluate message names answers with a ``status``
 record (code ``mask-missing``), not an error, so the server sends the mask again.
 """
@@ -18,12 +21,13 @@ from flwr.clientapp import ClientApp
 
 from client_app.replay import ReplayOutOfSync, received_weights
 from fedzo_flwr import protocol
-from fedzo_flwr.config import RunConfig
+from fedzo_flwr.config import PROGRESSIVE_METHODS, RunConfig
 from fedzo_flwr.data import NUM_CLASSES
 from fedzo_flwr.data.client_data import load_client_data, load_partition_file
 from fedzo_flwr.errors import ConfigError, FedZOError
 from fedzo_flwr.fedavg.client import train_round_backprop
 from fedzo_flwr.models import build_model
+from fedzo_flwr.protocol.progressive import NODE_INFO_ACTION
 from fedzo_flwr.protocol.wire import decode_mask, encode_scalars
 from fedzo_flwr.pruning import client as cp
 from fedzo_flwr.run.evaluation import evaluate
@@ -133,6 +137,10 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, torch.nn.Module, 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of forward-only training: reply with the K loss differences per local step."""
+    if context.run_config.get("method") in PROGRESSIVE_METHODS:
+        from client_app.progressive import train_progressive  # imports this module
+
+        return train_progressive(msg, context)
     try:
         cfg, model, space = _setup(msg, context)
     except MaskMissing as err:
@@ -217,6 +225,14 @@ def train_fedavg(
     return Message(
         RecordDict({protocol.ARRAYS_KEY: arrays, protocol.METRICS_KEY: metrics}), reply_to=msg
     )
+
+
+@app.query(NODE_INFO_ACTION)
+def node_info(msg: Message, context: Context) -> Message:
+    """Partition id and size, label histogram and declared memory budget (probed once)."""
+    from client_app.progressive import node_info as reply  # imports this module
+
+    return reply(msg, context)
 
 
 @app.query(cp.PRUNE_ACTION)

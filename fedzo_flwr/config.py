@@ -8,6 +8,7 @@ table of ``pyproject.toml`` plus ``--run-config`` overrides, with kebab-case key
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +46,30 @@ BOOKKEEPING_KEYS = frozenset(
 )
 
 
+#: Methods that train one block at a time (docs/progressive.md).
+PROGRESSIVE_METHODS = frozenset({"smartfreeze", "profl"})
+
+
+def _float_list(value: str, expected: str) -> list[float]:
+    try:
+        numbers = [float(part) for part in value.split(",")]
+    except ValueError:
+        raise ValueError(f"expected {expected}") from None
+    if not numbers or not all(math.isfinite(n) for n in numbers):
+        raise ValueError(f"expected {expected}")
+    return numbers
+
+
+def _int_list(value: str, expected: str) -> list[int]:
+    try:
+        numbers = [int(part) for part in value.split(",")]
+    except ValueError:
+        raise ValueError(f"expected {expected}") from None
+    if not numbers or any(n < 1 for n in numbers):
+        raise ValueError(f"expected {expected}")
+    return numbers
+
+
 def _kebab(name: str) -> str:
     return name.replace("_", "-")
 
@@ -57,7 +82,7 @@ class RunConfig(BaseModel):
     )
 
     # What to train, on what.
-    method: Literal["zo-pruned", "zo-dense", "fedavg"] = "zo-pruned"
+    method: Literal["zo-pruned", "zo-dense", "fedavg", "smartfreeze", "profl"] = "zo-pruned"
     model: str = "lenet5"
     dataset: Literal["cifar10", "cifar100"] = "cifar10"
     data_dir: str = ""
@@ -109,6 +134,33 @@ class RunConfig(BaseModel):
     prune_repeats: int = Field(5, ge=1)
     prune_samples: int = Field(100, ge=1)
     prune_reinit: Literal["weights", "all"] = "weights"
+    # Progressive block training (method smartfreeze / profl; docs/progressive.md).
+    stage_split: Literal["stage", "layers"] = "stage"
+    layers_per_block: int = Field(1, ge=1)
+    stage_weight_decay: float = Field(5e-4, ge=0)
+    pace: Literal["effective-movement", "apf", "fixed"] = "effective-movement"
+    pace_tau: float = Field(0.2, ge=0, le=1)
+    pace_window: int = Field(6, ge=1)
+    pace_patience: int = Field(3, ge=1)
+    stage_min_rounds: int = Field(10, ge=1)
+    stage_max_rounds: int = Field(200, ge=1)
+    stage_rounds: str = "50"
+    pace_sample: int = Field(10_000, ge=1)
+    pace_apf_ema: float = Field(0.99, ge=0, le=1)
+    pace_apf_threshold: float = Field(0.05, ge=0, le=1)
+    pace_apf_level: float = Field(0.8, ge=0, le=1)
+    pace_seed: int = Field(0, ge=0)
+    profl_shrink_rounds: int = Field(5, ge=1)
+    profl_shrink_lr: float = Field(1e-5, gt=0)
+    # Memory-heterogeneous devices (progressive methods and fedavg).
+    memory_profile: Literal["none", "profl-uniform", "device-tier"] = "none"
+    memory_seed: int = Field(0, ge=0)
+    device_proportions: str = "0.25,0.25,0.25,0.25"
+    device_usable_share: float = Field(0.5, gt=0, le=1)
+    memory_margin: float = Field(0.0, ge=0)
+    selector: Literal["random-eligible", "heterogeneity-aware"] = "random-eligible"
+    selector_similarity: float = Field(0.8, ge=0, le=1)
+    selector_speed_ema: float = Field(0.5, ge=0, lt=1)
     # Bookkeeping.
     client_threads: int = Field(1, ge=0)
     seed: int = Field(3407, ge=0)
@@ -125,6 +177,42 @@ class RunConfig(BaseModel):
         if value not in MODELS:
             raise ValueError(f"unknown model {value!r}; valid models: {', '.join(sorted(MODELS))}")
         return value
+
+    @field_validator("stage_rounds")
+    @classmethod
+    def _stage_rounds(cls, value: str) -> str:
+        _int_list(value, "one int >= 1 or a comma-separated list of them, e.g. '30,20,10'")
+        return value
+
+    @field_validator("device_proportions")
+    @classmethod
+    def _device_proportions(cls, value: str) -> str:
+        shares = _float_list(value, "4 comma-separated numbers >= 0, not all 0")
+        if len(shares) != 4 or any(s < 0 for s in shares) or not sum(shares) > 0:
+            raise ValueError(
+                "expected 4 comma-separated numbers >= 0, not all 0 (shares of Pi Zero 2 W, "
+                "Pi 4 1 GB, Pi 4 4 GB, Jetson Orin Nano 8 GB)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _stage_round_bounds(self) -> RunConfig:
+        if self.stage_max_rounds < self.stage_min_rounds:
+            raise ValueError(
+                f"keys 'stage-min-rounds' and 'stage-max-rounds': the maximum "
+                f"({self.stage_max_rounds}) must be >= the minimum ({self.stage_min_rounds})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _progressive_evaluates_centrally(self) -> RunConfig:
+        if self.method in PROGRESSIVE_METHODS and self.fraction_evaluate > 0:
+            raise ValueError(
+                f"keys 'method' and 'fraction-evaluate': method {self.method!r} evaluates "
+                "centrally only (its model before the last stage is blocks plus an output "
+                "module); set fraction-evaluate = 0"
+            )
+        return self
 
     @model_validator(mode="after")
     def _robust_aggregation_needs_shared_seeds(self) -> RunConfig:
@@ -151,9 +239,24 @@ class RunConfig(BaseModel):
         return self
 
     @property
+    def progressive(self) -> bool:
+        """Whether the method is progressive block training (``smartfreeze`` or ``profl``)."""
+        return self.method in PROGRESSIVE_METHODS
+
+    @property
     def pruned(self) -> bool:
-        """Whether the run prunes before training (``zo-dense`` trains the dense model)."""
-        return self.method != "zo-dense" and self.density < 1.0
+        """Whether the run prunes before training (``zo-dense`` and progressive: dense)."""
+        return self.method != "zo-dense" and not self.progressive and self.density < 1.0
+
+    @property
+    def stage_rounds_list(self) -> tuple[int, ...]:
+        """``stage-rounds`` parsed: rounds of each stage under ``pace = fixed``."""
+        return tuple(int(v) for v in _int_list(self.stage_rounds, ""))
+
+    @property
+    def device_proportions_list(self) -> tuple[float, ...]:
+        """``device-proportions`` parsed: the share of each device tier."""
+        return tuple(_float_list(self.device_proportions, ""))
 
     @property
     def effective_density(self) -> float:

@@ -16,7 +16,7 @@ import math
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from logging import INFO
+from logging import INFO, WARNING
 
 import numpy as np
 import torch
@@ -28,15 +28,17 @@ from torch import nn
 
 from fedzo_flwr import protocol
 from fedzo_flwr.config import RunConfig
-from fedzo_flwr.data import DatasetArrays
+from fedzo_flwr.data import NUM_CLASSES, DatasetArrays
 from fedzo_flwr.errors import ReplyRejected
 from fedzo_flwr.measure.flops import forward_backward_flops
+from fedzo_flwr.progressive.memory import full_backprop_memory
 from fedzo_flwr.run.results import RunRecorder, per_client_summary
 from fedzo_flwr.seeding import round_seed
 from fedzo_flwr.sparse.mask import Mask, apply_mask_
 from fedzo_flwr.sparse.space import KeptSpace
 from server_app.logs import log
 from server_app.masked_rounds import MaskedRounds, RoundUpdate
+from server_app.node_info import NodeRegistry
 
 #: Metrics every FedAvg train reply carries, and whether each must be an int.
 FEDAVG_METRICS = {
@@ -108,6 +110,14 @@ class MaskedFedAvg(MaskedRounds[FedAvgReply]):
         super().__init__(cfg, mask, KeptSpace(model, mask), recorder, test_data)
         self.model = model
         self.flops_per_example = flops_per_example
+        # Memory-heterogeneous population (memory-profile): only nodes that fit full backprop.
+        self.full_need = 0
+        self.registry: NodeRegistry | None = None
+        if cfg.memory_profile != "none":
+            self.full_need = full_backprop_memory(model, cfg.batch_size).total_bytes
+            self.registry = NodeRegistry(cfg, self.full_need, NUM_CLASSES[cfg.dataset])
+        self.too_small: set[int] = set()
+        self.probe: dict[str, int] = {}
 
     @classmethod
     def for_model(
@@ -155,12 +165,54 @@ class MaskedFedAvg(MaskedRounds[FedAvgReply]):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Send each sampled node the kept weights, the round seed and (once) the mask."""
+        """Send each sampled node the kept weights, the round seed and (once) the mask.
+
+        With a ``memory-profile``, new nodes are probed first (:mod:`server_app.node_info`)
+        and only nodes whose budget fits full-model backprop are sampled (:meth:`eligible`).
+        """
+        if self.registry is not None:
+            self.probe = self.registry.probe(grid, grid.get_node_ids(), server_round)
         node_ids = self.round_nodes(grid, server_round)
         seed = round_seed(self.cfg.seed, server_round)
         messages = self.train_messages(server_round, seed, arrays, config, node_ids)
         log(INFO, "configure_train: %d nodes (FedAvg)", len(messages))
         return messages
+
+    def eligible(self, node_id: int) -> bool:
+        """Every node, or with a ``memory-profile`` a probed node that fits full backprop.
+
+        The need is the analytic full-model figure of
+        :func:`~fedzo_flwr.progressive.memory.full_backprop_memory` at ``batch-size``, times
+        ``1 + memory-margin``, the same rule the progressive methods apply per stage.
+        """
+        if self.registry is None:
+            return True
+        if self.registry.fits(node_id, self.full_need, self.cfg.memory_margin):
+            return True
+        profile = self.registry.profiles.get(node_id)
+        if profile is not None and node_id not in self.too_small:
+            self.too_small.add(node_id)
+            log(
+                WARNING,
+                "node %d (partition %d, budget %.1f MiB) cannot fit full-model backprop "
+                "(%.1f MiB x (1 + margin %g)); it does not train",
+                node_id,
+                profile.partition_id,
+                (profile.budget_bytes or 0) / 2**20,
+                self.full_need / 2**20,
+                self.cfg.memory_margin,
+            )
+        return False
+
+    def round_fields(self) -> dict[str, object]:
+        """With a ``memory-profile``: the nodes that cannot fit full backprop and the probe."""
+        if self.registry is None:
+            return {}
+        return {
+            "full_need_bytes": self.full_need,
+            "ineligible": sorted(self.too_small),
+            "probe": dict(self.probe),
+        }
 
     def parse_train_reply(self, server_round: int, node_id: int, reply: Message) -> FedAvgReply:
         """Exactly the kept weights (finite float32 of the right size) and the metrics."""

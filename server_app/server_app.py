@@ -9,7 +9,7 @@ import time
 from datetime import UTC, datetime
 from logging import ERROR, INFO
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -22,12 +22,13 @@ from fedzo_flwr.pruning.client import needs_client_data
 from fedzo_flwr.run.checkpoint import check_compatible, load_checkpoint
 from fedzo_flwr.run.results import RunRecorder
 from fedzo_flwr.run.setup import InitialModel, build_global_model, initial_model
-from fedzo_flwr.sparse.mask import apply_mask_
+from fedzo_flwr.sparse.mask import Mask, apply_mask_
 from fedzo_flwr.zo.server import ZOServer
 from server_app.fedavg_strategy import MaskedFedAvg
 from server_app.federated_pruning import federated_prune
 from server_app.logs import log
 from server_app.masked_rounds import MaskedRounds
+from server_app.progressive_strategy import ProgressiveRounds
 from server_app.strategy import FedZO
 
 app = ServerApp()
@@ -61,8 +62,14 @@ def main(grid: Grid, context: Context) -> None:
     recorder = RunRecorder(run_dir, cfg.to_run_config())
     log(INFO, "results go to %s", run_dir)
 
-    init = starting_model(grid, cfg, recorder)
     strategy: MaskedRounds[Any]
+    if cfg.progressive:  # dense, no pruning phase: progressive block training
+        progressive = ProgressiveRounds.for_run(cfg, recorder, test_data)
+        if cfg.resume_from:
+            progressive.start_round = resume(cfg, progressive, recorder)
+        progressive.run(grid, 0.0)
+        return
+    init = starting_model(grid, cfg, recorder)
     if cfg.method == "fedavg":
         strategy = MaskedFedAvg.for_model(cfg, init.model, init.mask, recorder, test_data)
     else:
@@ -93,7 +100,18 @@ def starting_model(grid: Grid, cfg: RunConfig, recorder: RunRecorder) -> Initial
     return InitialModel(model, mask, time.perf_counter() - started)
 
 
-def resume(cfg: RunConfig, server: ZOServer, recorder: RunRecorder) -> int:
+class Resumable(Protocol):
+    """What a checkpoint restores: a ``ZOServer`` or a ``ProgressiveRounds``."""
+
+    @property
+    def mask(self) -> Mask:
+        """The run's mask (checked against the checkpoint's)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the server state saved in the checkpoint."""
+
+
+def resume(cfg: RunConfig, server: Resumable, recorder: RunRecorder) -> int:
     """Load ``resume-from`` into ``server`` and ``recorder``; return the rounds already done."""
     path = Path(cfg.resume_from).expanduser().resolve()
     try:

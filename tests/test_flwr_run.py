@@ -86,3 +86,35 @@ def test_flwr_run_replay_downlink_matches_the_weights_downlink(tmp_path, data_di
         min(r["downlink_bytes"]["per_client"].values()) for r in runs["weights"] if r["round"] > 1
     ]
     assert max(later) < min(full) / 5
+
+
+@pytest.mark.slow
+def test_flwr_run_simulation_smartfreeze(tmp_path, data_dir):
+    """Progressive block training under a real `flwr run`: a stage change and its prefix."""
+    env, ray_tmp = sandbox_env(tmp_path)
+    run_config = (
+        f'method="smartfreeze" num-server-rounds=2 local-batches=1 pace="fixed" stage-rounds="1" '
+        f'eval-every=2 data-dir="{data_dir}" output-dir="{tmp_path / "out"}" run-name="sf"'
+    )
+    try:
+        proc = subprocess.run(
+            flwr_run_command(ROOT, 3, run_config),
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=480,
+        )
+    finally:
+        for pid in our_superlinks(env["FLWR_HOME"]):
+            os.kill(pid, 15)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    log = proc.stdout + proc.stderr
+    results_path = tmp_path / "out" / "sf" / "results.json"
+    assert results_path.is_file(), log[-4000:]
+    results = json.loads(results_path.read_text())
+    trained = [r for r in results["rounds"] if r["round"]]
+    assert [(r["round"], r["stage"], r["clients"]) for r in trained] == [(1, 0, 3), (2, 1, 3)]
+    assert all(not r["rejected"] for r in trained)
+    assert results["final"]["stage_changes"][0]["to"] == {"phase": "grow", "stage": 1}
+    assert "Round 1: stage change grow 0 -> grow 1 (schedule)" in log

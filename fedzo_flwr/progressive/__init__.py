@@ -3,8 +3,9 @@
 A client trains one block of the model at a time with backprop (:mod:`.client`) on a staged view
 of the model (:mod:`.staged`); the server decides from the parameters alone when a block has
 converged (:mod:`.pace`) and picks, per stage, nodes whose memory budget (:mod:`.devices`) covers
-the stage's need (:mod:`.memory`, :mod:`.selector`). See ``docs/progressive.md``. The Flower
-strategy and ClientApp handler are not built yet.
+the stage's need (:mod:`.memory`, :mod:`.selector`); :mod:`.schedule` orders the steps (ProFL's
+shrink steps, :mod:`.shrink`, then growing). See ``docs/progressive.md``; the Flower glue is
+``server_app/progressive_strategy.py`` and ``client_app/progressive.py``.
 """
 
 from __future__ import annotations

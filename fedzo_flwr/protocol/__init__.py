@@ -15,6 +15,9 @@ Train reply (client -> server)
     ``peak-mem-bytes``, ``extra-mem-bytes``, ``partition-id`` and, if the node declares one in
     its node config, ``memory-budget-mb``.
 
+Progressive block training (``method = smartfreeze | profl``)
+    its node-info query, train message and reply: :mod:`fedzo_flwr.protocol.progressive`.
+
 Status reply (client -> server, instead of a result)
     ``status``: ConfigRecord with ``code`` (one of ``STATUS_CODES``, e.g. ``mask-missing``: the
     node does not hold the mask named by ``mask-id``; the server sends it again with the node's
