@@ -249,7 +249,7 @@ def test_untrusted_replies_are_rejected_and_a_lost_cache_is_resent(tmp_path, dat
         rnd = cfg_of(message)["server-round"]
         if message.metadata.message_type != "train":
             return reply
-        arrays = reply.content.array_records["arrays"] if not reply.has_error() else None
+        arrays = reply.content.array_records.get("arrays") if not reply.has_error() else None
         if rnd == 1 and node_index == 0:
             arrays["conv1.bias"] = Array(np.full(6, np.nan, dtype=np.float32))
         if rnd == 1 and node_index == 1:
