@@ -12,8 +12,9 @@ Train reply (client -> server)
     ``step-seeds`` (list of int) and ``server-round``; at first contact also ``fingerprint``
     (SHA-256 of the node's directions for ``fingerprint-seed``), which the server checks.
     ``metrics``: MetricRecord with ``num-examples``, ``base-loss``, ``client-seconds``,
-    ``peak-mem-bytes``, ``extra-mem-bytes``, ``partition-id`` and, if the node declares one in
-    its node config, ``memory-budget-mb``.
+    ``peak-mem-bytes``, ``extra-mem-bytes``, ``partition-id``, at first contact (the message
+    carried the mask) ``num-partitions``, and, if the node declares one in its node config,
+    ``memory-budget-mb``. Every field is validated by :mod:`fedzo_flwr.protocol.validate`.
 
 Status reply (client -> server, instead of a result)
     ``status``: ConfigRecord with ``code`` (one of ``STATUS_CODES``, e.g. ``mask-missing``: the
@@ -36,6 +37,7 @@ from fedzo_flwr.protocol.keys import (
     MASK_KEY,
     MEMORY_BUDGET_KEY,
     METRICS_KEY,
+    NUM_PARTITIONS_KEY,
     REQUIRED_METRICS,
     ROUND_KEY,
     ROUND_SEED_KEY,
@@ -61,6 +63,7 @@ __all__ = [
     "MASK_KEY",
     "MEMORY_BUDGET_KEY",
     "METRICS_KEY",
+    "NUM_PARTITIONS_KEY",
     "REQUIRED_METRICS",
     "ROUND_KEY",
     "ROUND_SEED_KEY",
