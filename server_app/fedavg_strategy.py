@@ -79,7 +79,7 @@ def parse_fedavg_reply(
         exactly ``dim`` finite float32 values under the single key ``kept``.
     """
     common = validate.client_metrics(metrics)
-    train_loss = validate.require_float(metrics, "train-loss", low=0.0)
+    train_loss = validate.require_float(metrics, "train-loss", low=0.0, high=validate.MAX_LOSS)
     train_examples = validate.require_int(metrics, "train-examples", low=0, high=validate.MAX_INT)
     steps = validate.require_int(metrics, "steps", low=0, high=validate.MAX_INT, default=0)
     if list(arrays.keys()) != [protocol.KEPT_KEY]:

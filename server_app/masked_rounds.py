@@ -624,13 +624,13 @@ def evaluation_metrics(reply: Message) -> MetricRecord:
     ------
     ReplyRejected
         If the ``metrics`` record is missing, ``num-examples`` is not a positive int, or the
-        loss or accuracy is not a finite number (loss >= 0, accuracy in [0, 1]).
+        loss or accuracy is not a finite number (loss in [0, 1e6], accuracy in [0, 1]).
     """
     metrics = reply.content.metric_records.get(protocol.METRICS_KEY)
     if metrics is None:
         raise ReplyRejected("reply lacks the 'metrics' record")
     examples = v.require_int(metrics, "num-examples", low=1, high=v.MAX_EXAMPLES)
-    loss = v.require_float(metrics, "loss", low=0.0)
+    loss = v.require_float(metrics, "loss", low=0.0, high=v.MAX_LOSS)
     accuracy = v.require_float(metrics, "accuracy", low=0.0, high=1.0)
     return MetricRecord({"loss": loss, "accuracy": accuracy, "num-examples": examples})
 

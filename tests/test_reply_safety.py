@@ -68,7 +68,7 @@ def by_round(results: dict) -> dict[int, dict]:
 @pytest.mark.parametrize(
     ("field", "value", "needle"),
     [
-        (protocol.ROUND_KEY, "1", "'server-round' must be an int, got str"),
+        (protocol.ROUND_KEY, "one", "'server-round' must be an int, got str"),
         (protocol.STEP_SEEDS_KEY, 5, "'step-seeds' must be a list of int, got int"),
         (protocol.STEP_SEEDS_KEY, ["a"], "'step-seeds' must hold ints, got str"),
     ],

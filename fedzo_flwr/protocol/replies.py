@@ -103,7 +103,7 @@ def parse_reply(
     if expected_seeds is not None and list(expected_seeds) != seeds:
         raise ReplyRejected("step seeds differ from the ones assigned to this client")
     common = v.client_metrics(metrics)
-    base_loss = v.require_float(metrics, "base-loss", low=0.0)
+    base_loss = v.require_float(metrics, "base-loss", low=0.0, high=v.MAX_LOSS)
     budget = (
         v.require_float(metrics, MEMORY_BUDGET_KEY, low=0.0, high=v.MAX_MEM_BYTES)
         if MEMORY_BUDGET_KEY in metrics

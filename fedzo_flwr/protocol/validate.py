@@ -52,6 +52,8 @@ MAX_PARTITIONS: Final = 10**6
 #: Largest believable memory reading (1 PiB) and compute time (a year), in bytes and seconds.
 MAX_MEM_BYTES: Final = float(2**50)
 MAX_SECONDS: Final = 3.2e7
+#: Largest believable loss value (cross-entropy of a diverged model stays far below it).
+MAX_LOSS: Final = 1e6
 #: Longest string kept in a rejection reason.
 _SHOWN = 40
 
