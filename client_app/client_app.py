@@ -150,7 +150,7 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.method == "fedavg":
         return train_fedavg(msg, context, cfg, model, space)
     config = msg.content.config_records[protocol.CONFIG_KEY]
-    partition_id, _ = node_partition(context)
+    partition_id, num_partitions = node_partition(context)
     x, y = node_data(cfg, context)
     seed = config_value(config, protocol.ROUND_SEED_KEY, int)
     result = train_round(cfg, model, space, x, y, seed, partition_id)
@@ -179,6 +179,8 @@ def train(msg: Message, context: Context) -> Message:
             "partition-id": partition_id,
         }
     )
+    if protocol.MASK_KEY in config:  # first contact: the server checks the federation's split
+        metrics[protocol.NUM_PARTITIONS_KEY] = num_partitions
     budget = context.node_config.get(protocol.MEMORY_BUDGET_KEY)
     if budget:
         metrics[protocol.MEMORY_BUDGET_KEY] = float(budget)
@@ -205,7 +207,7 @@ def train_fedavg(
 ) -> Message:
     """The FedAvg baseline: local backprop SGD on the masked model; reply with its kept weights."""
     config = msg.content.config_records[protocol.CONFIG_KEY]
-    partition_id, _ = node_partition(context)
+    partition_id, num_partitions = node_partition(context)
     x, y = node_data(cfg, context)
     seed = config_value(config, protocol.ROUND_SEED_KEY, int)
     result = train_round_backprop(cfg, model, space, x, y, seed, partition_id)
@@ -221,6 +223,8 @@ def train_fedavg(
             "partition-id": partition_id,
         }
     )
+    if protocol.MASK_KEY in config:  # first contact: the server checks the federation's split
+        metrics[protocol.NUM_PARTITIONS_KEY] = num_partitions
     arrays = ArrayRecord({protocol.KEPT_KEY: Array(result.weights.numpy().copy())})
     return Message(
         RecordDict({protocol.ARRAYS_KEY: arrays, protocol.METRICS_KEY: metrics}), reply_to=msg
@@ -250,7 +254,7 @@ def prune_scores(msg: Message, context: Context) -> Message:
     if weights is not None:  # snip scores the server's θ0 as sent
         model.load_state_dict(weights.to_torch_state_dict())
     mask = decode_mask(config_value(config, protocol.MASK_KEY, bytes), model)
-    partition_id, _ = node_partition(context)
+    partition_id, num_partitions = node_partition(context)
     x, y = node_data(cfg, context)
     grads = cp.client_prune_gradients(
         cfg,
@@ -271,6 +275,7 @@ def prune_scores(msg: Message, context: Context) -> Message:
         {
             "num-examples": len(y),
             "partition-id": partition_id,
+            protocol.NUM_PARTITIONS_KEY: num_partitions,
             "client-seconds": time.perf_counter() - start,
         }
     )

@@ -42,6 +42,7 @@ BOOKKEEPING_KEYS = frozenset(
         "run-name",
         "checkpoint-every",
         "resume-from",
+        "max-node-failures",
     }
 )
 
@@ -101,6 +102,7 @@ class RunConfig(BaseModel):
     max_abs_delta: float = Field(10.0, gt=0)
     weighting: Literal["examples", "uniform"] = "examples"
     max_client_share: float = Field(0.5, gt=0, le=1)
+    max_node_failures: int = Field(3, ge=0)
     # Zeroth-order estimator.
     k: int = Field(200, ge=1)
     sigma: float = Field(1e-3, gt=0)

@@ -3,8 +3,9 @@
 :class:`MaskedFedAvg` is a :class:`~server_app.masked_rounds.MaskedRounds`. Each round it samples
 nodes exactly as ``FedZO`` does (same seeds), sends them the global model's kept coordinates (the
 pruned weights are 0 and are not sent; the mask bitmap goes once per node, as for ``FedZO``),
-averages the returned kept coordinates weighted by ``num-examples`` (Flower's
-``aggregate_arrayrecords``), writes them back and re-applies the mask. With density 1 it is plain
+averages the returned kept coordinates with the weights of :mod:`fedzo_flwr.aggregation`
+(``weighting`` and ``max-client-share``, as the zeroth-order server does), writes them back and
+re-applies the mask. With density 1 it is plain
 dense FedAvg. Central evaluation, ``results.json`` fields (measured bytes, client seconds and peak
 memory, FLOPs, density) and ``model.pt`` match the zeroth-order runs, so the two are compared like
 for like. ``forward_flops`` of a FedAvg client-round counts its forward **and** backward passes.
@@ -12,26 +13,26 @@ for like. ``forward_flops`` of a FedAvg client-round counts its forward **and** 
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from logging import INFO, WARNING
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.common.logger import log as flower_log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import nn
 
 from fedzo_flwr import protocol
+from fedzo_flwr.aggregation import client_weights
 from fedzo_flwr.config import RunConfig
 from fedzo_flwr.data import NUM_CLASSES, DatasetArrays
 from fedzo_flwr.errors import ReplyRejected
 from fedzo_flwr.measure.flops import forward_backward_flops
 from fedzo_flwr.progressive.memory import full_backprop_memory
+from fedzo_flwr.protocol import validate
 from fedzo_flwr.run.results import RunRecorder, per_client_summary
 from fedzo_flwr.seeding import round_seed
 from fedzo_flwr.sparse.mask import Mask, apply_mask_
@@ -40,17 +41,16 @@ from server_app.logs import log
 from server_app.masked_rounds import MaskedRounds, RoundUpdate
 from server_app.node_info import NodeRegistry
 
-#: Metrics every FedAvg train reply carries, and whether each must be an int.
-FEDAVG_METRICS = {
-    "num-examples": True,
-    "train-loss": False,
-    "train-examples": True,
-    "client-seconds": False,
-    "peak-mem-bytes": False,
-    "partition-id": True,
-}
-#: Optional metrics (default 0).
-FEDAVG_OPTIONAL_METRICS = {"extra-mem-bytes": False, "steps": True}
+#: Metrics every FedAvg train reply carries (``extra-mem-bytes``, ``steps`` and, after the first
+#: contact, ``num-partitions`` are optional).
+FEDAVG_METRICS = (
+    "num-examples",
+    "train-loss",
+    "train-examples",
+    "client-seconds",
+    "peak-mem-bytes",
+    "partition-id",
+)
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class FedAvgReply:
     """A validated FedAvg train reply."""
 
     partition_id: int
+    num_partitions: int | None
     num_examples: int
     train_loss: float
     train_examples: int
@@ -65,18 +66,57 @@ class FedAvgReply:
     seconds: float
     peak_mem_bytes: int
     extra_mem_bytes: int
-    content: RecordDict  # exactly the kept weights and the metrics, for the weighted mean
+    kept: np.ndarray  # the uploaded kept weights: finite float32 (dim,)
 
 
-def _metric(metrics: MetricRecord, key: str, integer: bool, default: int | None = None) -> float:
-    value = metrics.get(key, default)
-    if value is None:
-        raise ReplyRejected(f"reply lacks metric '{key}'")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ReplyRejected(f"metric '{key}' must be a finite number, got {value!r}")
-    if integer and not isinstance(value, int):
-        raise ReplyRejected(f"metric '{key}' must be an int, got {value!r}")
-    return value
+def parse_fedavg_reply(
+    arrays: Mapping[str, Array], metrics: Mapping[str, object], dim: int
+) -> FedAvgReply:
+    """Validate a FedAvg train reply: exactly the kept weights and the metrics.
+
+    Raises
+    ------
+    ReplyRejected
+        A missing or mistyped metric, a value out of range, or kept weights that are not
+        exactly ``dim`` finite float32 values under the single key ``kept``.
+    """
+    common = validate.client_metrics(metrics)
+    train_loss = validate.require_float(metrics, "train-loss", low=0.0, high=validate.MAX_LOSS)
+    train_examples = validate.require_int(metrics, "train-examples", low=0, high=validate.MAX_INT)
+    steps = validate.require_int(metrics, "steps", low=0, high=validate.MAX_INT, default=0)
+    if list(arrays.keys()) != [protocol.KEPT_KEY]:
+        raise ReplyRejected(f"reply arrays must be exactly '{protocol.KEPT_KEY}'")
+    array = arrays[protocol.KEPT_KEY]
+    if tuple(array.shape) != (dim,) or array.dtype != "float32":
+        raise ReplyRejected(
+            f"kept weights must be float32 ({dim},), got {array.dtype} {tuple(array.shape)}"
+        )
+    kept = validate.float32_vector(array.numpy(), "kept", dim=dim)
+    return FedAvgReply(
+        partition_id=common.partition_id,
+        num_partitions=common.num_partitions,
+        num_examples=common.num_examples,
+        train_loss=train_loss,
+        train_examples=train_examples,
+        steps=steps,
+        seconds=common.seconds,
+        peak_mem_bytes=common.peak_mem_bytes,
+        extra_mem_bytes=common.extra_mem_bytes,
+        kept=kept,
+    )
+
+
+def weighted_mean(values: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """``Σ w_i / Σ w · v_i`` in float32, accumulated as Flower's ``aggregate_arrayrecords`` does.
+
+    Same operations in the same order, so with uncapped example weights the result is bit for
+    bit Flower's FedAvg.
+    """
+    total = sum(weights)
+    out = values[0] * (weights[0] / total)
+    for value, weight in zip(values[1:], weights[1:], strict=True):
+        out += value * (weight / total)
+    return out
 
 
 class MaskedFedAvg(MaskedRounds[FedAvgReply]):
@@ -112,10 +152,10 @@ class MaskedFedAvg(MaskedRounds[FedAvgReply]):
         self.flops_per_example = flops_per_example
         # Memory-heterogeneous population (memory-profile): only nodes that fit full backprop.
         self.full_need = 0
-        self.registry: NodeRegistry | None = None
+        self.node_info: NodeRegistry | None = None
         if cfg.memory_profile != "none":
             self.full_need = full_backprop_memory(model, cfg.batch_size).total_bytes
-            self.registry = NodeRegistry(cfg, self.full_need, NUM_CLASSES[cfg.dataset])
+            self.node_info = NodeRegistry(cfg, self.full_need, NUM_CLASSES[cfg.dataset])
         self.too_small: set[int] = set()
         self.probe: dict[str, int] = {}
 
@@ -170,8 +210,8 @@ class MaskedFedAvg(MaskedRounds[FedAvgReply]):
         With a ``memory-profile``, new nodes are probed first (:mod:`server_app.node_info`)
         and only nodes whose budget fits full-model backprop are sampled (:meth:`eligible`).
         """
-        if self.registry is not None:
-            self.probe = self.registry.probe(grid, grid.get_node_ids(), server_round)
+        if self.node_info is not None:
+            self.probe = self.node_info.probe(grid, grid.get_node_ids(), server_round)
         node_ids = self.round_nodes(grid, server_round)
         seed = round_seed(self.cfg.seed, server_round)
         messages = self.train_messages(server_round, seed, arrays, config, node_ids)
@@ -185,11 +225,11 @@ class MaskedFedAvg(MaskedRounds[FedAvgReply]):
         :func:`~fedzo_flwr.progressive.memory.full_backprop_memory` at ``batch-size``, times
         ``1 + memory-margin``, the same rule the progressive methods apply per stage.
         """
-        if self.registry is None:
+        if self.node_info is None:
             return True
-        if self.registry.fits(node_id, self.full_need, self.cfg.memory_margin):
+        if self.node_info.fits(node_id, self.full_need, self.cfg.memory_margin):
             return True
-        profile = self.registry.profiles.get(node_id)
+        profile = self.node_info.profiles.get(node_id)
         if profile is not None and node_id not in self.too_small:
             self.too_small.add(node_id)
             log(
@@ -206,7 +246,7 @@ class MaskedFedAvg(MaskedRounds[FedAvgReply]):
 
     def round_fields(self) -> dict[str, object]:
         """With a ``memory-profile``: the nodes that cannot fit full backprop and the probe."""
-        if self.registry is None:
+        if self.node_info is None:
             return {}
         return {
             "full_need_bytes": self.full_need,
@@ -223,44 +263,25 @@ class MaskedFedAvg(MaskedRounds[FedAvgReply]):
         missing = [key for key in FEDAVG_METRICS if key not in metrics]
         if missing:
             raise ReplyRejected(f"reply lacks metrics {missing}")
-        values = {key: _metric(metrics, key, integer) for key, integer in FEDAVG_METRICS.items()}
-        for key, integer in FEDAVG_OPTIONAL_METRICS.items():
-            values[key] = _metric(metrics, key, integer, default=0)
-        if values["num-examples"] < 1:
-            raise ReplyRejected("num-examples must be a positive int")
-        if list(arrays.keys()) != [protocol.KEPT_KEY]:
-            raise ReplyRejected(f"reply arrays must be exactly '{protocol.KEPT_KEY}'")
-        kept = arrays[protocol.KEPT_KEY].numpy()
-        if kept.shape != (self.space.dim,) or kept.dtype != np.float32:
-            raise ReplyRejected(
-                f"kept weights must be float32 ({self.space.dim},), got {kept.dtype} {kept.shape}"
-            )
-        if not np.all(np.isfinite(kept)):
-            raise ReplyRejected("kept weights contain NaN or inf")
-        weighting = MetricRecord({"num-examples": int(values["num-examples"])})
-        return FedAvgReply(
-            partition_id=int(values["partition-id"]),
-            num_examples=int(values["num-examples"]),
-            train_loss=float(values["train-loss"]),
-            train_examples=int(values["train-examples"]),
-            steps=int(values["steps"]),
-            seconds=float(values["client-seconds"]),
-            peak_mem_bytes=int(values["peak-mem-bytes"]),
-            extra_mem_bytes=int(values["extra-mem-bytes"]),
-            content=RecordDict({protocol.ARRAYS_KEY: arrays, protocol.METRICS_KEY: weighting}),
-        )
+        return parse_fedavg_reply(arrays, metrics, self.space.dim)
 
     def aggregate(self, server_round: int, replies: Mapping[int, FedAvgReply]) -> RoundUpdate:
-        """Average the kept weights by ``num-examples``, write them back, re-apply the mask."""
-        arrays = aggregate_arrayrecords([r.content for r in replies.values()], "num-examples")
-        kept = np.asarray(arrays[protocol.KEPT_KEY].numpy(), dtype=np.float32)
+        """Average the kept weights as ``weighting`` and ``max-client-share`` say; re-mask.
+
+        The weights are :func:`fedzo_flwr.aggregation.client_weights`, the rule the zeroth-order
+        server uses: by example count (each claim bounded by the partition size learned at first
+        contact) or uniform, any one client's share capped at ``max-client-share``. Partitions
+        are averaged in partition order, so arrival order does not matter.
+        """
+        ordered = [replies[pid] for pid in sorted(replies)]
+        weights = client_weights(
+            [r.num_examples for r in ordered], self.cfg.weighting, self.cfg.max_client_share
+        )
+        kept = weighted_mean([r.kept for r in ordered], weights)
         self.space.scatter_(self.model, torch.from_numpy(kept.copy()))
         apply_mask_(self.model, self.mask)
         train_loss = float(
-            np.average(
-                [r.train_loss for r in replies.values()],
-                weights=[r.num_examples for r in replies.values()],
-            )
+            np.average([r.train_loss for r in ordered], weights=[r.num_examples for r in ordered])
         )
         steps = {pid: r.steps for pid, r in replies.items()}
         return RoundUpdate(train_loss, {"local_steps": per_client_summary(steps)})

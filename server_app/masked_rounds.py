@@ -12,7 +12,6 @@ metrics are built, and the run's setup, central evaluation and final ``model.pt`
 from __future__ import annotations
 
 import io
-import math
 import time
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Mapping
@@ -42,13 +41,16 @@ from fedzo_flwr.data import DatasetArrays
 from fedzo_flwr.errors import ReplyRejected
 from fedzo_flwr.files import atomic_write_bytes
 from fedzo_flwr.measure.flops import forward_flops
+from fedzo_flwr.protocol import validate as v
 from fedzo_flwr.protocol.wire import encode_mask, mask_nbytes, sparse_weights_nbytes
 from fedzo_flwr.run.evaluation import evaluate
 from fedzo_flwr.run.results import RunRecorder, per_client_summary
 from fedzo_flwr.sparse.mask import Mask, kept_count, layer_densities, mask_density, total_count
 from fedzo_flwr.sparse.space import KeptSpace
+from server_app.identity import Claim, PartitionRegistry
 from server_app.logs import log
 from server_app.message_size import SizeCache, message_nbytes
+from server_app.node_health import NodeHealth
 from server_app.nodes import sample_evaluate_nodes, sample_round_nodes, wait_for_nodes
 
 
@@ -70,6 +72,14 @@ class ClientReply(Protocol):
     @property
     def extra_mem_bytes(self) -> int:
         """Memory the client needed beyond the model's weights."""
+
+    @property
+    def num_examples(self) -> int:
+        """The partition size the client reports (bounded by the size learned first)."""
+
+    @property
+    def num_partitions(self) -> int | None:
+        """The node's partition count, if the reply reports it (at first contact)."""
 
 
 ReplyT = TypeVar("ReplyT", bound=ClientReply)
@@ -105,7 +115,8 @@ class MaskedRounds(FedAvg, Generic[ReplyT]):
       first-contact keys);
     * :meth:`parse_train_reply`: turn one reply that is neither an error nor a status reply into
       a validated reply object (a :class:`ClientReply`), or raise ``ReplyRejected`` with the
-      reason; it never raises anything else for bad content;
+      reason; it reads every field through :mod:`fedzo_flwr.protocol.validate` (anything else
+      it raises is still caught here and counted as a rejection, logged with its type);
     * :meth:`aggregate`: step the global model with the round's valid replies (one per
       partition) and return a :class:`RoundUpdate`;
     * :meth:`kept_values`, :meth:`evaluation_model`, :meth:`client_flops`,
@@ -114,8 +125,12 @@ class MaskedRounds(FedAvg, Generic[ReplyT]):
 
     Everything else is done here, once: error replies and status codes (a node that lost its
     mask is dropped from ``nodes_with_mask`` and gets the mask with its next train message),
-    rejections counted with node id and reason, duplicate partitions refused, the skip path
-    (fewer than ``min-clients`` valid replies: model unchanged, ``"skipped": true``), the round
+    rejections counted with node id and reason, no exception from reply content leaving
+    ``aggregate_train`` / ``aggregate_evaluate``, partition identity (a partition is bound to the
+    node that claimed it first, with its size and the federation's partition count:
+    :class:`~server_app.identity.PartitionRegistry`), duplicate partitions refused, nodes that
+    keep failing set aside with back-off (:class:`~server_app.node_health.NodeHealth`), the skip
+    path (fewer than ``min-clients`` valid replies: model unchanged, ``"skipped": true``), the round
     record (measured bytes, clients, rejections, per-client seconds, peak and extra memory and
     FLOPs, ``train_loss``, ``round_seconds``), bounded and seeded federated evaluation, central
     evaluation with its log line, the run's setup record and the final ``model.pt``.
@@ -165,11 +180,13 @@ class MaskedRounds(FedAvg, Generic[ReplyT]):
         self.mask_bytes = encode_mask(mask)
         self.mask_id = protocol.mask_id(self.mask_bytes)
         self.nodes_with_mask: set[int] = set()
-        self.node_partition: dict[int, int] = {}
+        self.registry = PartitionRegistry()
+        self.health = NodeHealth(cfg.max_node_failures)
         self.round_downlink: dict[int, int] = {}
         self.message_node: dict[str, int] = {}
         self.round_started = 0.0
         self.rejected_total = 0
+        self.rejected_evaluations = 0
 
     # ----------------------------------------------------------------- method hooks
 
@@ -218,6 +235,10 @@ class MaskedRounds(FedAvg, Generic[ReplyT]):
     def on_status(self, node_id: int, code: str, detail: str) -> None:
         """Called for every status reply (after the base handled ``mask-missing``)."""
 
+    def resumable_checkpoint(self) -> Path | None:
+        """The checkpoint a run can resume from (``None``: the method cannot resume)."""
+        return None
+
     # ----------------------------------------------------------------------- sampling
 
     def round_nodes(self, grid: Grid, server_round: int) -> list[int]:
@@ -227,7 +248,11 @@ class MaskedRounds(FedAvg, Generic[ReplyT]):
         """
         self.round_started = time.perf_counter()
         connected = wait_for_nodes(grid, self.min_available_nodes, self.cfg.round_timeout)
-        available = [node for node in connected if self.eligible(node)]
+        available = [
+            node
+            for node in connected
+            if self.health.available(node, server_round) and self.eligible(node)
+        ]
         return sample_round_nodes(
             available, self.cfg.clients_per_round, self.cfg.seed, server_round
         )
@@ -315,32 +340,57 @@ class MaskedRounds(FedAvg, Generic[ReplyT]):
     def valid_replies(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[dict[int, ReplyT], dict[int, int], list[dict[str, object]]]:
-        """The round's valid replies and measured uplink, both by partition, and the rejections."""
+        """The round's valid replies and measured uplink, both by partition, and the rejections.
+
+        Every reply is handled inside one guard: a ``ReplyRejected`` (or any other exception
+        its content provokes) rejects that reply alone. A sampled node that sent no reply, or a
+        rejected one, has failed the round (:attr:`health`); a valid reply clears its record.
+        """
         valid: dict[int, ReplyT] = {}
         uplink: dict[int, int] = {}
         rejected: list[dict[str, object]] = []
+        answered: set[int] = set()
         for reply in replies:
             node_id = self.reply_node(reply)
+            answered.add(node_id)
             try:
-                self.screen(reply, node_id)
-                parsed = self.parse_train_reply(server_round, node_id, reply)
-                if parsed.partition_id in valid:
-                    raise ReplyRejected(
-                        f"partition {parsed.partition_id} already replied this round"
-                    )
-            except ReplyRejected as err:
+                parsed, size = self._checked_reply(server_round, node_id, reply, valid)
+            except Exception as err:  # content must never end the run
+                reason = v.rejection_reason(err)
                 log(
-                    WARNING, "Round %d: rejected reply from node %d: %s", server_round, node_id, err
+                    WARNING,
+                    "Round %d: rejected reply from node %d: %s",
+                    server_round,
+                    node_id,
+                    reason,
                 )
-                rejected.append({"node_id": node_id, "reason": str(err)})
+                rejected.append({"node_id": node_id, "reason": reason})
+                self.health.failed(node_id, server_round, reason)
                 continue
             self.nodes_with_mask.add(node_id)
-            self.node_partition[node_id] = parsed.partition_id
+            self.registry.bind(node_id, claim_of(parsed))
+            self.health.succeeded(node_id)
             self.accept_reply(node_id, parsed)
             valid[parsed.partition_id] = parsed
-            uplink[parsed.partition_id] = message_nbytes(reply)
+            uplink[parsed.partition_id] = size
+        for node_id in self.round_downlink:
+            if node_id not in answered:
+                self.health.failed(node_id, server_round, "no reply")
         self.rejected_total += len(rejected)
         return valid, uplink, rejected
+
+    def _checked_reply(
+        self, server_round: int, node_id: int, reply: Message, valid: Mapping[int, ReplyT]
+    ) -> tuple[ReplyT, int]:
+        """One reply validated end to end (content, identity, duplicates) and its size."""
+        self.screen(reply, node_id)
+        parsed = self.parse_train_reply(server_round, node_id, reply)
+        if node_id not in self.nodes_with_mask and parsed.num_partitions is None:
+            raise ReplyRejected("a first reply must report 'num-partitions'")
+        self.registry.check(node_id, claim_of(parsed))
+        if parsed.partition_id in valid:
+            raise ReplyRejected(f"partition {parsed.partition_id} already replied this round")
+        return parsed, message_nbytes(reply)
 
     def round_bytes(self, uplink: dict[int, int]) -> dict[str, object]:
         """``downlink_bytes`` and ``uplink_bytes`` summaries of the round, keyed by partition.
@@ -348,7 +398,8 @@ class MaskedRounds(FedAvg, Generic[ReplyT]):
         A node that never replied validly has no known partition and is keyed ``-node_id``.
         """
         downlink = {
-            self.node_partition.get(node, -node): size for node, size in self.round_downlink.items()
+            self.registry.partition.get(node, -node): size
+            for node, size in self.round_downlink.items()
         }
         return {
             "downlink_bytes": per_client_summary(downlink),
@@ -377,6 +428,7 @@ class MaskedRounds(FedAvg, Generic[ReplyT]):
                 self.cfg.min_clients,
             )
             entry["skipped"] = True
+            entry["round_seconds"] = time.perf_counter() - self.round_started
             self.recorder.update_round(server_round, **entry)
             return None, None
         update = self.aggregate(server_round, valid)
@@ -449,13 +501,14 @@ class MaskedRounds(FedAvg, Generic[ReplyT]):
             try:
                 self.screen(reply, node_id)
                 valid.append(RecordDict({protocol.METRICS_KEY: evaluation_metrics(reply)}))
-            except ReplyRejected as err:
+            except Exception as err:  # content must never end the run
+                self.rejected_evaluations += 1
                 log(
                     WARNING,
                     "Round %d: rejected evaluation reply from node %d: %s",
                     server_round,
                     node_id,
-                    err,
+                    v.rejection_reason(err),
                 )
         if not valid:
             return None
@@ -540,8 +593,17 @@ class MaskedRounds(FedAvg, Generic[ReplyT]):
             )
         atomic_write_bytes(path, buffer.getvalue())
 
-    def run(self, grid: Grid, prune_seconds: float) -> Path:
-        """Record the setup, train to the end, write ``model.pt``, the results and the plot."""
+    def run(
+        self, grid: Grid, prune_seconds: float, registry: PartitionRegistry | None = None
+    ) -> Path:
+        """Record the setup, train to the end, write ``model.pt``, the results and the plot.
+
+        ``final.model`` in ``results.json`` names ``model.pt`` and ``final.checkpoint`` the
+        resumable checkpoint (``checkpoint.pt``; ``null`` for a method that cannot resume).
+        ``registry`` carries the partition bindings of a pruning phase into the rounds.
+        """
+        if registry is not None:
+            self.registry = registry
         self.record_setup(prune_seconds)
         started = time.perf_counter()
         self.start(
@@ -551,13 +613,16 @@ class MaskedRounds(FedAvg, Generic[ReplyT]):
             timeout=self.cfg.round_timeout,
             evaluate_fn=self.evaluate_global,
         )
-        checkpoint = self.recorder.run_dir / "model.pt"
-        self.save_model(checkpoint)
+        model_path = self.recorder.run_dir / "model.pt"
+        self.save_model(model_path)
+        checkpoint = self.resumable_checkpoint()
         final = self.recorder.finish(
             rounds=self.cfg.num_server_rounds,
             seconds=time.perf_counter() - started,
             rejected_replies=self.rejected_total,
-            checkpoint=str(checkpoint),
+            rejected_evaluation_replies=self.rejected_evaluations,
+            model=str(model_path),
+            checkpoint=None if checkpoint is None else str(checkpoint),
         )
         plot = self.recorder.plot()
         log(
@@ -567,9 +632,9 @@ class MaskedRounds(FedAvg, Generic[ReplyT]):
             final.get("accuracy"),
             self.recorder.results_path,
             plot,
-            checkpoint,
+            model_path,
         )
-        return checkpoint
+        return model_path
 
 
 def evaluation_metrics(reply: Message) -> MetricRecord:
@@ -579,22 +644,17 @@ def evaluation_metrics(reply: Message) -> MetricRecord:
     ------
     ReplyRejected
         If the ``metrics`` record is missing, ``num-examples`` is not a positive int, or the
-        loss or accuracy is not a finite number (accuracy in [0, 1]).
+        loss or accuracy is not a finite number (loss in [0, 1e6], accuracy in [0, 1]).
     """
     metrics = reply.content.metric_records.get(protocol.METRICS_KEY)
     if metrics is None:
         raise ReplyRejected("reply lacks the 'metrics' record")
-    examples = metrics.get("num-examples")
-    if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
-        raise ReplyRejected(f"num-examples must be a positive int, got {examples!r}")
-    values: dict[str, float] = {}
-    for key in ("loss", "accuracy"):
-        value = metrics.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ReplyRejected(f"metric '{key}' must be a number, got {type(value).__name__}")
-        if not math.isfinite(value):
-            raise ReplyRejected(f"metric '{key}' is not finite")
-        values[key] = float(value)
-    if not 0.0 <= values["accuracy"] <= 1.0:
-        raise ReplyRejected(f"accuracy {values['accuracy']} is outside [0, 1]")
-    return MetricRecord({**values, "num-examples": examples})
+    examples = v.require_int(metrics, "num-examples", low=1, high=v.MAX_EXAMPLES)
+    loss = v.require_float(metrics, "loss", low=0.0, high=v.MAX_LOSS)
+    accuracy = v.require_float(metrics, "accuracy", low=0.0, high=1.0)
+    return MetricRecord({"loss": loss, "accuracy": accuracy, "num-examples": examples})
+
+
+def claim_of(reply: ClientReply) -> Claim:
+    """What a validated reply claims about its node (for the partition registry)."""
+    return Claim(reply.partition_id, reply.num_examples, reply.num_partitions)

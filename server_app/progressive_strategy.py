@@ -65,6 +65,7 @@ from fedzo_flwr.run.results import RunRecorder, per_client_summary
 from fedzo_flwr.seeding import model_seed, round_seed
 from fedzo_flwr.sparse.mask import dense_mask
 from fedzo_flwr.sparse.space import KeptSpace
+from server_app.identity import PartitionRegistry
 from server_app.logs import log
 from server_app.masked_rounds import MaskedRounds, RoundUpdate
 from server_app.message_size import SizeCache, message_nbytes
@@ -99,6 +100,7 @@ class StageReply:
     peak_mem_bytes: int
     extra_mem_bytes: int
     tensors: dict[str, np.ndarray]
+    num_partitions: int | None = None  # the node's partition count comes with its probe reply
 
 
 class StageView(nn.Module):
@@ -164,7 +166,7 @@ class ProgressiveRounds(MaskedRounds[StageReply]):
             stage_memory(staged, t, cfg.batch_size).total_bytes for t in range(staged.num_stages)
         )
         self.full_need = full_backprop_memory(staged.model, cfg.batch_size).total_bytes
-        self.registry = NodeRegistry(cfg, self.full_need, NUM_CLASSES[cfg.dataset])
+        self.node_info = NodeRegistry(cfg, self.full_need, NUM_CLASSES[cfg.dataset])
         self.selector = Selector(cfg.selector, cfg.seed, cfg.memory_margin, cfg.selector_similarity)
         self.speeds = SpeedTracker(cfg.selector_speed_ema)
         self.pace = PaceController(pace_settings(cfg))
@@ -255,13 +257,13 @@ class ProgressiveRounds(MaskedRounds[StageReply]):
     # ----------------------------------------------------------------------- selection
 
     def _report_never_eligible(self, server_round: int) -> dict[str, Any]:
-        profiles = list(self.registry.profiles.values())
+        profiles = list(self.node_info.profiles.values())
         if not profiles:
             return {"never_eligible": []}
         report = eligibility_report(
             [p.info() for p in profiles], self.needs, self.full_need, self.cfg.memory_margin
         )
-        of = self.registry.profiles
+        of = self.node_info.profiles
         for node_id in report.never_eligible:
             if node_id not in self.reported_never:
                 self.reported_never.add(node_id)
@@ -294,14 +296,14 @@ class ProgressiveRounds(MaskedRounds[StageReply]):
         server_round += self.start_round
         self.round_started = time.perf_counter()
         connected = wait_for_nodes(grid, self.min_available_nodes, self.cfg.round_timeout)
-        probe = self.registry.probe(grid, connected, server_round)
+        probe = self.node_info.probe(grid, connected, server_round)
         never = self._report_never_eligible(server_round)
         need = self.need(self.step)
-        known = [n for n in connected if n in self.registry.profiles]
-        eligible = [n for n in known if self.registry.fits(n, need, self.cfg.memory_margin)]
+        known = [n for n in connected if n in self.node_info.profiles]
+        eligible = [n for n in known if self.node_info.fits(n, need, self.cfg.memory_margin)]
         count = self.cfg.clients_per_round or len(eligible)
         picks = self.selector.select(
-            self.registry.infos(known), need, count, server_round, self.speeds
+            self.node_info.infos(known), need, count, server_round, self.speeds
         )
         self.round_info = {
             "phase": self.step.phase,
@@ -413,7 +415,7 @@ class ProgressiveRounds(MaskedRounds[StageReply]):
                 f"reply is for stage {int(values[keys.STAGE_KEY])}, this round trains "
                 f"{self.step.phase} stage {self.step.stage}"
             )
-        profile = self.registry.profiles.get(node_id)
+        profile = self.node_info.profiles.get(node_id)
         partition_id = int(values["partition-id"])
         if profile is None or profile.partition_id != partition_id:
             raise ReplyRejected(f"partition-id {partition_id} is not the one this node reported")
@@ -604,9 +606,11 @@ class ProgressiveRounds(MaskedRounds[StageReply]):
         )
         atomic_write_bytes(path, buffer.getvalue())
 
-    def run(self, grid: Grid, prune_seconds: float) -> Path:
+    def run(
+        self, grid: Grid, prune_seconds: float, registry: PartitionRegistry | None = None
+    ) -> Path:
         """As the base, then the stage changes and never-eligible nodes in ``final``."""
-        checkpoint = super().run(grid, prune_seconds)
+        checkpoint = super().run(grid, prune_seconds, registry)
         rounds = self.recorder.data["rounds"]
         self.recorder.set_final(
             stage_changes=[r["stage_change"] for r in rounds if "stage_change" in r],

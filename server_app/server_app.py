@@ -26,6 +26,7 @@ from fedzo_flwr.sparse.mask import Mask, apply_mask_
 from fedzo_flwr.zo.server import ZOServer
 from server_app.fedavg_strategy import MaskedFedAvg
 from server_app.federated_pruning import federated_prune
+from server_app.identity import PartitionRegistry
 from server_app.logs import log
 from server_app.masked_rounds import MaskedRounds
 from server_app.progressive_strategy import ProgressiveRounds
@@ -62,14 +63,15 @@ def main(grid: Grid, context: Context) -> None:
     recorder = RunRecorder(run_dir, cfg.to_run_config())
     log(INFO, "results go to %s", run_dir)
 
+    registry = PartitionRegistry()  # partition bindings, from the pruning phase to the end
     strategy: MaskedRounds[Any]
     if cfg.progressive:  # dense, no pruning phase: progressive block training
         progressive = ProgressiveRounds.for_run(cfg, recorder, test_data)
         if cfg.resume_from:
             progressive.start_round = resume(cfg, progressive, recorder)
-        progressive.run(grid, 0.0)
+        progressive.run(grid, 0.0, registry)
         return
-    init = starting_model(grid, cfg, recorder)
+    init = starting_model(grid, cfg, recorder, registry)
     if cfg.method == "fedavg":
         strategy = MaskedFedAvg.for_model(cfg, init.model, init.mask, recorder, test_data)
     else:
@@ -77,10 +79,12 @@ def main(grid: Grid, context: Context) -> None:
         start_round = resume(cfg, server, recorder) if cfg.resume_from else 0
         step_flops = zo_step_flops(init.model, init.mask, cfg.batch_size, cfg.k, cfg.fd)
         strategy = FedZO(server, recorder, test_data, step_flops * cfg.local_steps, start_round)
-    strategy.run(grid, init.prune_seconds)
+    strategy.run(grid, init.prune_seconds, registry)
 
 
-def starting_model(grid: Grid, cfg: RunConfig, recorder: RunRecorder) -> InitialModel:
+def starting_model(
+    grid: Grid, cfg: RunConfig, recorder: RunRecorder, registry: PartitionRegistry | None = None
+) -> InitialModel:
     """θ0 and its mask: data-free pruning on the server, or a federated pruning phase.
 
     ``snip`` and ``ntk-local`` score on client data, so the clients compute the scores
@@ -91,7 +95,7 @@ def starting_model(grid: Grid, cfg: RunConfig, recorder: RunRecorder) -> Initial
     model = build_global_model(cfg)
     started = time.perf_counter()
     try:
-        mask, report = federated_prune(grid, cfg, model)
+        mask, report = federated_prune(grid, cfg, model, registry)
     except PruningError as err:
         log(ERROR, "cannot start the run: %s", err)
         raise RunSetupError(str(err)) from None

@@ -17,6 +17,7 @@ from torch import nn
 from fedzo_flwr import protocol
 from fedzo_flwr.data import DatasetArrays
 from fedzo_flwr.errors import ReplyRejected
+from fedzo_flwr.protocol.validate import MAX_PARTITIONS
 from fedzo_flwr.run.checkpoint import save_checkpoint
 from fedzo_flwr.run.results import RunRecorder
 from fedzo_flwr.seeding import fingerprint_seed
@@ -183,9 +184,11 @@ class FedZO(MaskedRounds[protocol.ParsedReply]):
         metrics = reply.content.metric_records.get(protocol.METRICS_KEY)
         if zo is None or metrics is None:
             raise ReplyRejected("reply lacks the 'zo' or 'metrics' record")
-        partition_hint = metrics.get("partition-id", -1)
-        if not isinstance(partition_hint, int):
-            raise ReplyRejected(f"partition-id must be an int, got {type(partition_hint).__name__}")
+        # The seeds are derived from the claimed partition; parse_reply refuses a bad claim.
+        hint = metrics.get("partition-id")
+        expected: list[int] | None = None
+        if isinstance(hint, int) and not isinstance(hint, bool) and 0 <= hint < MAX_PARTITIONS:
+            expected = self.server.expected_seeds(server_round, hint)
         result = protocol.parse_reply(
             zo,
             metrics,
@@ -193,7 +196,7 @@ class FedZO(MaskedRounds[protocol.ParsedReply]):
             k=self.cfg.k,
             local_steps=self.cfg.local_steps,
             max_abs_delta=self.cfg.max_abs_delta,
-            expected_seeds=self.server.expected_seeds(server_round, partition_hint),
+            expected_seeds=expected,
         )
         self._check_fingerprint(node_id, zo)
         return result
@@ -218,7 +221,7 @@ class FedZO(MaskedRounds[protocol.ParsedReply]):
             "skipped_for_memory": sorted(self.skipped_for_memory),
         }
         if self.replay is not None:
-            fields["downlink_path"] = self.replay.round_paths(self.node_partition)
+            fields["downlink_path"] = self.replay.round_paths(self.registry.partition)
         return fields
 
     def aggregate(
@@ -295,6 +298,10 @@ class FedZO(MaskedRounds[protocol.ParsedReply]):
         last = server_round == self.cfg.num_server_rounds
         if server_round and (last or (every and server_round % every == 0)):
             self.save_checkpoint(server_round)
+
+    def resumable_checkpoint(self) -> Path:
+        """``checkpoint.pt`` (written after the last round)."""
+        return self.checkpoint_path
 
     @property
     def checkpoint_path(self) -> Path:

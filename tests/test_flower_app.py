@@ -130,8 +130,10 @@ def test_uplink_is_k_float32_plus_fixed_envelope(three_rounds):
     later = [v - 4 * cfg.k for r in (2, 3) for v in up[r].values()]
     assert max(later) == min(later)  # a fixed envelope: measured values travel as doubles
     assert 0 < later[0] < 1024
-    # First contact adds the generator fingerprint: its key and 64 hex digits, nothing else.
-    assert all(64 < v - 4 * cfg.k - later[0] <= 96 for v in up[1].values())
+    # First contact adds the generator fingerprint (its key and 64 hex digits) and the
+    # num-partitions metric (its key and an int), nothing else.
+    first = [v - 4 * cfg.k - later[0] for v in up[1].values()]
+    assert all(64 + len("num-partitions") < extra <= 96 + 32 for extra in first)
 
     # The scalars travel as float32 bytes: K more directions cost exactly 4K more bytes.
     def record_size(k: int) -> int:

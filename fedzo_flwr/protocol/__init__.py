@@ -12,8 +12,9 @@ Train reply (client -> server)
     ``step-seeds`` (list of int) and ``server-round``; at first contact also ``fingerprint``
     (SHA-256 of the node's directions for ``fingerprint-seed``), which the server checks.
     ``metrics``: MetricRecord with ``num-examples``, ``base-loss``, ``client-seconds``,
-    ``peak-mem-bytes``, ``extra-mem-bytes``, ``partition-id`` and, if the node declares one in
-    its node config, ``memory-budget-mb``.
+    ``peak-mem-bytes``, ``extra-mem-bytes``, ``partition-id``, at first contact (the message
+    carried the mask) ``num-partitions``, and, if the node declares one in its node config,
+    ``memory-budget-mb``. Every field is validated by :mod:`fedzo_flwr.protocol.validate`.
 
 Progressive block training (``method = smartfreeze | profl``)
     its node-info query, train message and reply: :mod:`fedzo_flwr.protocol.progressive`.
@@ -47,6 +48,7 @@ from fedzo_flwr.protocol.keys import (
     MASK_KEY,
     MEMORY_BUDGET_KEY,
     METRICS_KEY,
+    NUM_PARTITIONS_KEY,
     OPTIMIZER_STEPS_KEY,
     REPLAY_KEY,
     REQUIRED_METRICS,
@@ -75,6 +77,7 @@ __all__ = [
     "MASK_KEY",
     "MEMORY_BUDGET_KEY",
     "METRICS_KEY",
+    "NUM_PARTITIONS_KEY",
     "OPTIMIZER_STEPS_KEY",
     "REPLAY_KEY",
     "REQUIRED_METRICS",

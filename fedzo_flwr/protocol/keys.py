@@ -22,6 +22,8 @@ STEP_SEEDS_KEY = "step-seeds"
 FINGERPRINT_SEED_KEY = "fingerprint-seed"
 FINGERPRINT_KEY = "fingerprint"
 MEMORY_BUDGET_KEY = "memory-budget-mb"
+#: Metric a node reports in its first reply: its partition count (the server checks it).
+NUM_PARTITIONS_KEY = "num-partitions"
 
 #: ConfigRecord a ClientApp replies with, instead of a result, when it cannot act on a message.
 STATUS_KEY = "status"
