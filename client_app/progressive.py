@@ -125,7 +125,7 @@ def train_progressive(msg: Message, context: Context) -> Message:
         load_tensors(staged, record, frozen)
     trainable = msg.content.array_records[protocol.ARRAYS_KEY]
     load_tensors(staged, trainable, trainable_names(staged, step))
-    partition_id, _ = node_partition(context)
+    partition_id, num_partitions = node_partition(context)
     x, y = node_data(cfg, context)
     seed = config_value(config, protocol.ROUND_SEED_KEY, int)
     settings = stage_train_settings(cfg, step)
@@ -141,6 +141,8 @@ def train_progressive(msg: Message, context: Context) -> Message:
             "peak-mem-bytes": float(result.peak_mem_bytes),
             "extra-mem-bytes": float(result.extra_mem_bytes),
             "partition-id": partition_id,
+            # Every reply: the server checks the federation's split (the cost is 22 bytes).
+            protocol.NUM_PARTITIONS_KEY: num_partitions,
             keys.STAGE_KEY: step.stage,
             keys.SHRINK_KEY: int(step.phase == "shrink"),
         }

@@ -421,6 +421,11 @@ class ProgressiveRounds(MaskedRounds[StageReply]):
             raise ReplyRejected(f"partition-id {partition_id} is not the one this node reported")
         if values["num-examples"] < 1:
             raise ReplyRejected("num-examples must be a positive int")
+        num_partitions = metrics.get(protocol.NUM_PARTITIONS_KEY)
+        if num_partitions is not None and (
+            isinstance(num_partitions, bool) or not isinstance(num_partitions, int)
+        ):
+            raise ReplyRejected(f"num-partitions must be an int, got {num_partitions!r:.40}")
         names = trainable_names(self.staged, self.step)
         if set(arrays.keys()) != set(names):
             missing = sorted(set(names) - set(arrays.keys()))
@@ -448,6 +453,7 @@ class ProgressiveRounds(MaskedRounds[StageReply]):
             peak_mem_bytes=int(values["peak-mem-bytes"]),
             extra_mem_bytes=int(values["extra-mem-bytes"]),
             tensors=tensors,
+            num_partitions=num_partitions,
         )
 
     def accept_reply(self, node_id: int, reply: StageReply) -> None:
