@@ -115,3 +115,27 @@ def test_progressive_memory_quick_measures_every_stage_against_the_analytic_mode
                 assert got["no_stage"] == len(report.never_eligible) / 100
         uniform = s["population"]["analytic"]["profl-uniform"]
         assert all(f > uniform["full_model"] for f in uniform["stages"]), s["model"]
+
+
+@pytest.mark.slow
+def test_zo_progressive_quick_counts_flops_and_dimensions_per_stage(tmp_path, data_dir):
+    import math
+
+    result = run_benchmark("zo_progressive.py", tmp_path / "zp.json", data_dir)
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert list(rows) == ["zo-pruned", "stage-0", "stage-1", "stage-2"]
+    full = rows["zo-pruned"]
+    assert full["dim"] == 6413 and full["flops_ratio"] == 1.0  # lenet5, density 0.1
+    for label, row in rows.items():
+        assert row["k"] == 20 and row["passes"] == 21
+        assert row["flops"] == row["flops_prefix"] + row["passes"] * row["flops_pass"], label
+        assert row["cosine_predicted"] == pytest.approx(math.sqrt(20 / (21 + row["dim"])))
+        assert len(row["cosines"]) == 2 and row["max_abs_fused_vs_lean"] < 2e-6
+        assert row["fused_time_s"] > 0 and row["lean_time_s"] > 0
+    stages = [rows[f"stage-{t}"] for t in range(3)]
+    assert stages[0]["flops_prefix"] == 0
+    assert 0 < stages[1]["flops_prefix"] < stages[2]["flops_prefix"]
+    # The prefix plus the last stage's active pass is one forward of the whole masked model.
+    assert stages[2]["flops_prefix"] + stages[2]["flops_pass"] == full["flops_pass"]
+    assert all(s["dim"] < full["dim"] and s["flops"] < full["flops"] for s in stages)
+    assert result["machine"]["load_before"] and result["machine"]["load_after"]
