@@ -8,6 +8,7 @@ This module lays out the sections and tables; the sentences are :mod:`paper_note
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from paper_summary import (
     memory_label,
 )
 from paper_verdicts import verdicts
+from progressive_report import render_progressive
 
 
 def _dataset(info: dict[str, Any]) -> str:
@@ -88,7 +90,15 @@ def write_report(
     """Write :func:`render_report` to ``path`` (figures linked relative to it)."""
     rel = [os.path.relpath(f, path.parent) for f in figures]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_report(summaries, memory, rel, info))
+    path.write_text(render_report(summaries, memory, rel, info) + results_appendix(path.parent))
+
+
+def results_appendix(docs: Path) -> str:
+    """Sections from other benchmarks' JSON in ``docs/results/`` (each computed from its data)."""
+    progressive = docs / "results" / "progressive_run.json"
+    if not progressive.is_file():
+        return ""
+    return "\n" + render_progressive(json.loads(progressive.read_text()))
 
 
 def render_report(
