@@ -12,7 +12,7 @@ record (code ``mask-missing``), not an error, so the server sends the mask again
 from __future__ import annotations
 
 import time
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from fedzo_flwr.config import PROGRESSIVE_METHODS, RunConfig
 from fedzo_flwr.data import NUM_CLASSES
 from fedzo_flwr.data.client_data import load_client_data, load_partition_file
 from fedzo_flwr.errors import ConfigError, FedZOError
-from fedzo_flwr.fedavg.client import train_round_backprop
+from fedzo_flwr.fedavg.client import BackpropRound, train_round_backprop
 from fedzo_flwr.models import build_model
 from fedzo_flwr.protocol.progressive import NODE_INFO_ACTION
 from fedzo_flwr.protocol.wire import decode_mask, encode_scalars
@@ -134,32 +134,7 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, torch.nn.Module, 
     return cfg, model, space
 
 
-class BackpropOutcome(Protocol):
-    """What a backprop client-round reports (FedAvg's and the progressive clients' results)."""
-
-    @property
-    def num_examples(self) -> int: ...
-
-    @property
-    def train_loss(self) -> float: ...
-
-    @property
-    def train_examples(self) -> int: ...
-
-    @property
-    def steps(self) -> int: ...
-
-    @property
-    def seconds(self) -> float: ...
-
-    @property
-    def peak_mem_bytes(self) -> int: ...
-
-    @property
-    def extra_mem_bytes(self) -> int: ...
-
-
-def backprop_metrics(result: BackpropOutcome, partition_id: int) -> MetricRecord:
+def backprop_metrics(result: BackpropRound, partition_id: int) -> MetricRecord:
     """The metrics of a backprop train reply (FedAvg, progressive), in their wire order."""
     return MetricRecord(
         {

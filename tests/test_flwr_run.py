@@ -43,6 +43,13 @@ def flwr_run(tmp_path: Path, *run_configs: str) -> list[str]:
     return logs
 
 
+def run_results(tmp_path: Path, run_name: str, log: str) -> dict:
+    """Run ``run_name``'s ``results.json`` under ``tmp_path / "out"`` (missing: show ``log``)."""
+    path = tmp_path / "out" / run_name / "results.json"
+    assert path.is_file(), log[-4000:]
+    return json.loads(path.read_text())
+
+
 @pytest.mark.slow
 def test_flwr_run_simulation_writes_results(tmp_path, data_dir):
     run_config = (
@@ -50,9 +57,7 @@ def test_flwr_run_simulation_writes_results(tmp_path, data_dir):
         f'output-dir="{tmp_path / "out"}" run-name="ci"'
     )
     (log,) = flwr_run(tmp_path, run_config)
-    results_path = tmp_path / "out" / "ci" / "results.json"
-    assert results_path.is_file(), log[-4000:]
-    results = json.loads(results_path.read_text())
+    results = run_results(tmp_path, "ci", log)
     trained = [r for r in results["rounds"] if r["round"]]
     assert [r["round"] for r in trained] == [1, 2]
     assert all(r["clients"] == 3 and not r["rejected"] for r in trained)
@@ -70,11 +75,7 @@ def test_flwr_run_replay_downlink_matches_the_weights_downlink(tmp_path, data_di
     downlinks = ("weights", "replay")
     run_configs = [f'{common} downlink="{d}" run-name="{d}"' for d in downlinks]
     logs = dict(zip(downlinks, flwr_run(tmp_path, *run_configs), strict=True))
-    runs = {}
-    for downlink in ("weights", "replay"):
-        path = tmp_path / "out" / downlink / "results.json"
-        assert path.is_file(), logs[downlink][-4000:]
-        runs[downlink] = json.loads(path.read_text())["rounds"]
+    runs = {d: run_results(tmp_path, d, logs[d])["rounds"] for d in downlinks}
     keys = ("round", "accuracy", "loss", "train_loss", "grad_norm", "clients")
     assert [{k: r.get(k) for k in keys} for r in runs["replay"]] == [
         {k: r.get(k) for k in keys} for r in runs["weights"]
@@ -96,9 +97,7 @@ def test_flwr_run_simulation_smartfreeze(tmp_path, data_dir):
         f'eval-every=2 data-dir="{data_dir}" output-dir="{tmp_path / "out"}" run-name="sf"'
     )
     (log,) = flwr_run(tmp_path, run_config)
-    results_path = tmp_path / "out" / "sf" / "results.json"
-    assert results_path.is_file(), log[-4000:]
-    results = json.loads(results_path.read_text())
+    results = run_results(tmp_path, "sf", log)
     trained = [r for r in results["rounds"] if r["round"]]
     assert [(r["round"], r["stage"], r["clients"]) for r in trained] == [(1, 0, 3), (2, 1, 3)]
     assert all(not r["rejected"] for r in trained)

@@ -35,6 +35,7 @@ from fedzo_flwr.sparse.space import KeptSpace
 
 __all__ = [
     "BackpropResult",
+    "BackpropRound",
     "BackpropSteps",
     "backprop_steps",
     "client_optimizer",
@@ -45,13 +46,11 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class BackpropResult:
-    """A FedAvg client's contribution to one round and what it cost.
+class BackpropRound:
+    """The counts and cost of one client-round of local backprop training (any method).
 
     Attributes
     ----------
-    weights : Tensor
-        The client's kept coordinates after local training (float32, ``space.dim``).
     num_examples : int
         Size of the client's partition (the aggregation weight).
     train_examples : int
@@ -64,7 +63,6 @@ class BackpropResult:
         Wall time, peak RSS and peak RSS above the entry RSS of the local training.
     """
 
-    weights: torch.Tensor
     num_examples: int
     train_examples: int
     steps: int
@@ -72,6 +70,19 @@ class BackpropResult:
     seconds: float
     peak_mem_bytes: int
     extra_mem_bytes: int
+
+
+@dataclass(frozen=True)
+class BackpropResult(BackpropRound):
+    """A FedAvg client's contribution to one round and what it cost.
+
+    Attributes
+    ----------
+    weights : Tensor
+        The client's kept coordinates after local training (float32, ``space.dim``).
+    """
+
+    weights: torch.Tensor
 
 
 def local_batch_indices(cfg: RunConfig, num_examples: int, seed: int) -> list[np.ndarray]:

@@ -23,7 +23,12 @@ from torch.nn import functional as F
 from fedzo_flwr.config import RunConfig
 from fedzo_flwr.data import batch_tensors, check_dataset_name
 from fedzo_flwr.errors import ConfigError
-from fedzo_flwr.fedavg.client import BackpropSteps, backprop_steps, local_batch_indices
+from fedzo_flwr.fedavg.client import (
+    BackpropRound,
+    BackpropSteps,
+    backprop_steps,
+    local_batch_indices,
+)
 from fedzo_flwr.measure.memory import PeakMemory
 from fedzo_flwr.progressive.staged import StagedModel
 from fedzo_flwr.seeding import fedavg_batches_seed
@@ -93,8 +98,10 @@ class StageTrainSettings:
 
 
 @dataclass(frozen=True)
-class StageTrainResult:
+class StageTrainResult(BackpropRound):
     """A progressive client's contribution to one round and what it cost.
+
+    The counts, loss, time and memory of :class:`~fedzo_flwr.fedavg.client.BackpropRound`, and:
 
     Attributes
     ----------
@@ -102,26 +109,11 @@ class StageTrainResult:
         The stage trained.
     tensors : dict of str to Tensor
         Stage ``stage``'s trained tensors by name (:meth:`StagedModel.stage_parameters`).
-    num_examples : int
-        Size of the client's partition (the aggregation weight).
-    train_examples, steps : int
-        Examples processed and optimizer steps taken.
-    train_loss : float
-        Mean mini-batch loss over the round's steps (before each step).
-    seconds, peak_mem_bytes, extra_mem_bytes
-        Wall time, peak RSS, and peak RSS above the entry RSS of the local training.
 
     """
 
     stage: int
     tensors: dict[str, torch.Tensor]
-    num_examples: int
-    train_examples: int
-    steps: int
-    train_loss: float
-    seconds: float
-    peak_mem_bytes: int
-    extra_mem_bytes: int
 
 
 def stage_batches(
