@@ -25,7 +25,7 @@ from fedzo_flwr.config import PROGRESSIVE_METHODS, RunConfig
 from fedzo_flwr.data import NUM_CLASSES
 from fedzo_flwr.data.client_data import load_client_data, load_partition_file
 from fedzo_flwr.errors import ConfigError, FedZOError
-from fedzo_flwr.fedavg.client import train_round_backprop
+from fedzo_flwr.fedavg.client import BackpropRound, train_round_backprop
 from fedzo_flwr.models import build_model
 from fedzo_flwr.protocol.progressive import NODE_INFO_ACTION
 from fedzo_flwr.protocol.wire import decode_mask, encode_scalars
@@ -134,6 +134,30 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, torch.nn.Module, 
     return cfg, model, space
 
 
+def backprop_metrics(result: BackpropRound, partition_id: int) -> MetricRecord:
+    """The metrics of a backprop train reply (FedAvg, progressive), in their wire order."""
+    return MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "train-loss": result.train_loss,
+            "train-examples": result.train_examples,
+            "steps": result.steps,
+            "client-seconds": result.seconds,
+            # Floats travel as fixed 8-byte doubles: a constant envelope, whatever the value.
+            "peak-mem-bytes": float(result.peak_mem_bytes),
+            "extra-mem-bytes": float(result.extra_mem_bytes),
+            "partition-id": partition_id,
+        }
+    )
+
+
+def add_memory_budget(metrics: MetricRecord, context: Context) -> None:
+    """Add the node's declared ``memory-budget`` (node config) to ``metrics``, if it has one."""
+    budget = context.node_config.get(protocol.MEMORY_BUDGET_KEY)
+    if budget:
+        metrics[protocol.MEMORY_BUDGET_KEY] = float(budget)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of forward-only training: reply with the K loss differences per local step."""
@@ -181,9 +205,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     if protocol.MASK_KEY in config:  # first contact: the server checks the federation's split
         metrics[protocol.NUM_PARTITIONS_KEY] = num_partitions
-    budget = context.node_config.get(protocol.MEMORY_BUDGET_KEY)
-    if budget:
-        metrics[protocol.MEMORY_BUDGET_KEY] = float(budget)
+    add_memory_budget(metrics, context)
     return Message(RecordDict({protocol.ZO_KEY: zo, protocol.METRICS_KEY: metrics}), reply_to=msg)
 
 
@@ -211,18 +233,7 @@ def train_fedavg(
     x, y = node_data(cfg, context)
     seed = config_value(config, protocol.ROUND_SEED_KEY, int)
     result = train_round_backprop(cfg, model, space, x, y, seed, partition_id)
-    metrics = MetricRecord(
-        {
-            "num-examples": result.num_examples,
-            "train-loss": result.train_loss,
-            "train-examples": result.train_examples,
-            "steps": result.steps,
-            "client-seconds": result.seconds,
-            "peak-mem-bytes": float(result.peak_mem_bytes),
-            "extra-mem-bytes": float(result.extra_mem_bytes),
-            "partition-id": partition_id,
-        }
-    )
+    metrics = backprop_metrics(result, partition_id)
     if protocol.MASK_KEY in config:  # first contact: the server checks the federation's split
         metrics[protocol.NUM_PARTITIONS_KEY] = num_partitions
     arrays = ArrayRecord({protocol.KEPT_KEY: Array(result.weights.numpy().copy())})

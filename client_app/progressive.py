@@ -15,6 +15,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client_app.client_app import (
+    add_memory_budget,
+    backprop_metrics,
     config_value,
     node_data,
     node_partition,
@@ -131,25 +133,12 @@ def train_progressive(msg: Message, context: Context) -> Message:
     settings = stage_train_settings(cfg, step)
     trainer = distil_output_module if step.phase == "shrink" else train_stage
     result = trainer(staged, step.stage, x, y, settings, seed, partition_id)
-    metrics = MetricRecord(
-        {
-            "num-examples": result.num_examples,
-            "train-loss": result.train_loss,
-            "train-examples": result.train_examples,
-            "steps": result.steps,
-            "client-seconds": result.seconds,
-            "peak-mem-bytes": float(result.peak_mem_bytes),
-            "extra-mem-bytes": float(result.extra_mem_bytes),
-            "partition-id": partition_id,
-            # Every reply: the server checks the federation's split (the cost is 22 bytes).
-            protocol.NUM_PARTITIONS_KEY: num_partitions,
-            keys.STAGE_KEY: step.stage,
-            keys.SHRINK_KEY: int(step.phase == "shrink"),
-        }
-    )
-    budget = context.node_config.get(protocol.MEMORY_BUDGET_KEY)
-    if budget:
-        metrics[protocol.MEMORY_BUDGET_KEY] = float(budget)
+    metrics = backprop_metrics(result, partition_id)
+    # Every reply: the server checks the federation's split (the cost is 22 bytes).
+    metrics[protocol.NUM_PARTITIONS_KEY] = num_partitions
+    metrics[keys.STAGE_KEY] = step.stage
+    metrics[keys.SHRINK_KEY] = int(step.phase == "shrink")
+    add_memory_budget(metrics, context)
     arrays = ArrayRecord({n: Array(t.numpy().copy()) for n, t in result.tensors.items()})
     return Message(
         RecordDict({protocol.ARRAYS_KEY: arrays, protocol.METRICS_KEY: metrics}), reply_to=msg
@@ -169,7 +158,5 @@ def node_info(msg: Message, context: Context) -> Message:
             keys.LABEL_HISTOGRAM_KEY: [int(v) for v in histogram],
         }
     )
-    budget = context.node_config.get(protocol.MEMORY_BUDGET_KEY)
-    if budget:
-        metrics[protocol.MEMORY_BUDGET_KEY] = float(budget)
+    add_memory_budget(metrics, context)
     return Message(RecordDict({protocol.METRICS_KEY: metrics}), reply_to=msg)

@@ -54,8 +54,26 @@ FEDAVG_METRICS = (
 
 
 @dataclass(frozen=True)
-class FedAvgReply:
-    """A validated FedAvg train reply."""
+class BackpropReply:
+    """The validated metrics of a backprop train reply (FedAvg and progressive replies).
+
+    Attributes
+    ----------
+    partition_id : int
+        The partition the node trained on.
+    num_partitions : int or None
+        The node's partition count, when the reply carries it.
+    num_examples : int
+        The aggregation weight the node claims (capped by the strategy where it knows more).
+    train_loss : float
+        Mean mini-batch loss of the round.
+    train_examples, steps : int
+        Examples processed and optimizer steps taken.
+    seconds : float
+        Client compute time of the round.
+    peak_mem_bytes, extra_mem_bytes : int
+        The node's memory readings.
+    """
 
     partition_id: int
     num_partitions: int | None
@@ -66,6 +84,12 @@ class FedAvgReply:
     seconds: float
     peak_mem_bytes: int
     extra_mem_bytes: int
+
+
+@dataclass(frozen=True)
+class FedAvgReply(BackpropReply):
+    """A validated FedAvg train reply: the metrics and the uploaded kept weights."""
+
     kept: np.ndarray  # the uploaded kept weights: finite float32 (dim,)
 
 

@@ -65,6 +65,7 @@ from fedzo_flwr.run.results import RunRecorder, per_client_summary
 from fedzo_flwr.seeding import model_seed, round_seed
 from fedzo_flwr.sparse.mask import dense_mask
 from fedzo_flwr.sparse.space import KeptSpace
+from server_app.fedavg_strategy import BackpropReply
 from server_app.identity import PartitionRegistry
 from server_app.logs import log
 from server_app.masked_rounds import MaskedRounds, RoundUpdate
@@ -88,19 +89,10 @@ STAGE_METRICS = {
 
 
 @dataclass(frozen=True)
-class StageReply:
-    """A validated progressive train reply."""
+class StageReply(BackpropReply):
+    """A validated progressive train reply: the metrics and exactly the trained tensors."""
 
-    partition_id: int
-    num_examples: int
-    train_loss: float
-    train_examples: int
-    steps: int
-    seconds: float
-    peak_mem_bytes: int
-    extra_mem_bytes: int
     tensors: dict[str, np.ndarray]
-    num_partitions: int | None = None  # the node's partition count comes with its probe reply
 
 
 class StageView(nn.Module):

@@ -245,6 +245,17 @@ def to_tensor(
     return out.contiguous()
 
 
+def batch_tensors(
+    x_uint8: np.ndarray, y: np.ndarray, idx: np.ndarray, dataset: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mini-batch ``idx`` of a partition as model inputs and int64 targets.
+
+    ``(to_tensor(x_uint8[idx], dataset), y[idx] as a torch.long tensor)``: the batch every
+    client (zeroth-order, FedAvg, progressive) trains on.
+    """
+    return to_tensor(x_uint8[idx], dataset), torch.as_tensor(y[idx], dtype=torch.long)
+
+
 def _not_found_message(name: str, root: Path, npz_path: Path, folder: Path) -> str:
     tv_class = _TORCHVISION_CLASSES[name]
     lines = [f"{name} not found. Looked for:"]

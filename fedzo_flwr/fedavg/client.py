@@ -17,6 +17,7 @@ clients), as in FedAvg.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedzo_flwr.config import RunConfig
-from fedzo_flwr.data import to_tensor
+from fedzo_flwr.data import batch_tensors
 from fedzo_flwr.errors import DataError
 from fedzo_flwr.measure.memory import PeakMemory
 from fedzo_flwr.seeding import fedavg_batches_seed
@@ -34,6 +35,9 @@ from fedzo_flwr.sparse.space import KeptSpace
 
 __all__ = [
     "BackpropResult",
+    "BackpropRound",
+    "BackpropSteps",
+    "backprop_steps",
     "client_optimizer",
     "local_batch_indices",
     "mask_gradients_",
@@ -42,13 +46,11 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class BackpropResult:
-    """A FedAvg client's contribution to one round and what it cost.
+class BackpropRound:
+    """The counts and cost of one client-round of local backprop training (any method).
 
     Attributes
     ----------
-    weights : Tensor
-        The client's kept coordinates after local training (float32, ``space.dim``).
     num_examples : int
         Size of the client's partition (the aggregation weight).
     train_examples : int
@@ -61,7 +63,6 @@ class BackpropResult:
         Wall time, peak RSS and peak RSS above the entry RSS of the local training.
     """
 
-    weights: torch.Tensor
     num_examples: int
     train_examples: int
     steps: int
@@ -69,6 +70,19 @@ class BackpropResult:
     seconds: float
     peak_mem_bytes: int
     extra_mem_bytes: int
+
+
+@dataclass(frozen=True)
+class BackpropResult(BackpropRound):
+    """A FedAvg client's contribution to one round and what it cost.
+
+    Attributes
+    ----------
+    weights : Tensor
+        The client's kept coordinates after local training (float32, ``space.dim``).
+    """
+
+    weights: torch.Tensor
 
 
 def local_batch_indices(cfg: RunConfig, num_examples: int, seed: int) -> list[np.ndarray]:
@@ -119,6 +133,58 @@ def mask_gradients_(model: nn.Module, mask: Mask) -> None:
             param.grad.mul_(keep.to(param.grad.dtype))
 
 
+@dataclass(frozen=True)
+class BackpropSteps:
+    """What a loop of local backprop steps did (:func:`backprop_steps`).
+
+    Attributes
+    ----------
+    train_examples : int
+        Examples processed by forward + backward passes.
+    steps : int
+        Optimizer steps taken (one per mini-batch).
+    train_loss : float
+        Mean mini-batch loss over the steps (each before its step).
+    """
+
+    train_examples: int
+    steps: int
+    train_loss: float
+
+
+def backprop_steps(
+    optimizer: torch.optim.Optimizer,
+    batches: Sequence[np.ndarray],
+    loss_of: Callable[[np.ndarray], torch.Tensor],
+    *,
+    set_to_none: bool,
+    after_backward: Callable[[], object] | None = None,
+    after_step: Callable[[], object] | None = None,
+) -> BackpropSteps:
+    """One optimizer step per mini-batch of ``batches``, gradients enabled.
+
+    Each step: ``optimizer.zero_grad(set_to_none=set_to_none)``, the loss ``loss_of(idx)``,
+    its backward pass, ``after_backward()`` (e.g. masking the gradients), ``optimizer.step()``
+    and ``after_step()`` (e.g. re-applying the mask). The FedAvg, progressive and ProFL-shrink
+    clients all train with this loop.
+    """
+    losses: list[float] = []
+    seen = 0
+    with torch.enable_grad():
+        for idx in batches:
+            optimizer.zero_grad(set_to_none=set_to_none)
+            loss = loss_of(idx)
+            torch.autograd.backward(loss)
+            if after_backward is not None:
+                after_backward()
+            optimizer.step()
+            if after_step is not None:
+                after_step()
+            losses.append(float(loss.detach()))
+            seen += len(idx)
+    return BackpropSteps(train_examples=seen, steps=len(batches), train_loss=float(np.mean(losses)))
+
+
 def train_round_backprop(
     cfg: RunConfig,
     model: nn.Module,
@@ -147,23 +213,22 @@ def train_round_backprop(
     """
     mask = space.mask
     batches = local_batch_indices(cfg, len(y), fedavg_batches_seed(seed_of_round, partition_id))
+
+    def loss_of(idx: np.ndarray) -> torch.Tensor:
+        x, target = batch_tensors(x_uint8, y, idx, cfg.dataset)
+        return F.cross_entropy(model(x), target)
+
     start = time.perf_counter()
-    losses: list[float] = []
-    seen = 0
     with PeakMemory() as memory:
         optimizer = client_optimizer(cfg, model)
-        with torch.enable_grad():
-            for idx in batches:
-                x = to_tensor(x_uint8[idx], cfg.dataset)
-                target = torch.as_tensor(y[idx], dtype=torch.long)
-                optimizer.zero_grad(set_to_none=False)
-                loss = F.cross_entropy(model(x), target)
-                torch.autograd.backward(loss)
-                mask_gradients_(model, mask)
-                optimizer.step()
-                apply_mask_(model, mask)
-                losses.append(float(loss.detach()))
-                seen += len(idx)
+        run = backprop_steps(
+            optimizer,
+            batches,
+            loss_of,
+            set_to_none=False,
+            after_backward=lambda: mask_gradients_(model, mask),
+            after_step=lambda: apply_mask_(model, mask),
+        )
         weights = space.gather(model)
         del optimizer
     seconds = time.perf_counter() - start
@@ -172,9 +237,9 @@ def train_round_backprop(
     return BackpropResult(
         weights=weights,
         num_examples=len(y),
-        train_examples=seen,
-        steps=len(batches),
-        train_loss=float(np.mean(losses)),
+        train_examples=run.train_examples,
+        steps=run.steps,
+        train_loss=run.train_loss,
         seconds=seconds,
         peak_mem_bytes=memory.peak_bytes,
         extra_mem_bytes=memory.extra_bytes,

@@ -21,14 +21,26 @@ import torch
 from torch.nn import functional as F
 
 from fedzo_flwr.config import RunConfig
-from fedzo_flwr.data import check_dataset_name, to_tensor
+from fedzo_flwr.data import batch_tensors, check_dataset_name
 from fedzo_flwr.errors import ConfigError
-from fedzo_flwr.fedavg.client import local_batch_indices
+from fedzo_flwr.fedavg.client import (
+    BackpropRound,
+    BackpropSteps,
+    backprop_steps,
+    local_batch_indices,
+)
 from fedzo_flwr.measure.memory import PeakMemory
 from fedzo_flwr.progressive.staged import StagedModel
 from fedzo_flwr.seeding import fedavg_batches_seed
 
-__all__ = ["StageTrainResult", "StageTrainSettings", "stage_batches", "train_stage"]
+__all__ = [
+    "StageTrainResult",
+    "StageTrainSettings",
+    "stage_batches",
+    "stage_optimizer",
+    "stage_result",
+    "train_stage",
+]
 
 
 @dataclass(frozen=True)
@@ -86,8 +98,10 @@ class StageTrainSettings:
 
 
 @dataclass(frozen=True)
-class StageTrainResult:
+class StageTrainResult(BackpropRound):
     """A progressive client's contribution to one round and what it cost.
+
+    The counts, loss, time and memory of :class:`~fedzo_flwr.fedavg.client.BackpropRound`, and:
 
     Attributes
     ----------
@@ -95,26 +109,11 @@ class StageTrainResult:
         The stage trained.
     tensors : dict of str to Tensor
         Stage ``stage``'s trained tensors by name (:meth:`StagedModel.stage_parameters`).
-    num_examples : int
-        Size of the client's partition (the aggregation weight).
-    train_examples, steps : int
-        Examples processed and optimizer steps taken.
-    train_loss : float
-        Mean mini-batch loss over the round's steps (before each step).
-    seconds, peak_mem_bytes, extra_mem_bytes
-        Wall time, peak RSS, and peak RSS above the entry RSS of the local training.
 
     """
 
     stage: int
     tensors: dict[str, torch.Tensor]
-    num_examples: int
-    train_examples: int
-    steps: int
-    train_loss: float
-    seconds: float
-    peak_mem_bytes: int
-    extra_mem_bytes: int
 
 
 def stage_batches(
@@ -127,6 +126,37 @@ def stage_batches(
         local_batches=settings.local_batches,
     )
     return local_batch_indices(cfg, num_examples, fedavg_batches_seed(seed_of_round, partition_id))
+
+
+def stage_optimizer(
+    settings: StageTrainSettings, params: list[torch.nn.Parameter]
+) -> torch.optim.SGD:
+    """A fresh SGD optimizer over ``params`` with the settings' lr, momentum and weight decay."""
+    return torch.optim.SGD(
+        params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+    )
+
+
+def stage_result(
+    stage: int,
+    tensors: dict[str, torch.Tensor],
+    num_examples: int,
+    run: BackpropSteps,
+    seconds: float,
+    memory: PeakMemory,
+) -> StageTrainResult:
+    """The result of one client-round of ``stage``: its tensors, the loop's counts, cost."""
+    return StageTrainResult(
+        stage=stage,
+        tensors=tensors,
+        num_examples=num_examples,
+        train_examples=run.train_examples,
+        steps=run.steps,
+        train_loss=run.train_loss,
+        seconds=seconds,
+        peak_mem_bytes=memory.peak_bytes,
+        extra_mem_bytes=memory.extra_bytes,
+    )
 
 
 def train_stage(
@@ -162,40 +192,19 @@ def train_stage(
     if len(x_uint8) != len(y):
         raise ValueError(f"{len(x_uint8)} images but {len(y)} labels")
     batches = stage_batches(settings, len(y), seed_of_round, partition_id)
+
+    def loss_of(idx: np.ndarray) -> torch.Tensor:
+        x, target = batch_tensors(x_uint8, y, idx, settings.dataset)
+        return F.cross_entropy(staged.forward_stage(x, stage), target)
+
     start = time.perf_counter()
-    losses: list[float] = []
-    seen = 0
     with PeakMemory() as memory:
         trainable = staged.prepare_stage(stage)
-        optimizer = torch.optim.SGD(
-            list(trainable.values()),
-            lr=settings.lr,
-            momentum=settings.momentum,
-            weight_decay=settings.weight_decay,
-        )
-        with torch.enable_grad():
-            for idx in batches:
-                x = to_tensor(x_uint8[idx], settings.dataset)
-                target = torch.as_tensor(y[idx], dtype=torch.long)
-                optimizer.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(staged.forward_stage(x, stage), target)
-                torch.autograd.backward(loss)
-                optimizer.step()
-                losses.append(float(loss.detach()))
-                seen += len(idx)
+        optimizer = stage_optimizer(settings, list(trainable.values()))
+        run = backprop_steps(optimizer, batches, loss_of, set_to_none=True)
         del optimizer
         tensors = staged.stage_tensors(stage)
     seconds = time.perf_counter() - start
     for param in trainable.values():
         param.grad = None
-    return StageTrainResult(
-        stage=stage,
-        tensors=tensors,
-        num_examples=len(y),
-        train_examples=seen,
-        steps=len(batches),
-        train_loss=float(np.mean(losses)),
-        seconds=seconds,
-        peak_mem_bytes=memory.peak_bytes,
-        extra_mem_bytes=memory.extra_bytes,
-    )
+    return stage_result(stage, tensors, len(y), run, seconds, memory)

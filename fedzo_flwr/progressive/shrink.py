@@ -20,8 +20,15 @@ import torch
 from torch.nn import functional as F
 
 from fedzo_flwr.data import to_tensor
+from fedzo_flwr.fedavg.client import backprop_steps
 from fedzo_flwr.measure.memory import PeakMemory
-from fedzo_flwr.progressive.client import StageTrainResult, StageTrainSettings, stage_batches
+from fedzo_flwr.progressive.client import (
+    StageTrainResult,
+    StageTrainSettings,
+    stage_batches,
+    stage_optimizer,
+    stage_result,
+)
 from fedzo_flwr.progressive.staged import OUTPUT_PREFIX, StagedModel
 
 __all__ = ["distil_output_module"]
@@ -47,47 +54,27 @@ def distil_output_module(
         raise ValueError(f"{len(x_uint8)} images but {len(y)} labels")
     batches = stage_batches(settings, len(y), seed_of_round, partition_id)
     module = staged.output_modules[stage]
+
+    def loss_of(idx: np.ndarray) -> torch.Tensor:
+        x = to_tensor(x_uint8[idx], settings.dataset)
+        with torch.no_grad():
+            teacher = staged.forward_stage(x, stage + 1)
+            features = staged.blocks[stage](staged.features(x, stage))
+        return F.mse_loss(module(features), teacher)
+
     start = time.perf_counter()
-    losses: list[float] = []
-    seen = 0
     with PeakMemory() as memory:
         for param in staged.parameters():
             param.requires_grad_(False)
         trainable = list(module.parameters())
         for param in trainable:
             param.requires_grad_(True)
-        optimizer = torch.optim.SGD(
-            trainable,
-            lr=settings.lr,
-            momentum=settings.momentum,
-            weight_decay=settings.weight_decay,
-        )
-        for idx in batches:
-            x = to_tensor(x_uint8[idx], settings.dataset)
-            with torch.no_grad():
-                teacher = staged.forward_stage(x, stage + 1)
-                features = staged.blocks[stage](staged.features(x, stage))
-            with torch.enable_grad():
-                optimizer.zero_grad(set_to_none=True)
-                loss = F.mse_loss(module(features), teacher)
-                torch.autograd.backward(loss)
-                optimizer.step()
-            losses.append(float(loss.detach()))
-            seen += len(idx)
+        optimizer = stage_optimizer(settings, trainable)
+        run = backprop_steps(optimizer, batches, loss_of, set_to_none=True)
         del optimizer
         prefix = f"{OUTPUT_PREFIX}{stage}."
         tensors = {prefix + n: p.detach().clone() for n, p in module.named_parameters()}
     seconds = time.perf_counter() - start
     for param in trainable:
         param.grad = None
-    return StageTrainResult(
-        stage=stage,
-        tensors=tensors,
-        num_examples=len(y),
-        train_examples=seen,
-        steps=len(batches),
-        train_loss=float(np.mean(losses)),
-        seconds=seconds,
-        peak_mem_bytes=memory.peak_bytes,
-        extra_mem_bytes=memory.extra_bytes,
-    )
+    return stage_result(stage, tensors, len(y), run, seconds, memory)

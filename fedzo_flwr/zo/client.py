@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from fedzo_flwr.config import RunConfig
-from fedzo_flwr.data import sample_batch, to_tensor
+from fedzo_flwr.data import batch_tensors, sample_batch
 from fedzo_flwr.measure.memory import PeakMemory
 from fedzo_flwr.seeding import batch_seed, client_step_seeds
 from fedzo_flwr.sparse.space import KeptSpace
@@ -39,6 +40,8 @@ def train_round(
     y: np.ndarray,
     seed_of_round: int,
     partition_id: int,
+    *,
+    features: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> ClientResult:
     """Run a client's local zeroth-order steps for one round.
 
@@ -56,12 +59,16 @@ def train_round(
         The seed the server broadcast.
     partition_id : int
         This client's partition (selects its step seeds in per-client mode).
+    features : callable, optional
+        Applied to each normalised image batch before ``model`` sees it (a progressive
+        client's frozen prefix, run once per batch); ``None`` feeds the images themselves.
     """
     seeds = client_step_seeds(seed_of_round, cfg.seed_mode, partition_id, cfg.local_steps)
 
     def batch_for_step(j: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = sample_batch(len(y), cfg.batch_size, batch_seed(seeds[j], partition_id))
-        return to_tensor(x_uint8[idx], cfg.dataset), torch.tensor(y[idx], dtype=torch.long)
+        x, target = batch_tensors(x_uint8, y, idx, cfg.dataset)
+        return (x if features is None else features(x)), target
 
     start = time.perf_counter()
     with PeakMemory() as memory:

@@ -13,21 +13,15 @@ same partition draws (:func:`~fedzo_flwr.seeding.batch_seed`).
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 
 from fedzo_flwr.config import RunConfig
-from fedzo_flwr.data import sample_batch, to_tensor
-from fedzo_flwr.measure.memory import PeakMemory
 from fedzo_flwr.progressive.zo.active import ActiveStage
-from fedzo_flwr.seeding import batch_seed, client_step_seeds
-from fedzo_flwr.zo.client import ClientResult
+from fedzo_flwr.zo.client import ClientResult, train_round
 from fedzo_flwr.zo.engines import LossDifferences
 from fedzo_flwr.zo.estimator import loss_differences
-from fedzo_flwr.zo.local import run_local_steps
-from fedzo_flwr.zo.settings import ZOSettings, zo_settings
+from fedzo_flwr.zo.settings import ZOSettings
 
 __all__ = ["stage_loss_differences", "train_stage_round"]
 
@@ -75,7 +69,8 @@ def train_stage_round(
 
     The counterpart of :func:`fedzo_flwr.zo.client.train_round` (same seeds, same batches, same
     local SGD between steps, same :class:`~fedzo_flwr.zo.client.ClientResult`) over the active
-    stage's space: each step's batch goes through the frozen prefix once.
+    stage's space: it is ``train_round`` on ``active.module`` and ``active.space`` with
+    ``features=active.features``, so each step's batch goes through the frozen prefix once.
 
     Parameters
     ----------
@@ -90,32 +85,13 @@ def train_stage_round(
     """
     if len(x_uint8) != len(y):
         raise ValueError(f"{len(x_uint8)} images but {len(y)} labels")
-    seeds = client_step_seeds(seed_of_round, cfg.seed_mode, partition_id, cfg.local_steps)
-
-    def batch_for_step(j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = sample_batch(len(y), cfg.batch_size, batch_seed(seeds[j], partition_id))
-        x = to_tensor(x_uint8[idx], cfg.dataset)
-        return active.features(x), torch.tensor(y[idx], dtype=torch.long)
-
-    start = time.perf_counter()
-    with PeakMemory() as memory:
-        steps, results = run_local_steps(
-            active.module,
-            active.space,
-            batch_for_step,
-            seeds,
-            zo_settings(cfg),
-            cfg.local_lr,
-            engine=cfg.engine,
-            chunk_size=cfg.chunk_size or None,
-            memory_budget_mb=cfg.engine_memory_mb,
-        )
-    seconds = time.perf_counter() - start
-    return ClientResult(
-        steps=steps,
-        num_examples=len(y),
-        base_loss=results[0].base_loss,
-        seconds=seconds,
-        peak_mem_bytes=memory.peak_bytes,
-        extra_mem_bytes=memory.extra_bytes,
+    return train_round(
+        cfg,
+        active.module,
+        active.space,
+        x_uint8,
+        y,
+        seed_of_round,
+        partition_id,
+        features=active.features,
     )
