@@ -91,7 +91,7 @@ def naive_loss_differences(
     """BAFFLE-style loop: perturb the state dict, forward, restore; one direction at a time."""
     state = model.state_dict(keep_vars=False)
     saved = {name: tensor.clone() for name, tensor in state.items()}
-    generator = DirectionGenerator(space.dim, seed, settings.directions)
+    generator = DirectionGenerator(space.sizes, seed, settings.directions)
     base = float(batch_loss(model(x), y))
     deltas = np.empty(settings.k, dtype=np.float64)
     for k in range(settings.k):

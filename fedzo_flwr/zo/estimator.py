@@ -113,7 +113,7 @@ def loss_differences(
         raise ValueError(
             f"memory_budget_mb must be a finite number > 0 or None, got {memory_budget_mb!r}"
         )
-    generator = DirectionGenerator(space.dim, seed, settings.directions)
+    generator = DirectionGenerator(space.sizes, seed, settings.directions)
 
     def run(name: str) -> LossDifferences:
         return ENGINES[name](

@@ -74,6 +74,6 @@ def run_local_steps(
         steps.append(step)
         results.append(result)
         if theta is not None and j < len(step_seeds) - 1:
-            theta = local_sgd_step(theta, estimate_gradient(space.dim, step, settings), local_lr)
+            theta = local_sgd_step(theta, estimate_gradient(space.sizes, step, settings), local_lr)
             space.scatter_(model, theta)
     return steps, results

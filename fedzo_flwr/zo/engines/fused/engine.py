@@ -153,7 +153,7 @@ def fused_loss_differences(
         gen = (
             generator
             if workers == 1
-            else DirectionGenerator(space.dim, generator.seed, generator.kind)
+            else DirectionGenerator(generator.sizes, generator.seed, generator.kind)
         )
         blocks = layout.new_blocks(chunk * len(signs))
         directions = torch.empty(chunk, space.dim, dtype=torch.float32)
