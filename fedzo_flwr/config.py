@@ -82,9 +82,10 @@ class RunConfig(BaseModel):
     fd: Literal["forward", "central"] = "forward"
     directions: Literal["gaussian", "rademacher"] = "gaussian"
     seed_mode: Literal["per-client", "shared"] = "shared"
-    engine: Literal["fused", "lean", "batched"] = "fused"
+    engine: Literal["fused", "lean", "batched", "stream"] = "fused"
     chunk_size: int = Field(0, ge=0)
     engine_memory_mb: float = Field(32.0, gt=0)
+    micro_batch: int = Field(0, ge=0)
     batch_size: int = Field(32, ge=1)
     local_steps: int = Field(1, ge=1)
     local_lr: float = Field(0.01, gt=0)

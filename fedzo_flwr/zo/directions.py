@@ -198,7 +198,7 @@ def fingerprint(
     the layout (``KeptSpace.sizes``); a plain int ``n`` stands for the one-tensor layout
     ``(n,)``, which checks the generator but not the layout.
     """
-    layout = (sizes,) if isinstance(sizes, int) and not isinstance(sizes, bool) else sizes
+    layout: Sequence[int] = (sizes,) if isinstance(sizes, int) else sizes
     generator = DirectionGenerator(layout, seed, kind)
     digest = hashlib.sha256()
     header = f"fedzo-directions/v{PROTOCOL_VERSION}/{generator.kind}/"

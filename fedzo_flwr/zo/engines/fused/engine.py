@@ -180,8 +180,10 @@ def fused_engine(
     *,
     chunk_size: int | None = None,
     memory_budget_mb: float | None = None,
+    micro_batch: int = 0,
 ) -> LossDifferences:
     """:func:`fused_loss_differences` with :func:`~fedzo_flwr.zo.engines.base.batch_loss`."""
+    del micro_batch  # the whole batch in every pass
     deltas, base, _ = fused_loss_differences(
         model, space, x, y, generator, settings, batch_loss, chunk_size, memory_budget_mb
     )
