@@ -137,6 +137,17 @@ class RunConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _micro_batch_needs_the_stream_engine(self) -> RunConfig:
+        # Only the stream engine evaluates a batch in parts; any other would ignore the key.
+        if self.micro_batch and self.engine != "stream":
+            raise ValueError(
+                f"keys 'micro-batch' and 'engine': micro-batch={self.micro_batch} splits the "
+                f"batch of the stream engine only, and engine={self.engine!r} would ignore it; "
+                "use engine='stream' or micro-batch=0"
+            )
+        return self
+
     @property
     def pruned(self) -> bool:
         """Whether the run prunes before training (``zo-dense`` trains the dense model)."""

@@ -410,4 +410,4 @@ def test_bad_block_threads_raise():
 
 
 def test_engines_listed():
-    assert set(ENGINES) == {"lean", "batched", "fused"}
+    assert set(ENGINES) == {"lean", "batched", "fused", "stream"}
