@@ -179,12 +179,13 @@ def test_fingerprint_covers_the_protocol_version(monkeypatch):
 # ------------------------------------------------------------------------------ estimator
 
 
-def test_loss_difference_is_autograd_directional_derivative(cifar):
+@pytest.mark.parametrize("engine", ["lean", "fused", "stream"])
+def test_loss_difference_is_autograd_directional_derivative(cifar, engine):
     # lenet-gn is smooth apart from max-pool; forward differences at σ=1e-4 match ∇L·u closely.
     x, y = cifar(0, 32)
     model, space, _ = masked_model("lenet-gn", 1.0)
     settings = ZOSettings(k=64, sigma=1e-4)
-    result = loss_differences(model, space, x, y, seed=3, settings=settings)
+    result = loss_differences(model, space, x, y, seed=3, settings=settings, engine=engine)
     grad = autograd_gradient(model, space, x, y)
     gen = DirectionGenerator(space.sizes, 3)
     exact = np.array([float(grad @ gen.direction(k)) for k in range(64)])
@@ -196,7 +197,8 @@ def test_loss_difference_is_autograd_directional_derivative(cifar):
     assert result.forward_passes == 65
 
 
-def test_central_difference_is_more_accurate_than_forward(cifar):
+@pytest.mark.parametrize("engine", ["lean", "stream"])
+def test_central_difference_is_more_accurate_than_forward(cifar, engine):
     x, y = cifar(32, 32)
     model, space, _ = masked_model("lenet5", 1.0)
     grad = autograd_gradient(model, space, x, y)
@@ -205,20 +207,21 @@ def test_central_difference_is_more_accurate_than_forward(cifar):
     errors = {}
     for scheme in ("forward", "central"):
         settings = ZOSettings(k=48, sigma=1e-3, scheme=scheme)
-        result = loss_differences(model, space, x, y, seed=4, settings=settings)
+        result = loss_differences(model, space, x, y, 4, settings, engine=engine)
         estimate = result.deltas / settings.difference_scale
         errors[scheme] = np.linalg.norm(estimate - exact) / np.linalg.norm(exact)
     assert errors["central"] < errors["forward"] < 0.5
 
 
-def single_estimate_cosine(model, space, x, y, k, seed):
+def single_estimate_cosine(model, space, x, y, k, seed, engine="lean"):
     settings = ZOSettings(k=k, sigma=1e-4)
-    deltas = loss_differences(model, space, x, y, seed, settings).deltas
+    deltas = loss_differences(model, space, x, y, seed, settings, engine=engine).deltas
     g_hat = estimate_gradient(space.sizes, ScalarStep(seed, deltas), settings)
     return float(cosine_similarity(g_hat, autograd_gradient(model, space, x, y), dim=0))
 
 
-def test_cosine_follows_sqrt_k_over_k_plus_n_and_pruning_helps(cifar):
+@pytest.mark.parametrize("engine", ["lean", "stream"])
+def test_cosine_follows_sqrt_k_over_k_plus_n_and_pruning_helps(cifar, engine):
     """The paper's core claim, on lenet5 with a real CIFAR-10 batch.
 
     For Gaussian directions cos(ĝ, ∇L) ≈ sqrt(K / (K + n + 1)) with n the perturbed (kept)
@@ -229,7 +232,9 @@ def test_cosine_follows_sqrt_k_over_k_plus_n_and_pruning_helps(cifar):
     measured, predicted = {}, {}
     for density in (1.0, 0.05):
         model, space, _ = masked_model("lenet5", density)
-        cosines = [single_estimate_cosine(model, space, x, y, k, seed) for seed in (1, 2, 3)]
+        cosines = [
+            single_estimate_cosine(model, space, x, y, k, seed, engine) for seed in (1, 2, 3)
+        ]
         measured[density] = float(np.mean(cosines))
         predicted[density] = math.sqrt(k / (k + space.dim + 1))
     assert predicted[1.0] == pytest.approx(0.0801, abs=1e-3)  # n = 62,006
@@ -256,7 +261,7 @@ def test_estimate_converges_to_autograd_gradient(cifar):
     assert cosines[2] > 0.85
 
 
-@pytest.mark.parametrize("engine", ["lean", "batched"])
+@pytest.mark.parametrize("engine", ["lean", "batched", "stream"])
 @pytest.mark.parametrize("scheme", ["forward", "central"])
 def test_weights_bit_identical_after_perturbations(cifar, engine, scheme):
     x, y = cifar(0, 16)
