@@ -1,6 +1,10 @@
 """Client memory of one local step, measured: backprop vs zeroth-order dense vs zeroth-order pruned.
 
-Each (model, method, density, engine) runs in its own fresh Python process (``--worker``):
+Each (model, method, density, engine) runs in its own fresh Python process (``--worker``), with
+``GLIBC_TUNABLES`` set to :data:`MALLOC_TUNABLES` (as ``benchmarks/zo_client.py`` does): every
+allocation of 64 KiB or more is its own mapping, returned to the system when freed, so resident
+memory follows the live tensors instead of glibc's heap history (without it one forward pass of
+ResNet-18 reads 40 to 64 MB from run to run; ``--no-malloc-tunables`` measures that way):
 
 1. import torch and the library, ``torch.set_num_threads(--threads)``; record RSS;
 2. build the model (θ0), its mask (a random global mask at the density: which weights are kept
@@ -31,7 +35,7 @@ whole process (RSS, Python and torch included), against the paper's "9x".
 Usage::
 
     python benchmarks/client_memory.py [--quick] [--json PATH] [--models lenet5 resnet20 resnet18]
-        [--engines lean fused stream] [--micro-batch 0 8] [--batch 32 128] [--k 16]
+        [--engines lean fused stream] [--micro-batch 0 4] [--batch 32 128] [--k 16]
         [--optimizer sgd adam] [--threads 1] [--data-dir DIR]
         [--sweep] [--sweep-k 4 16 64] [--sweep-density 0.02 0.1 0.5 1]
 
@@ -65,6 +69,7 @@ if str(ROOT) not in sys.path:
 
 MB = 2**20
 PAPER_RATIO = 9.0
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=65536:glibc.malloc.trim_threshold=131072"
 
 
 def _status_bytes(field: str) -> int:
@@ -189,10 +194,12 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_worker(job: dict[str, Any]) -> dict[str, Any]:
+def run_worker(job: dict[str, Any], tunables: bool = True) -> dict[str, Any]:
     """Run :func:`worker` in a fresh interpreter and return its JSON result."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if tunables:
+        env["GLIBC_TUNABLES"] = MALLOC_TUNABLES
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"worker failed for {job}:\n{proc.stderr[-3000:]}")
@@ -389,7 +396,7 @@ def main() -> int:
         "--micro-batch",
         type=int,
         nargs="+",
-        default=[0, 8],
+        default=[0, 4],
         help="stream engine: examples per forward pass (0 = whole batch); one job per value",
     )
     parser.add_argument("--sweep", action="store_true", help="stream jobs over K and density")
@@ -410,6 +417,11 @@ def main() -> int:
         "--optimizer", nargs="+", default=["sgd", "adam"], choices=["sgd", "momentum", "adam"]
     )
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--no-malloc-tunables",
+        action="store_true",
+        help="run the workers with glibc's default allocator settings",
+    )
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -433,7 +445,7 @@ def main() -> int:
     rows = []
     jobs = plan(args)
     for job in jobs:
-        result = run_worker(job)
+        result = run_worker(job, tunables=not args.no_malloc_tunables)
         rows.append({**job, **result})
         print(
             f"# {job['model']} {label(job)}: extra {result['extra'] / MB:.2f} MB "
@@ -454,6 +466,7 @@ def main() -> int:
             "optimizer": args.optimizer,
             "threads": args.threads,
             "quick": args.quick,
+            "malloc_tunables": "" if args.no_malloc_tunables else MALLOC_TUNABLES,
             "engine_memory_mb": DEFAULT_MEMORY_BUDGET_MB,  # fused: chunk budget
             "micro_batch": args.micro_batch,
             "sweep_k": args.sweep_k if args.sweep else [],

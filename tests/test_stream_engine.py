@@ -148,9 +148,29 @@ def test_workspace_is_the_largest_layer_not_the_model():
     model, space, _ = masked("resnet20", 0.1)
     largest = max(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
     largest_kept = max(space.sizes)
+    # resnet20's largest conv (36,864 weights) unpacks in one piece of 8 * 4,608 bytes.
+    assert largest <= 8 * stream.UNPACK_BYTES
     packed = stream_workspace_bytes(model, space, packed=True)
-    assert packed == 4 * largest + 8 * largest_kept + 8 * ((largest + 7) // 8)
+    assert packed == 4 * largest + 4 * largest_kept + 8 * ((largest + 7) // 8)
+    # A plain model: index tables instead of bitmaps, and one more buffer of kept values.
     assert stream_workspace_bytes(model, space, packed=False) == 4 * largest + 8 * largest_kept
+
+
+def test_bitmaps_unpack_in_pieces(cifar, monkeypatch):
+    # Pieces smaller than a layer give the same weights (resnet20: several pieces per conv).
+    model, space, _ = masked("resnet20", 0.2)
+    x, y = cifar(0, 3)
+    settings = ZOSettings(k=2, sigma=1e-3)
+    whole = StreamModel(*masked("resnet20", 0.2)[:2])
+    monkeypatch.setattr(stream, "UNPACK_BYTES", 64)
+    pieces = StreamModel(model, space)
+    assert pieces._streamer.sizes()[3] == 8 * 64
+    generator = DirectionGenerator(space.sizes, 5)
+    a = whole.loss_differences(x, y, generator, settings)
+    b = pieces.loss_differences(x, y, generator, settings)
+    np.testing.assert_array_equal(a.deltas, b.deltas)
+    with torch.no_grad():
+        assert torch.equal(whole(x), pieces(x))
 
 
 def test_bitmaps_round_trip():

@@ -50,6 +50,7 @@ from fedzo_flwr.zo.settings import ZOSettings
 
 __all__ = [
     "STREAM_LAYERS",
+    "UNPACK_BYTES",
     "StreamModel",
     "micro_batch_loss",
     "stream_engine",
@@ -68,6 +69,9 @@ STREAM_LAYERS: tuple[type[nn.Module], ...] = (
     nn.BatchNorm2d,
 )
 """Layers whose parameters the stream engine can materialise just in time."""
+
+UNPACK_BYTES = 1 << 13
+"""Packed bitmap bytes unpacked at a time (8 x as many weights, 1 B each, in one reused buffer)."""
 
 
 @dataclass
@@ -127,12 +131,22 @@ class _Streamer:
         self.alpha = 0.0
         self._buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    def sizes(self) -> tuple[int, int, int]:
-        """Floats of the scratch buffer, floats of a block, bytes of the unpacked bitmap."""
+    def sizes(self) -> tuple[int, int, int, int]:
+        """Floats of the scratch, a direction block and a layer's kept values; bitmap bytes.
+
+        The kept-values buffer is needed by a plain model with index tables only; the bitmap
+        buffer holds one unpacked piece (at most ``8 * UNPACK_BYTES`` weights).
+        """
         scratch = max(sum(s.numel for s in group) for group in self.by_module.values())
         block = max(s.size for s in self.slots)
+        indexed = [s.size for s in self.slots if s.index is not None and self.values is None]
         packed = [8 * bitmap_bytes(s.numel) for s in self.slots if s.bitmap is not None]
-        return scratch, block, max(packed, default=0)
+        return (
+            scratch,
+            block,
+            max(indexed, default=0),
+            min(max(packed, default=0), 8 * UNPACK_BYTES),
+        )
 
     @contextmanager
     def buffers(self) -> Iterator[None]:
@@ -140,12 +154,12 @@ class _Streamer:
         if self._buffers is not None:
             yield
             return
-        scratch, block, bits = self.sizes()
+        scratch, block, values, bits = self.sizes()
         self._buffers = (
             torch.empty(scratch, dtype=torch.float32),
             torch.empty(block, dtype=torch.float32),  # the direction block u
-            torch.empty(block, dtype=torch.float32),  # one layer's perturbed kept values
-            torch.empty(bits, dtype=torch.uint8),
+            torch.empty(values, dtype=torch.float32),  # a plain model: one layer's kept values
+            torch.empty(bits, dtype=torch.uint8),  # one piece of an unpacked bitmap
         )
         try:
             yield
@@ -184,10 +198,18 @@ class _Streamer:
             else:
                 torch.add(kept, u, alpha=self.alpha, out=out)
             return
-        if u is not None:
-            kept = torch.add(kept, u, alpha=self.alpha, out=vbuf[: slot.size])
+        if u is not None:  # w + σu in place of u: elementwise, the same op as lean's
+            kept = torch.add(kept, u, alpha=self.alpha, out=u)
         out.zero_()
-        out.masked_scatter_(unpack_bits(slot.bitmap, slot.numel, bits), kept)
+        taken = 0
+        for start in range(0, slot.bitmap.numel(), UNPACK_BYTES):
+            piece = slot.bitmap[start : start + UNPACK_BYTES]
+            lo = 8 * start
+            hi = min(lo + 8 * piece.numel(), slot.numel)
+            keep = unpack_bits(piece, hi - lo, bits)
+            count = int(keep.sum())
+            out[lo:hi].masked_scatter_(keep, kept[taken : taken + count])
+            taken += count
 
     def hook(self, module: nn.Module, args: object) -> None:
         """Forward pre-hook: materialise ``module``'s perturbed parameters in the scratch."""
@@ -374,7 +396,7 @@ class StreamModel(nn.Module):
 
 
 def stream_workspace_bytes(model: nn.Module, space: KeptSpace, packed: bool) -> int:
-    """Bytes of the buffers a stream step allocates (scratch, block, values, bitmap).
+    """Bytes of the buffers a stream step allocates (scratch, block, kept values, bitmap piece).
 
     ``packed``: the model is a :class:`StreamModel` (unpacks bitmaps); else a plain model.
     """
@@ -383,8 +405,8 @@ def stream_workspace_bytes(model: nn.Module, space: KeptSpace, packed: bool) -> 
         for slot in slots:
             if slot.index is not None:
                 slot.bitmap = torch.empty(0, dtype=torch.uint8)
-    scratch, block, bits = _Streamer(slots).sizes()
-    return 4 * scratch + 8 * block + bits
+    scratch, block, values, bits = _Streamer(slots, None if not packed else torch.empty(0)).sizes()
+    return 4 * (scratch + block + values) + bits
 
 
 @torch.no_grad()
