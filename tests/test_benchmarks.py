@@ -62,7 +62,7 @@ def test_client_memory_quick_measures_backprop_lean_and_stream(tmp_path, data_di
     rows = result["rows"]
     jobs = {(r["method"], r.get("engine"), r["density"], r.get("micro_batch")) for r in rows}
     zo = {
-        ("zo", e, d, m) for d in (1.0, 0.1) for e, m in (("lean", 0), ("stream", 0), ("stream", 8))
+        ("zo", e, d, m) for d in (1.0, 0.1) for e, m in (("lean", 0), ("stream", 0), ("stream", 4))
     }
     assert jobs == {("backprop", None, d, None) for d in (1.0, 0.1)} | zo
     # The stream client's analytic weights and mask are exact byte counts of what it holds.
