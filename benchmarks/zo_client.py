@@ -55,6 +55,9 @@ import numpy as np
 import torch
 from machine import cpu_model, data_dir, trim_memory
 
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # this checkout, not an installed one
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from fedzo_flwr.data import load_dataset, to_tensor
 from fedzo_flwr.measure.flops import zo_step_flops
 from fedzo_flwr.measure.memory import PeakMemory
