@@ -69,7 +69,7 @@ def round_estimate(server: ZOServer, updates: list[ClientUpdate]) -> torch.Tenso
             )
             for j, seed in enumerate(seeds)
         ]
-        grad += sum(weights) / total * accumulate_steps(server.space.dim, merged, server.settings)
+        grad += sum(weights) / total * accumulate_steps(server.space.sizes, merged, server.settings)
     return grad
 
 

@@ -57,6 +57,9 @@ import numpy as np
 import torch
 from machine import cpu_model, data_dir, trim_memory
 
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # this checkout, not an installed one
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from fedzo_flwr.data import load_dataset, to_tensor
 from fedzo_flwr.measure.flops import zo_step_flops
 from fedzo_flwr.measure.memory import PeakMemory
@@ -111,7 +114,7 @@ def naive_loss_differences(
     """BAFFLE-style loop: perturb the state dict, forward, restore; one direction at a time."""
     state = model.state_dict(keep_vars=False)
     saved = {name: tensor.clone() for name, tensor in state.items()}
-    generator = DirectionGenerator(space.dim, seed, settings.directions)
+    generator = DirectionGenerator(space.sizes, seed, settings.directions)
     base = float(batch_loss(model(x), y))
     deltas = np.empty(settings.k, dtype=np.float64)
     for k in range(settings.k):

@@ -130,7 +130,7 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, torch.nn.Module, 
         torch.set_num_threads(cfg.client_threads)
     config = msg.content.config_records[protocol.CONFIG_KEY]
     model, space = masked_model(cfg, config, context)
-    space.scatter_(model, received_weights(cfg, msg, context))
+    space.scatter_(model, received_weights(cfg, msg, context, space.sizes))
     return cfg, model, space
 
 
@@ -190,7 +190,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     if protocol.FINGERPRINT_SEED_KEY in config:  # first contact: prove generator agreement
         zo[protocol.FINGERPRINT_KEY] = fingerprint(
-            space.dim, config_value(config, protocol.FINGERPRINT_SEED_KEY, int), cfg.directions
+            space.sizes, config_value(config, protocol.FINGERPRINT_SEED_KEY, int), cfg.directions
         )
     metrics = MetricRecord(
         {

@@ -9,6 +9,8 @@ server's optimizer steps itself and checks each result against the server's hash
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
@@ -37,7 +39,9 @@ def _int(config: ConfigRecord, key: str) -> int:
     return value
 
 
-def received_weights(cfg: RunConfig, msg: Message, context: Context) -> torch.Tensor:
+def received_weights(
+    cfg: RunConfig, msg: Message, context: Context, sizes: Sequence[int]
+) -> torch.Tensor:
     """The global kept weights a train or evaluate message stands for.
 
     Under ``downlink = replay`` a train message's full weights are stored as the node's replay
@@ -51,7 +55,7 @@ def received_weights(cfg: RunConfig, msg: Message, context: Context) -> torch.Te
     """
     config = msg.content.config_records[protocol.CONFIG_KEY]
     if protocol.REPLAY_KEY in config:
-        return _replayed(cfg, config, context)
+        return _replayed(cfg, config, context, sizes)
     arrays = msg.content.array_records[protocol.ARRAYS_KEY]
     kept = torch.from_numpy(arrays[protocol.KEPT_KEY].numpy().copy())
     if cfg.downlink == "replay" and msg.metadata.message_type == "train":
@@ -63,7 +67,9 @@ def received_weights(cfg: RunConfig, msg: Message, context: Context) -> torch.Te
     return kept
 
 
-def _replayed(cfg: RunConfig, config: ConfigRecord, context: Context) -> torch.Tensor:
+def _replayed(
+    cfg: RunConfig, config: ConfigRecord, context: Context, sizes: Sequence[int]
+) -> torch.Tensor:
     meta = context.state.config_records.get(STATE_META)
     stored = context.state.array_records.get(STATE_ARRAYS)
     if meta is None or stored is None:
@@ -84,6 +90,7 @@ def _replayed(cfg: RunConfig, config: ConfigRecord, context: Context) -> torch.T
     # Gaps are rounds the server skipped (no update); a missed update shows as a hash mismatch.
     state = ReplayState.from_arrays(
         {name: array.numpy() for name, array in stored.items()},
+        sizes,
         zo_settings(cfg),
         optimizer_settings(cfg),
         steps=_int(meta, _STEPS),

@@ -109,9 +109,10 @@ class RunConfig(BaseModel):
     fd: Literal["forward", "central"] = "forward"
     directions: Literal["gaussian", "rademacher"] = "gaussian"
     seed_mode: Literal["per-client", "shared"] = "shared"
-    engine: Literal["fused", "lean", "batched"] = "fused"
+    engine: Literal["fused", "lean", "batched", "stream"] = "fused"
     chunk_size: int = Field(0, ge=0)
     engine_memory_mb: float = Field(32.0, gt=0)
+    micro_batch: int = Field(0, ge=0)
     batch_size: int = Field(32, ge=1)
     local_steps: int = Field(1, ge=1)
     local_lr: float = Field(0.01, gt=0)
@@ -244,6 +245,16 @@ class RunConfig(BaseModel):
     def progressive(self) -> bool:
         """Whether the method is progressive block training (``smartfreeze`` or ``profl``)."""
         return self.method in PROGRESSIVE_METHODS
+
+    def _micro_batch_needs_the_stream_engine(self) -> RunConfig:
+        # Only the stream engine evaluates a batch in parts; any other would ignore the key.
+        if self.micro_batch and self.engine != "stream":
+            raise ValueError(
+                f"keys 'micro-batch' and 'engine': micro-batch={self.micro_batch} splits the "
+                f"batch of the stream engine only, and engine={self.engine!r} would ignore it; "
+                "use engine='stream' or micro-batch=0"
+            )
+        return self
 
     @property
     def pruned(self) -> bool:

@@ -1,31 +1,31 @@
 """Every seed stream of fedzo-flwr, in one place.
 
 Every random draw comes from a generator seeded with :func:`derive_seed` of a parent seed and a
-stream key. The keys are n    ed here and nowhere else, so two streams can never collide by
+stream key. The keys are named here and nowhere else, so two streams can never collide by
 accident and a reader finds what seeds what on one page:
 
-============================  =======================================  ===========================
-stream                        seed                                     used for
-============================  =======================================  ===========================
-:func:`model_seed`            ``(run seed, "model")``                  θ0, the initial weights
-:func:`pruning_seed`          ``(run seed, "prune")``                  every draw of the pruner
-:func:`fingerprint_seed`      ``(run seed, "fing")``                   the generator check
-:func:`round_seed`            ``(run seed, round)``                    the round's broadcast seed
-:func:`client_step_seeds`     ``(round seed, slot, step)``             a client's local ZO steps
-:func:`direction_seed`        ``(step seed, k)``                       direction ``u_k`` of a step
-:func:`batch_seed`            ``(step seed, "batc", partition)``       a ZO client's mini-batch
-:func:`fedavg_batches_seed`   ``(round seed, "fp", partition)``        a FedAvg client's batches
-:func:`prune_batch_seed`      ``(pruning seed, "da", partition)``      client examples to score
-:func:`node_sample_seed`      ``(run seed, round, "samp")``            the nodes of a round
-:func:`evaluate_sample_seed`  ``(run seed, round, "eval")``            nodes evaluating a round
-============================  =======================================  ===========================
+==============================  =======================================  ===========================
+stream                          seed                                     used for
+==============================  =======================================  ===========================
+:func:`model_seed`              ``(run seed, "model")``                  θ0, the initial weights
+:func:`pruning_seed`            ``(run seed, "prune")``                  every draw of the pruner
+:func:`fingerprint_seed`        ``(run seed, "fing")``                   the generator check
+:func:`round_seed`              ``(run seed, round)``                    the round's broadcast seed
+:func:`client_step_seeds`       ``(round seed, slot, step)``             a client's local ZO steps
+:func:`direction_block_seed`    ``(step seed, k, tensor)``               block ``t`` of ``u_k``
+:func:`batch_seed`              ``(step seed, "batc", partition)``       a ZO client's mini-batch
+:func:`fedavg_batches_seed`     ``(round seed, "fp", partition)``        a FedAvg client's batches
+:func:`prune_batch_seed`        ``(pruning seed, "da", partition)``      client examples to score
+:func:`node_sample_seed`        ``(run seed, round, "samp")``            the nodes of a round
+:func:`evaluate_sample_seed`    ``(run seed, round, "eval")``            nodes evaluating a round
+==============================  =======================================  ===========================
 
 The integer tags are ASCII spelled as hex (``0x6D6F64656C`` = ``"model"``), kept as integers so
 that every stream is bit-identical to the releases that introduced it. The pruners' own
 sub-streams (``"ntk-sap/inputs"``, ``"ntk-sap/weights"``, ``"random-mask"``) are string keys
 under :func:`pruning_seed`, defined next to the code that draws them.
 
-:func:`derive_seed` hashes    he keys with BLAKE2b, so it is identical on every platform and
+:func:`derive_seed` hashes the keys with BLAKE2b, so it is identical on every platform and
 Python version (unlike ``hash()``) and different key tuples give unrelated streams.
 """
 
@@ -112,9 +112,14 @@ def client_step_seeds(
     return [derive_seed(seed_of_round, slot, step) for step in range(local_steps)]
 
 
-def direction_seed(step_seed: int, k: int) -> int:
-    """Seed of direction ``u_k`` of the step seeded ``step_seed``."""
-    return derive_seed(step_seed, k)
+def direction_block_seed(step_seed: int, k: int, tensor: int) -> int:
+    """Seed of the block of direction ``u_k`` that covers KeptSpace tensor ``tensor``.
+
+    Direction ``k`` of a step is the concatenation, in KeptSpace order, of one block per
+    tensor, each drawn from its own generator: any layer's block can be drawn alone
+    (protocol version 2; version 1 drew a direction whole from ``(step seed, k)``).
+    """
+    return derive_seed(step_seed, k, tensor)
 
 
 def batch_seed(step_seed: int, partition_id: int) -> int:

@@ -71,7 +71,7 @@ class FedZO(MaskedRounds[protocol.ParsedReply]):
         # Generator agreement: the fingerprint every node must reproduce at first contact.
         self.fingerprint_seed = fingerprint_seed(self.cfg.seed)
         self.expected_fingerprint = fingerprint(
-            server.space.dim, self.fingerprint_seed, self.cfg.directions
+            server.space.sizes, self.fingerprint_seed, self.cfg.directions
         )
         self.refused_nodes: dict[int, str] = {}
         # downlink = replay: nodes that hold the previous weights get the missed rounds' updates.

@@ -63,8 +63,7 @@ def test_a_client_claiming_huge_example_counts_cannot_set_the_update():
     got = [g.share for g in server.last_update.groups]
     assert max(got) == 0.5  # per-client seeds: one group per client; the liar is capped
     settings = zo_settings(server.cfg)
-    dim = server.space.dim
-    liar_direction = accumulate_steps(dim, liar.steps, settings)
+    liar_direction = accumulate_steps(server.space.sizes, liar.steps, settings)
     step = before - server.kept_values()
     cosine = float(torch.nn.functional.cosine_similarity(step, liar_direction, dim=0))
     assert cosine < 0.9  # without the cap the step would be the liar's estimate (cosine 1)

@@ -139,3 +139,42 @@ def test_zo_progressive_quick_counts_flops_and_dimensions_per_stage(tmp_path, da
     assert stages[2]["flops_prefix"] + stages[2]["flops_pass"] == full["flops_pass"]
     assert all(s["dim"] < full["dim"] and s["flops"] < full["flops"] for s in stages)
     assert result["machine"]["load_before"] and result["machine"]["load_after"]
+
+
+def test_client_memory_quick_measures_backprop_lean_and_stream(tmp_path, data_dir):
+    from fedzo_flwr.models import build_model
+    from fedzo_flwr.pruning import prune
+    from fedzo_flwr.sparse.mask import prunable_parameters
+    from fedzo_flwr.sparse.space import KeptSpace
+
+    result = run_benchmark("client_memory.py", tmp_path / "memory.json", data_dir)
+    rows = result["rows"]
+    jobs = {(r["method"], r.get("engine"), r["density"], r.get("micro_batch")) for r in rows}
+    zo = {
+        ("zo", e, d, m) for d in (1.0, 0.1) for e, m in (("lean", 0), ("stream", 0), ("stream", 4))
+    }
+    assert jobs == {("backprop", None, d, None) for d in (1.0, 0.1)} | zo
+    # The stream client's analytic weights and mask are exact byte counts of what it holds.
+    model = build_model("lenet5", seed=3407)
+    mask = prune("random", model, "lenet5", 0.1, seed=0)
+    kept = KeptSpace(model, mask).dim
+    bitmaps = sum((p.numel() + 7) // 8 for _, p in prunable_parameters(model))
+    for row in rows:
+        assert row["extra"] > 0 and row["step_peak_rss"] > row["rss_idle"] > 0, row
+        if row.get("engine") != "stream":
+            continue
+        analytic = row["analytic"]
+        if row["density"] == 1.0:
+            assert (analytic["weights"], analytic["mask"]) == (4 * row["param_count"], 0)
+        else:
+            assert (analytic["weights"], analytic["mask"]) == (4 * kept, bitmaps)
+    micro = {r["density"]: r for r in rows if r.get("micro_batch") == 4}
+    whole = {r["density"]: r for r in rows if r.get("engine") == "stream" and not r["micro_batch"]}
+    for density, row in micro.items():  # an eighth of the batch per pass: fewer activations
+        assert row["analytic"]["activations"] < whole[density]["analytic"]["activations"]
+    assert {v["zo"] for v in result["speed"]} == {
+        "ZO dense (stream)",
+        "ZO dense (stream, micro-batch 4)",
+        "ZO pruned d=0.1 (stream)",
+        "ZO pruned d=0.1 (stream, micro-batch 4)",
+    }

@@ -30,3 +30,18 @@ def test_other_combinations_are_accepted(aggregation: str, seed_mode: str) -> No
 def test_single_key_errors_still_name_the_key() -> None:
     with pytest.raises(ConfigError, match=r"key 'aggregation': .*\(got 'mode'\)"):
         RunConfig.from_run_config({"aggregation": "mode"})
+
+
+@pytest.mark.parametrize("engine", ["fused", "lean", "batched"])
+def test_micro_batch_without_the_stream_engine_is_rejected(engine: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        RunConfig.from_run_config({"micro-batch": 8, "engine": engine})
+    message = str(raised.value)
+    assert "'micro-batch'" in message and "'engine'" in message and repr(engine) in message
+
+
+def test_micro_batch_with_the_stream_engine_is_accepted() -> None:
+    cfg = RunConfig.from_run_config({"micro-batch": 8, "engine": "stream"})
+    assert (cfg.micro_batch, cfg.engine) == (8, "stream")
+    with pytest.raises(ConfigError, match=r"key 'micro-batch': .*\(got -1\)"):
+        RunConfig.from_run_config({"micro-batch": -1, "engine": "stream"})

@@ -180,7 +180,7 @@ def test_perturbed_weights_are_bit_identical_to_lean(cifar, monkeypatch):
     # The fused engine builds w + σu exactly as lean does (torch.add with alpha).
     model, space, _ = masked(build_model("lenet5", seed=5), 0.5)
     theta = space.gather(model)
-    direction = DirectionGenerator(space.dim, 11).direction(2)
+    direction = DirectionGenerator(space.sizes, 11).direction(2)
     rows = {}
     original = fast_engine.ChunkWeights.get
 
@@ -235,7 +235,7 @@ def test_parallel_workers_give_the_same_deltas_and_restore_threads(cifar):
     threads = torch.get_num_threads()
     results = []
     for workers in (1, 2, 3):
-        gen = DirectionGenerator(space.dim, 4)
+        gen = DirectionGenerator(space.sizes, 4)
         deltas, _, chunk = fast_engine.fused_loss_differences(
             model, space, x, y, gen, settings, batch_loss, 2, None, workers
         )
@@ -267,7 +267,7 @@ def test_fused_step_never_changes_torch_threads(cifar):
     try:
         for workers in (None, 1, 2):
             seen.clear()
-            gen = DirectionGenerator(space.dim, 4)
+            gen = DirectionGenerator(space.sizes, 4)
             fast_engine.fused_loss_differences(
                 model, space, x, y, gen, settings, loss_fn, 2, None, workers
             )
@@ -343,7 +343,7 @@ def test_chunk_for_budget_arithmetic():
 
 @pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
 def test_threaded_direction_blocks_are_bit_identical(kind):
-    gen = DirectionGenerator(3001, 99, kind)
+    gen = DirectionGenerator([1000, 0, 2001], 99, kind)
     single = gen.block(5, 22, threads=1)
     for threads in (2, 3, 17, 40):
         assert torch.equal(gen.block(5, 22, threads=threads), single)
@@ -403,11 +403,11 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, match):
 
 
 def test_bad_block_threads_raise():
-    gen = DirectionGenerator(10, 1)
+    gen = DirectionGenerator([10], 1)
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="threads"):
             gen.block(0, 4, threads=bad)
 
 
 def test_engines_listed():
-    assert set(ENGINES) == {"lean", "batched", "fused"}
+    assert set(ENGINES) == {"lean", "batched", "fused", "stream"}

@@ -164,6 +164,24 @@ def test_per_client_mode_with_local_steps(tmp_path, data_dir):
     assert all(min(r["uplink_bytes"]["per_client"].values()) > 160 for r in entries)
 
 
+def test_stream_engine_through_the_apps_trains_like_lean(tmp_path, data_dir):
+    # The engine is chosen by the run config alone; two local steps exercise the client's
+    # local SGD between stream steps, micro-batches the loss in parts.
+    runs = {}
+    for engine, extra in (("lean", {}), ("stream", {"micro-batch": 8})):
+        _, results, _ = run_inprocess(
+            tmp_path / engine,
+            data_dir,
+            num_nodes=2,
+            **{"engine": engine, "num-server-rounds": 2, "local-steps": 2, **extra},
+        )
+        runs[engine] = [r for r in results["rounds"] if r["round"]]
+    for lean, streamed in zip(runs["lean"], runs["stream"], strict=True):
+        assert streamed["train_loss"] == pytest.approx(lean["train_loss"], rel=1e-5)
+        assert streamed["uplink_bytes"] == lean["uplink_bytes"]
+        assert streamed["downlink_bytes"] == lean["downlink_bytes"]
+
+
 @pytest.mark.parametrize("method", ["zo-pruned", "fedavg"])
 def test_node_that_lost_its_mask_gets_it_again(tmp_path, data_dir, method):
     from client_app import client_app as client_module

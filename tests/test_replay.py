@@ -58,7 +58,9 @@ def fake_updates(server: ZOServer, server_round: int, clients: int) -> list[Clie
 def test_replaying_client_stays_bit_identical_over_30_rounds(overrides):
     server = make_server(**overrides)
     settings = zo_settings(server.cfg)
-    client = ReplayState(server.kept_values().clone(), settings, optimizer_settings(server.cfg))
+    client = ReplayState(
+        server.kept_values().clone(), server.space.sizes, settings, optimizer_settings(server.cfg)
+    )
     for server_round in range(1, 31):
         server.apply_round(fake_updates(server, server_round, clients=4), server_round)
         update = server.last_update
@@ -76,14 +78,14 @@ def test_server_gradient_is_the_replayed_gradient():
     server.apply_round(updates, 1)
     update = server.last_update
     assert update is not None and len(update.groups) == 1  # shared seeds: one group
-    grad = round_gradient(server.space.dim, update.groups, zo_settings(server.cfg))
+    grad = round_gradient(server.space.sizes, update.groups, zo_settings(server.cfg))
     assert torch.equal(before - grad, server.kept_values())
     # ... and it is the example-weighted mean of the clients' own estimates (up to rounding).
     total = sum(u.num_examples for u in updates)
     expected = sum(
         u.num_examples
         / total
-        * accumulate_steps(server.space.dim, u.steps, zo_settings(server.cfg))
+        * accumulate_steps(server.space.sizes, u.steps, zo_settings(server.cfg))
         for u in updates
     )
     scale = float(expected.abs().max())  # float32 sums in another order: relative to the scale
@@ -101,14 +103,17 @@ def test_coefficients_reproduce_estimate_gradient_exactly():
         .astype(np.float32)
         .reshape(1, -1),
     )
-    direct = estimate_gradient(server.space.dim, step, settings)
-    assert torch.equal(round_gradient(server.space.dim, [group], settings), direct)
+    direct = estimate_gradient(server.space.sizes, step, settings)
+    assert torch.equal(round_gradient(server.space.sizes, [group], settings), direct)
 
 
 def test_corrupted_client_state_is_detected_by_the_hash():
     server = make_server(**{"optimizer": "adam"})
     client = ReplayState(
-        server.kept_values().clone(), zo_settings(server.cfg), optimizer_settings(server.cfg)
+        server.kept_values().clone(),
+        server.space.sizes,
+        zo_settings(server.cfg),
+        optimizer_settings(server.cfg),
     )
     server.apply_round(fake_updates(server, 1, clients=2), 1)
     assert server.last_update is not None and client.apply(server.last_update)
@@ -124,13 +129,17 @@ def test_lost_optimizer_state_is_detected():
     for r in (1, 2):
         server.apply_round(fake_updates(server, r, clients=2), r)
     fresh = ReplayState(
-        server.kept_values().clone(), zo_settings(server.cfg), optimizer_settings(server.cfg)
+        server.kept_values().clone(),
+        server.space.sizes,
+        zo_settings(server.cfg),
+        optimizer_settings(server.cfg),
     )
     server.apply_round(fake_updates(server, 3, clients=2), 3)
     assert server.last_update is not None and not fresh.apply(server.last_update)
     # Handed the server's optimizer state with the weights, a client agrees again.
     healed = ReplayState(
         server.kept_values().clone(),
+        server.space.sizes,
         zo_settings(server.cfg),
         optimizer_settings(server.cfg),
         optimizer_state=server.state_dict(),
@@ -204,6 +213,7 @@ def test_history_is_bounded_and_serves_the_missed_rounds():
         replica.apply_round(fake_updates(replica, r, clients=2), r)
     client = ReplayState(
         replica.kept_values().clone(),
+        replica.space.sizes,
         zo_settings(replica.cfg),
         optimizer_settings(replica.cfg),
         optimizer_state=replica.state_dict(),
@@ -241,14 +251,18 @@ def test_history_survives_a_checkpoint(tmp_path):
 def test_state_survives_as_arrays_and_costs_1x_2x_3x_the_kept_values(name):
     server = make_server(**{"optimizer": name})
     opt = optimizer_settings(server.cfg)
-    client = ReplayState(server.kept_values().clone(), zo_settings(server.cfg), opt)
+    client = ReplayState(
+        server.kept_values().clone(), server.space.sizes, zo_settings(server.cfg), opt
+    )
     for r in (1, 2):
         server.apply_round(fake_updates(server, r, clients=2), r)
         assert server.last_update is not None and client.apply(server.last_update)
     arrays = client.arrays()
     floats = sum(a.size for a in arrays.values() if a.ndim == 1)
     assert floats == {"sgd": 1, "momentum": 2, "adam": 3}[name] * server.space.dim
-    restored = ReplayState.from_arrays(arrays, zo_settings(server.cfg), opt, steps=2)
+    restored = ReplayState.from_arrays(
+        arrays, server.space.sizes, zo_settings(server.cfg), opt, steps=2
+    )
     server.apply_round(fake_updates(server, 3, clients=2), 3)
     assert server.last_update is not None and restored.apply(server.last_update)
     assert torch.equal(restored.weights, server.kept_values())

@@ -14,7 +14,8 @@ import torch
 from torch.nn.functional import cosine_similarity
 
 from fedzo_flwr.models import build_model
-from fedzo_flwr.seeding import derive_seed
+from fedzo_flwr.protocol.keys import PROTOCOL_VERSION
+from fedzo_flwr.seeding import derive_seed, direction_block_seed
 from fedzo_flwr.sparse.mask import apply_mask_, global_topk_mask, prunable_parameters
 from fedzo_flwr.sparse.space import KeptSpace
 from fedzo_flwr.zo.directions import DirectionGenerator, fingerprint
@@ -86,30 +87,66 @@ def test_derive_seed_is_stable_and_distinct():
 
 @pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
 def test_directions_regenerate_identically(kind):
-    a = DirectionGenerator(5000, 11, kind)
-    b = DirectionGenerator(5000, 11, kind)
+    layout = [3000, 7, 0, 1993]
+    a = DirectionGenerator(layout, 11, kind)
+    b = DirectionGenerator(layout, 11, kind)
     # Any order, any subset: direction k depends on (seed, k) only.
     assert torch.equal(a.direction(7), b.block(0, 10)[7])
     assert not torch.equal(a.direction(0), a.direction(1))
-    assert not torch.equal(a.direction(0), DirectionGenerator(5000, 12, kind).direction(0))
+    assert not torch.equal(a.direction(0), DirectionGenerator(layout, 12, kind).direction(0))
     block = a.block(3, 9)
     assert block.shape == (6, 5000)
     assert torch.equal(block[2], b.direction(5))
+    # Direction k is the concatenation of per-tensor blocks, each drawable alone.
+    for t, (start, size) in enumerate(zip(a.offsets, a.sizes)):
+        assert torch.equal(b.tensor_block(7, t), a.direction(7)[start : start + size])
+    # ... from its own generator, seeded (seed, k, tensor): not a slice of one long stream.
+    whole = DirectionGenerator([5000], 11, kind).direction(7)
+    assert not torch.equal(a.direction(7)[3007:], whole[3007:])
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_direction_block_is_its_own_seeded_stream(kind):
+    # Block t of direction k = the block a one-tensor layout draws from seed (seed, k, t).
+    gen = DirectionGenerator([40, 70], 21, kind)
+    block_seed = direction_block_seed(21, 5, 1)
+    if kind == "gaussian":
+        expected = torch.randn(70, generator=torch.Generator().manual_seed(block_seed))
+    else:
+        words = np.random.Philox(key=block_seed).random_raw(2)
+        bits = np.unpackbits(words.astype("<u8").view(np.uint8), bitorder="little")[:70]
+        expected = torch.from_numpy(1.0 - 2.0 * bits.astype(np.float32))
+    assert torch.equal(gen.tensor_block(5, 1), expected)
+    assert block_seed == derive_seed(21, 5, 1)
+
+
+def test_direction_layout_is_checked():
+    with pytest.raises(TypeError, match="sizes must be a sequence"):
+        DirectionGenerator(100, 1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="non-negative ints"):
+        DirectionGenerator([10, -1], 1)
+    with pytest.raises(ValueError, match="at least one coordinate"):
+        DirectionGenerator([0, 0], 1)
 
 
 def test_direction_statistics():
-    g = DirectionGenerator(200_000, 5, "gaussian").direction(0)
+    g = DirectionGenerator([150_000, 50_000], 5, "gaussian").direction(0)
     assert abs(float(g.mean())) < 0.01 and abs(float(g.std()) - 1) < 0.01
-    r = DirectionGenerator(200_001, 5, "rademacher").direction(0)
+    r = DirectionGenerator([200_001], 5, "rademacher").direction(0)
     assert set(r.unique().tolist()) == {-1.0, 1.0}
     assert abs(float(r.mean())) < 0.01
 
 
 def test_rademacher_fingerprint_is_golden_everywhere():
     # Integer-exact generator: this hash must hold on every platform (x86, ARM, any numpy>=1.17).
+    # Protocol version 2 (per-tensor blocks); a three-tensor layout with an empty tensor.
+    assert (
+        fingerprint([600, 0, 400], 42, "rademacher")
+        == "a63ad0ca2b5f7e84ea9f5da70775e8a52a3309f189a9de1de29e1b93a78aebd4"
+    )
     assert (
         fingerprint(1000, 42, "rademacher")
-        == "50cc50d35084f00a6c0a953f0076f55efb71a2704799a2539d183edddd5b0c4c"
+        == "d65f323cc260359b9ddef38077d1b037d41b6ee72d88fbb5a78ec0a9ae1b72a4"
     )
 
 
@@ -117,7 +154,7 @@ def test_rademacher_fingerprint_is_golden_everywhere():
 def test_gaussian_fingerprint_is_golden_on_x86_64():
     assert (
         fingerprint(1000, 42, "gaussian")
-        == "000486d7c4dcbd7da557f5d3c91e2cb791d02d92ed56995df7b83d156edfb274"
+        == "772d62d0a8d5aebdc7ae65bc7afae1aa8fdbadcdc54310b5dfe116ab7e474ef2"
     )
 
 
@@ -127,19 +164,30 @@ def test_fingerprint_depends_on_every_argument():
     assert base != fingerprint(101, 1, "gaussian")
     assert base != fingerprint(100, 2, "gaussian")
     assert base != fingerprint(100, 1, "rademacher")
+    assert base == fingerprint([100], 1, "gaussian")  # an int is the one-tensor layout
+    assert base != fingerprint([60, 40], 1, "gaussian")  # the layout is covered
+
+
+def test_fingerprint_covers_the_protocol_version(monkeypatch):
+    from fedzo_flwr.zo import directions
+
+    base = fingerprint([60, 40], 1, "rademacher")
+    monkeypatch.setattr(directions, "PROTOCOL_VERSION", PROTOCOL_VERSION + 1)
+    assert fingerprint([60, 40], 1, "rademacher") != base
 
 
 # ------------------------------------------------------------------------------ estimator
 
 
-def test_loss_difference_is_autograd_directional_derivative(cifar):
+@pytest.mark.parametrize("engine", ["lean", "fused", "stream"])
+def test_loss_difference_is_autograd_directional_derivative(cifar, engine):
     # lenet-gn is smooth apart from max-pool; forward differences at σ=1e-4 match ∇L·u closely.
     x, y = cifar(0, 32)
     model, space, _ = masked_model("lenet-gn", 1.0)
     settings = ZOSettings(k=64, sigma=1e-4)
-    result = loss_differences(model, space, x, y, seed=3, settings=settings)
+    result = loss_differences(model, space, x, y, seed=3, settings=settings, engine=engine)
     grad = autograd_gradient(model, space, x, y)
-    gen = DirectionGenerator(space.dim, 3)
+    gen = DirectionGenerator(space.sizes, 3)
     exact = np.array([float(grad @ gen.direction(k)) for k in range(64)])
     estimate = result.deltas / settings.sigma
     assert np.linalg.norm(estimate - exact) / np.linalg.norm(exact) < 1e-2
@@ -149,29 +197,31 @@ def test_loss_difference_is_autograd_directional_derivative(cifar):
     assert result.forward_passes == 65
 
 
-def test_central_difference_is_more_accurate_than_forward(cifar):
+@pytest.mark.parametrize("engine", ["lean", "stream"])
+def test_central_difference_is_more_accurate_than_forward(cifar, engine):
     x, y = cifar(32, 32)
     model, space, _ = masked_model("lenet5", 1.0)
     grad = autograd_gradient(model, space, x, y)
-    gen = DirectionGenerator(space.dim, 4)
+    gen = DirectionGenerator(space.sizes, 4)
     exact = np.array([float(grad @ gen.direction(k)) for k in range(48)])
     errors = {}
     for scheme in ("forward", "central"):
         settings = ZOSettings(k=48, sigma=1e-3, scheme=scheme)
-        result = loss_differences(model, space, x, y, seed=4, settings=settings)
+        result = loss_differences(model, space, x, y, 4, settings, engine=engine)
         estimate = result.deltas / settings.difference_scale
         errors[scheme] = np.linalg.norm(estimate - exact) / np.linalg.norm(exact)
     assert errors["central"] < errors["forward"] < 0.5
 
 
-def single_estimate_cosine(model, space, x, y, k, seed):
+def single_estimate_cosine(model, space, x, y, k, seed, engine="lean"):
     settings = ZOSettings(k=k, sigma=1e-4)
-    deltas = loss_differences(model, space, x, y, seed, settings).deltas
-    g_hat = estimate_gradient(space.dim, ScalarStep(seed, deltas), settings)
+    deltas = loss_differences(model, space, x, y, seed, settings, engine=engine).deltas
+    g_hat = estimate_gradient(space.sizes, ScalarStep(seed, deltas), settings)
     return float(cosine_similarity(g_hat, autograd_gradient(model, space, x, y), dim=0))
 
 
-def test_cosine_follows_sqrt_k_over_k_plus_n_and_pruning_helps(cifar):
+@pytest.mark.parametrize("engine", ["lean", "stream"])
+def test_cosine_follows_sqrt_k_over_k_plus_n_and_pruning_helps(cifar, engine):
     """The paper's core claim, on lenet5 with a real CIFAR-10 batch.
 
     For Gaussian directions cos(ĝ, ∇L) ≈ sqrt(K / (K + n + 1)) with n the perturbed (kept)
@@ -182,7 +232,9 @@ def test_cosine_follows_sqrt_k_over_k_plus_n_and_pruning_helps(cifar):
     measured, predicted = {}, {}
     for density in (1.0, 0.05):
         model, space, _ = masked_model("lenet5", density)
-        cosines = [single_estimate_cosine(model, space, x, y, k, seed) for seed in (1, 2, 3)]
+        cosines = [
+            single_estimate_cosine(model, space, x, y, k, seed, engine) for seed in (1, 2, 3)
+        ]
         measured[density] = float(np.mean(cosines))
         predicted[density] = math.sqrt(k / (k + space.dim + 1))
     assert predicted[1.0] == pytest.approx(0.0801, abs=1e-3)  # n = 62,006
@@ -202,14 +254,14 @@ def test_estimate_converges_to_autograd_gradient(cifar):
     cosines = []
     for k in (250, 1000, 4000):
         sub = ZOSettings(k=k, sigma=1e-4)
-        g_hat = estimate_gradient(space.dim, ScalarStep(9, deltas[:k]), sub)
+        g_hat = estimate_gradient(space.sizes, ScalarStep(9, deltas[:k]), sub)
         cosines.append(float(cosine_similarity(g_hat, grad, dim=0)))
         assert cosines[-1] == pytest.approx(math.sqrt(k / (k + 855)), rel=0.1)
     assert cosines[0] < cosines[1] < cosines[2]
     assert cosines[2] > 0.85
 
 
-@pytest.mark.parametrize("engine", ["lean", "batched"])
+@pytest.mark.parametrize("engine", ["lean", "batched", "stream"])
 @pytest.mark.parametrize("scheme", ["forward", "central"])
 def test_weights_bit_identical_after_perturbations(cifar, engine, scheme):
     x, y = cifar(0, 16)
@@ -243,12 +295,12 @@ def test_server_reconstruction_equals_client_estimate_exactly(cifar):
     client_model, client_space, mask = masked_model("lenet5", 0.1, seed=4)
     settings = ZOSettings(k=50, sigma=1e-4)
     deltas = loss_differences(client_model, client_space, x, y, 77, settings).deltas
-    client_estimate = estimate_gradient(client_space.dim, ScalarStep(77, deltas), settings)
+    client_estimate = estimate_gradient(client_space.sizes, ScalarStep(77, deltas), settings)
     # The server owns its own model instance; only the seed and the float32 scalars travel.
     server_model = build_model("lenet5", seed=4)
     server_space = KeptSpace(server_model, mask)
     wire = np.frombuffer(deltas.astype("<f4").tobytes(), dtype="<f4")
-    server_estimate = estimate_gradient(server_space.dim, ScalarStep(77, wire), settings)
+    server_estimate = estimate_gradient(server_space.sizes, ScalarStep(77, wire), settings)
     assert torch.equal(client_estimate, server_estimate)
     # Restricted to the mask: it expands to exact zeros at pruned entries.
     for name, dense in server_space.expand(server_estimate).items():
@@ -264,10 +316,10 @@ def test_shared_seed_scalars_aggregate_before_one_reconstruction(cifar):
         x, y = cifar(300 + 40 * c, size)
         deltas.append(loss_differences(model, space, x, y, 13, settings).deltas)
     combined = aggregate_deltas(deltas, sizes, k=30)
-    once = estimate_gradient(space.dim, ScalarStep(13, combined), settings)
+    once = estimate_gradient(space.sizes, ScalarStep(13, combined), settings)
     weights = np.array(sizes) / sum(sizes)
     separately = sum(
-        w * estimate_gradient(space.dim, ScalarStep(13, d), settings)
+        w * estimate_gradient(space.sizes, ScalarStep(13, d), settings)
         for w, d in zip(weights, deltas)
     )
     torch.testing.assert_close(once, separately, rtol=1e-5, atol=1e-6)
@@ -284,7 +336,7 @@ def test_local_steps_replay_exactly_on_the_server(cifar):
     )
     assert [s.seed for s in steps] == seeds and len(results) == 4
     # The client's weights when it took its last step = the server's replay of the first three.
-    server_theta = replay(theta0.clone(), steps[:-1], settings, lr=0.05)
+    server_theta = replay(theta0.clone(), space.sizes, steps[:-1], settings, lr=0.05)
     assert torch.equal(server_theta, space.gather(model))
     assert not torch.equal(server_theta, theta0)
     # And the server can recompute that last step's scalars from the replayed weights.
@@ -293,7 +345,7 @@ def test_local_steps_replay_exactly_on_the_server(cifar):
     space.scatter_(check_model, server_theta)
     again = loss_differences(check_model, space, *cifar(400 + 48, 16), seeds[3], settings)
     np.testing.assert_array_equal(again.deltas, steps[3].deltas)
-    total = accumulate_steps(space.dim, steps, settings)
+    total = accumulate_steps(space.sizes, steps, settings)
     assert total.shape == (space.dim,) and torch.isfinite(total).all()
 
 
@@ -310,7 +362,7 @@ def test_aggregate_deltas_validates_input():
 
 def test_estimate_gradient_rejects_wrong_scalar_count():
     with pytest.raises(ValueError, match="shape \\(5,\\)"):
-        estimate_gradient(10, ScalarStep(1, np.zeros(4)), ZOSettings(k=5, sigma=1e-3))
+        estimate_gradient([10], ScalarStep(1, np.zeros(4)), ZOSettings(k=5, sigma=1e-3))
 
 
 # ---------------------------------------------------------------------- server optimizer

@@ -249,7 +249,9 @@ def test_round_moves_only_the_active_stage_and_replays(data, stage):
     server = StageZOServer(cfg, staged, mask, stage)
     before = frozen_state(staged, stage)
     theta0 = server.server.kept_values().clone()
-    replica = ReplayState(theta0, zo_settings(cfg), optimizer_settings(cfg))
+    replica = ReplayState(
+        theta0, server.active.space.sizes, zo_settings(cfg), optimizer_settings(cfg)
+    )
     x, y = data.x_train[:200], data.y_train[:200]
     result = train_stage_round(cfg, server.active, x, y, server.round_seed(1), partition_id=3)
     # The client's local step between its two steps is undone by the server's downlink: here

@@ -1,4 +1,4 @@
-"""Analytic memory of one client step: backprop (FedAvg) against zeroth-order (lean engine).
+"""Analytic memory of one client step: backprop (FedAvg) against zeroth-order (lean, stream).
 
 The breakdown counts the tensors each kind of step must hold, in bytes, for the model as this
 project stores it (dense float32 tensors with zeros at pruned entries, a ``torch.bool`` mask):
@@ -31,6 +31,17 @@ mask and batch) is the **peak** of those items, not their sum, because some neve
 * zeroth-order ``lean``: each direction is freed before the perturbed forward pass, so the peak
   is ``saved kept values + index tables + max(direction, activations)``.
 
+The ``stream`` engine (:func:`stream_breakdown`) holds the model sparse at rest
+(:class:`~fedzo_flwr.zo.engines.stream.StreamModel`), so its items differ:
+
+* weights: the kept coordinates only (4 B each) and any frozen parameters;
+* mask: a packed bitmap, 1 bit per weight of each partly pruned tensor;
+* activations: the largest input+output of one layer for one **micro-batch**;
+* perturbation: the scratch buffer of the largest layer (4 B per weight, dense), one direction
+  block and one layer's perturbed kept values (4 B per kept weight of the largest tensor each)
+  and the unpacked bitmap of the largest pruned tensor (1 B per weight). Nothing grows with K
+  or with the number of kept weights beyond the largest layer.
+
 The benchmark ``benchmarks/client_memory.py`` measures the same quantity (peak RSS above the
 idle baseline) in an isolated process; it also includes the framework's workspace
 (convolution buffers, allocator slack), which this breakdown leaves out. ``total_bytes`` adds
@@ -52,6 +63,7 @@ __all__ = [
     "MemoryBreakdown",
     "activation_bytes",
     "backprop_breakdown",
+    "stream_breakdown",
     "zo_breakdown",
 ]
 
@@ -187,4 +199,33 @@ def zo_breakdown(model: nn.Module, mask: Mask | None, x: torch.Tensor) -> Memory
         optimizer_state=0,
         perturbation=4 * space.dim + direction + index_bytes,
         overlap=min(direction, peak),  # each direction is freed before its forward pass
+    )
+
+
+def stream_breakdown(
+    model: nn.Module, mask: Mask | None, x: torch.Tensor, micro_batch: int = 0
+) -> MemoryBreakdown:
+    """Analytic memory of one zeroth-order step with the ``stream`` engine (any K).
+
+    ``model`` is the dense masked model the :class:`~fedzo_flwr.zo.engines.stream.StreamModel`
+    is built from (only its shapes and the mask are read); ``micro_batch`` examples per
+    forward pass (0: the whole batch).
+    """
+    from fedzo_flwr.sparse.packed import bitmap_bytes
+    from fedzo_flwr.zo.engines.stream import stream_workspace_bytes
+
+    space = KeptSpace(model, mask)
+    frozen = sum(_nbytes(p) for p in model.parameters() if not p.requires_grad)
+    bitmaps = sum(bitmap_bytes(int(m.numel())) for m in (mask or {}).values() if not bool(m.all()))
+    part = x if micro_batch <= 0 else x[:micro_batch]
+    _, peak = activation_bytes(model, part)
+    return MemoryBreakdown(
+        kind="zeroth-order (stream)",
+        weights=4 * space.dim + frozen,
+        mask=bitmaps,
+        batch=_nbytes(x),
+        activations=peak,
+        gradients=0,
+        optimizer_state=0,
+        perturbation=stream_workspace_bytes(model, space, packed=True),
     )

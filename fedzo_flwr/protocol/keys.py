@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import hashlib
 
+PROTOCOL_VERSION = 2
+"""Version of what the scalars mean. 2: a direction is drawn per KeptSpace tensor, block by
+block (:func:`fedzo_flwr.seeding.direction_block_seed`); 1 drew it whole. The direction
+fingerprint covers it, so nodes of different versions refuse each other at first contact."""
+
 ARRAYS_KEY = "arrays"
 KEPT_KEY = "kept"
 CONFIG_KEY = "config"

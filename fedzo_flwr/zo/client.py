@@ -82,6 +82,7 @@ def train_round(
             engine=cfg.engine,
             chunk_size=cfg.chunk_size or None,
             memory_budget_mb=cfg.engine_memory_mb,
+            micro_batch=cfg.micro_batch,
         )
     seconds = time.perf_counter() - start
     return ClientResult(

@@ -1,15 +1,23 @@
-"""Perturbation directions regenerated from ``(seed, k)``.
+"""Perturbation directions regenerated from ``(seed, k)``, one tensor block at a time.
 
 Directions live in a :class:`~fedzo_flwr.sparse.space.KeptSpace` (kept coordinates only) and are
-never stored K at a time: direction ``k`` of seed ``s`` is drawn from its own generator seeded with
-``derive_seed(s, k)``, so any subset can be regenerated in any order, on any machine.
+never stored K at a time. Direction ``k`` of seed ``s`` is the concatenation, in KeptSpace
+order, of one **block per tensor**: block ``t`` (``sizes[t]`` entries) is drawn from its own
+generator seeded with :func:`~fedzo_flwr.seeding.direction_block_seed` ``(s, k, t)``. Any
+subset of directions can be regenerated in any order, on any machine, and any one layer's block
+can be drawn alone (what the ``stream`` engine does: it never holds a direction whole). The
+layout (the per-tensor sizes) is therefore part of what defines a direction: server and clients
+must use the same one (``KeptSpace.sizes``). This is protocol version 2
+(:data:`~fedzo_flwr.protocol.keys.PROTOCOL_VERSION`); version 1 drew each direction whole.
 
 * ``gaussian`` (default): ``torch.randn`` from a CPU ``torch.Generator``. Bit-exact between two
   machines only with the same torch build and CPU architecture (vectorised ``randn`` paths differ).
-* ``rademacher``: +-1 entries from the integer output of NumPy's counter-based Philox generator,
-  unpacked bit by bit. Integer arithmetic only, hence identical on every platform.
+* ``rademacher``: +-1 entries from the integer output of NumPy's counter-based Philox generator
+  (one stream of 64-bit words per block), unpacked bit by bit. Integer arithmetic only, hence
+  identical on every platform.
 
-:func:`fingerprint` hashes generator output so two machines can check that they agree.
+:func:`fingerprint` hashes the protocol version, the layout and generator output so two machines
+can check that they agree.
 """
 
 from __future__ import annotations
@@ -17,13 +25,15 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
 import torch
 
-from fedzo_flwr.seeding import direction_seed
+from fedzo_flwr.protocol.keys import PROTOCOL_VERSION
+from fedzo_flwr.seeding import direction_block_seed
 
 DirectionKind = Literal["gaussian", "rademacher"]
 DIRECTION_KINDS: tuple[str, ...] = ("gaussian", "rademacher")
@@ -55,40 +65,84 @@ def check_kind(kind: str, name: str = "directions") -> str:
     return kind
 
 
+def check_sizes(sizes: Sequence[int]) -> tuple[int, ...]:
+    """Return ``sizes`` (a direction layout: entries per tensor) as a tuple of ints.
+
+    Every size must be a non-negative int and the total positive.
+    """
+    if isinstance(sizes, (int, str, bytes)) or not isinstance(sizes, Sequence):
+        raise TypeError(
+            f"sizes must be a sequence of ints (KeptSpace.sizes), got {type(sizes).__name__}"
+        )
+    layout = tuple(sizes)
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in layout):
+        raise ValueError(f"sizes must hold non-negative ints, got {list(layout)[:8]}")
+    if sum(layout) < 1:
+        raise ValueError(f"sizes must cover at least one coordinate, got {list(layout)[:8]}")
+    return layout
+
+
 class DirectionGenerator:
-    """Regenerates the perturbation directions of one seed.
+    """Regenerates the perturbation directions of one seed, block by block.
 
     Parameters
     ----------
-    dim : int
-        Number of coordinates (``KeptSpace.dim``).
+    sizes : sequence of int
+        The layout: coordinates per tensor, in KeptSpace order (``KeptSpace.sizes``).
     seed : int
         The round (or step) seed shared by server and clients.
     kind : {"gaussian", "rademacher"}
         Distribution of the entries; both have zero mean and identity covariance.
+
+    Attributes
+    ----------
+    sizes : tuple of int
+        The layout.
+    offsets : tuple of int
+        Where each tensor's block starts in a direction.
+    dim : int
+        Coordinates per direction (``sum(sizes)``).
     """
 
-    def __init__(self, dim: int, seed: int, kind: str = "gaussian") -> None:
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
-        self.dim = dim
+    def __init__(self, sizes: Sequence[int], seed: int, kind: str = "gaussian") -> None:
+        self.sizes = check_sizes(sizes)
+        offsets = [0]
+        for size in self.sizes[:-1]:
+            offsets.append(offsets[-1] + size)
+        self.offsets = tuple(offsets)
+        self.dim = sum(self.sizes)
         self.seed = int(seed)
         self.kind = check_kind(kind)
         self._torch_gen = torch.Generator()
+
+    def tensor_block(self, k: int, tensor: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Block ``tensor`` of direction ``k``: float32, shape ``(sizes[tensor],)``.
+
+        Drawn from its own generator (:func:`~fedzo_flwr.seeding.direction_block_seed`), so it
+        does not depend on any other block; written into ``out`` if given.
+        """
+        size = self.sizes[tensor]
+        if out is None:
+            out = torch.empty(size, dtype=torch.float32)
+        if size == 0:
+            return out
+        sub_seed = direction_block_seed(self.seed, k, tensor)
+        if self.kind == "gaussian":
+            self._torch_gen.manual_seed(sub_seed)
+            torch.randn(size, generator=self._torch_gen, out=out)
+        else:
+            words = np.random.Philox(key=sub_seed).random_raw((size + 63) // 64)
+            bits = np.unpackbits(words.astype("<u8").view(np.uint8), bitorder="little")
+            signs = 1.0 - 2.0 * bits[:size].astype(np.float32)
+            out.copy_(torch.from_numpy(signs))
+        return out
 
     def direction(self, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Direction ``k`` as a float32 ``(dim,)`` tensor, written into ``out`` if given."""
         if out is None:
             out = torch.empty(self.dim, dtype=torch.float32)
-        sub_seed = direction_seed(self.seed, k)
-        if self.kind == "gaussian":
-            self._torch_gen.manual_seed(sub_seed)
-            torch.randn(self.dim, generator=self._torch_gen, out=out)
-        else:
-            words = np.random.Philox(key=sub_seed).random_raw((self.dim + 63) // 64)
-            bits = np.unpackbits(words.astype("<u8").view(np.uint8), bitorder="little")
-            signs = 1.0 - 2.0 * bits[: self.dim].astype(np.float32)
-            out.copy_(torch.from_numpy(signs))
+        for tensor, (start, size) in enumerate(zip(self.offsets, self.sizes)):
+            self.tensor_block(k, tensor, out=out[start : start + size])
         return out
 
     def block(
@@ -100,7 +154,7 @@ class DirectionGenerator:
     ) -> torch.Tensor:
         """Directions ``start..stop-1`` stacked as rows, shape ``(stop - start, dim)``.
 
-        Every row comes from its own generator seeded with ``derive_seed(seed, k)``, so rows can
+        Every row is drawn from its own per-tensor generators (:meth:`tensor_block`), so rows can
         be drawn by several threads at once with bit-identical results. ``threads`` defaults to
         ``torch.get_num_threads()`` for blocks of at least :data:`PARALLEL_MIN_FLOATS` floats
         and 1 otherwise (``torch.randn`` and NumPy's Philox release the GIL while they fill).
@@ -122,7 +176,7 @@ class DirectionGenerator:
             return out[:rows]
 
         def fill(part: int) -> None:
-            worker = DirectionGenerator(self.dim, self.seed, self.kind)
+            worker = DirectionGenerator(self.sizes, self.seed, self.kind)
             lo, hi = part * rows // threads, (part + 1) * rows // threads
             for i in range(lo, hi):
                 worker.direction(start + i, out=out[i])
@@ -132,14 +186,23 @@ class DirectionGenerator:
         return out[:rows]
 
 
-def fingerprint(dim: int, seed: int, kind: str = "gaussian", ks: tuple[int, ...] = (0, 1)) -> str:
-    """SHA-256 (hex) of the float32 little-endian bytes of directions ``ks`` of ``seed``.
+def fingerprint(
+    sizes: int | Sequence[int], seed: int, kind: str = "gaussian", ks: tuple[int, ...] = (0, 1)
+) -> str:
+    """SHA-256 (hex) of the protocol version, the layout and directions ``ks`` of ``seed``.
 
-    Two machines that return the same fingerprint for the same arguments regenerate the same
-    directions; the server uses it to refuse clients whose generator disagrees with its own.
+    The digest covers ``fedzo-directions/v{PROTOCOL_VERSION}/{kind}/{sizes}`` and then the
+    float32 little-endian bytes of each direction. Two machines that return the same
+    fingerprint for the same arguments regenerate the same directions; the server uses it to
+    refuse clients whose generator (or protocol version) disagrees with its own. ``sizes`` is
+    the layout (``KeptSpace.sizes``); a plain int ``n`` stands for the one-tensor layout
+    ``(n,)``, which checks the generator but not the layout.
     """
-    generator = DirectionGenerator(dim, seed, kind)
+    layout: Sequence[int] = (sizes,) if isinstance(sizes, int) else sizes
+    generator = DirectionGenerator(layout, seed, kind)
     digest = hashlib.sha256()
+    header = f"fedzo-directions/v{PROTOCOL_VERSION}/{generator.kind}/"
+    digest.update((header + ",".join(map(str, generator.sizes))).encode())
     for k in ks:
         digest.update(generator.direction(k).numpy().astype("<f4").tobytes())
     return digest.hexdigest()

@@ -2,12 +2,17 @@
 
 The client never runs autograd. For each direction ``u_k`` of the round seed it evaluates the
 mini-batch loss at ``w + σu_k`` (and ``w`` or ``w - σu_k``) and returns only the K loss
-differences. Three engines compute the same numbers (:mod:`fedzo_flwr.zo.engines`, looked up
+differences. Four engines compute the same numbers (:mod:`fedzo_flwr.zo.engines`, looked up
 by name in :data:`~fedzo_flwr.zo.engines.ENGINES`):
 
+* ``stream``: materialises each layer's perturbed weights in one scratch buffer while that
+  layer runs (the stored weights are never written), draws each direction layer by layer and
+  can evaluate the batch in micro-batches (``micro_batch``). Extra memory: the largest layer's
+  weights and one forward pass of a micro-batch — the least (see
+  :mod:`fedzo_flwr.zo.engines.stream`).
 * ``lean``: perturbs the model in place, one direction at a time, and restores the saved kept
   values by copy (bit-exact, no drift). Extra memory: one copy of the kept weights, one direction
-  and one forward pass's activations — for the smallest boards.
+  and one forward pass's activations. Runs any model.
 * ``batched``: evaluates ``chunk_size`` perturbed copies in one vectorised forward pass
   (``torch.func.functional_call`` + ``vmap``); the model is never modified. Memory grows with
   the chunk; on CPU it is slower than ``lean`` (kept as a generic reference).
@@ -65,6 +70,7 @@ def loss_differences(
     chunk_size: int | None = None,
     *,
     memory_budget_mb: float | None = None,
+    micro_batch: int = 0,
 ) -> LossDifferences:
     """Loss differences of ``model`` on batch ``(x, y)`` along the K directions of ``seed``.
 
@@ -80,7 +86,7 @@ def loss_differences(
         Round/step seed; direction ``k`` is regenerated from ``(seed, k)``.
     settings : ZOSettings
         K, σ, difference scheme and direction distribution.
-    engine : {"lean", "batched", "fused"}
+    engine : {"lean", "batched", "fused", "stream"}
         See the module docstring.
     chunk_size : int, optional
         Directions per vectorised forward pass (``batched``: default
@@ -90,6 +96,9 @@ def loss_differences(
         ``fused`` only: ceiling (MiB) on the working set of one chunk (weight copies,
         directions, activations) from which the chunk is derived when ``chunk_size`` is not
         given; default :data:`fedzo_flwr.zo.engines.fused.DEFAULT_MEMORY_BUDGET_MB`.
+    micro_batch : int
+        ``stream`` only: examples per forward pass (0: the whole batch); the loss is the same
+        mean (:func:`~fedzo_flwr.zo.engines.stream.micro_batch_loss`).
 
     Returns
     -------
@@ -113,7 +122,9 @@ def loss_differences(
         raise ValueError(
             f"memory_budget_mb must be a finite number > 0 or None, got {memory_budget_mb!r}"
         )
-    generator = DirectionGenerator(space.dim, seed, settings.directions)
+    if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 0:
+        raise ValueError(f"micro_batch must be an int >= 0, got {micro_batch!r}")
+    generator = DirectionGenerator(space.sizes, seed, settings.directions)
 
     def run(name: str) -> LossDifferences:
         return ENGINES[name](
@@ -125,6 +136,7 @@ def loss_differences(
             settings,
             chunk_size=chunk_size,
             memory_budget_mb=memory_budget_mb,
+            micro_batch=micro_batch,
         )
 
     try:

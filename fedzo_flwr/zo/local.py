@@ -26,6 +26,7 @@ def run_local_steps(
     engine: str = "lean",
     chunk_size: int | None = None,
     memory_budget_mb: float | None = None,
+    micro_batch: int = 0,
 ) -> tuple[list[ScalarStep], list[LossDifferences]]:
     """Take one zeroth-order step per seed and return the ``(seed, deltas)`` of each.
 
@@ -49,7 +50,7 @@ def run_local_steps(
         Estimator settings.
     local_lr : float
         Local SGD learning rate η (unused with a single step).
-    engine, chunk_size, memory_budget_mb
+    engine, chunk_size, memory_budget_mb, micro_batch
         Passed to :func:`~fedzo_flwr.zo.estimator.loss_differences`.
     """
     if len(step_seeds) == 0:
@@ -69,11 +70,12 @@ def run_local_steps(
             engine,
             chunk_size,
             memory_budget_mb=memory_budget_mb,
+            micro_batch=micro_batch,
         )
         step = ScalarStep(int(seed), result.deltas)
         steps.append(step)
         results.append(result)
         if theta is not None and j < len(step_seeds) - 1:
-            theta = local_sgd_step(theta, estimate_gradient(space.dim, step, settings), local_lr)
+            theta = local_sgd_step(theta, estimate_gradient(space.sizes, step, settings), local_lr)
             space.scatter_(model, theta)
     return steps, results

@@ -4,7 +4,8 @@ For K loss differences ``ΔL_k`` of seed ``s`` the estimate is
 
     g = (1/K) Σ_k (ΔL_k / h) u_k,      h = σ (forward) or 2σ (central),
 
-restricted to the kept coordinates (``u_k`` lives in the KeptSpace). It is linear in the
+restricted to the kept coordinates (``u_k`` lives in the KeptSpace, drawn block by block in the
+layout ``sizes`` = ``KeptSpace.sizes``, see :mod:`fedzo_flwr.zo.directions`). It is linear in the
 scalars, so clients that share a seed can be combined **before** reconstruction:
 ``Σ_c p_c g_c = g(Σ_c p_c ΔL_c)``. One reconstruction per round then costs O(K·dim) whatever
 the number of clients. The client uses the very same functions for its local steps, which is what
@@ -44,17 +45,18 @@ def check_deltas(deltas: np.ndarray | Sequence[float], k: int, name: str = "delt
 
 
 def estimate_gradient(
-    dim: int,
+    sizes: Sequence[int],
     step: ScalarStep,
     settings: ZOSettings,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
 ) -> torch.Tensor:
-    """Gradient estimate (float32, shape ``(dim,)``) of one ``(seed, deltas)`` step.
+    """Gradient estimate (float32, shape ``(sum(sizes),)``) of one ``(seed, deltas)`` step.
 
-    Directions are regenerated in blocks of at most ``block_bytes`` and never held K at a time.
+    ``sizes`` is the direction layout (``KeptSpace.sizes``). Directions are regenerated in
+    blocks of at most ``block_bytes`` and never held K at a time.
     """
     coeffs32 = step_coefficients(step.deltas, settings)
-    return gradient_from_coefficients(dim, step.seed, coeffs32, settings.directions, block_bytes)
+    return gradient_from_coefficients(sizes, step.seed, coeffs32, settings.directions, block_bytes)
 
 
 def step_coefficients(deltas: np.ndarray | Sequence[float], settings: ZOSettings) -> np.ndarray:
@@ -68,19 +70,21 @@ def step_coefficients(deltas: np.ndarray | Sequence[float], settings: ZOSettings
 
 
 def gradient_from_coefficients(
-    dim: int,
+    sizes: Sequence[int],
     seed: int,
     coefficients: np.ndarray,
     directions: str,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
 ) -> torch.Tensor:
-    """``Σ_k c_k u_k`` (float32, shape ``(dim,)``) for the directions of ``seed``.
+    """``Σ_k c_k u_k`` (float32, shape ``(sum(sizes),)``) for the directions of ``seed``.
 
-    Accumulated in float64 over blocks of at most ``block_bytes`` of directions.
+    ``sizes`` is the direction layout (``KeptSpace.sizes``). Accumulated in float64 over
+    blocks of at most ``block_bytes`` of directions.
     """
     coeffs32 = torch.from_numpy(np.ascontiguousarray(coefficients, dtype=np.float32))
     k = int(coeffs32.numel())
-    generator = DirectionGenerator(dim, seed, directions)
+    generator = DirectionGenerator(sizes, seed, directions)
+    dim = generator.dim
     rows = max(1, min(k, block_bytes // (4 * dim)))
     buffer = torch.empty(rows, dim, dtype=torch.float32)
     grad = torch.zeros(dim, dtype=torch.float64)
@@ -148,22 +152,31 @@ def local_sgd_step(theta: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.
     return torch.add(theta, grad, alpha=-lr)
 
 
-def accumulate_steps(dim: int, steps: Sequence[ScalarStep], settings: ZOSettings) -> torch.Tensor:
+def accumulate_steps(
+    sizes: Sequence[int], steps: Sequence[ScalarStep], settings: ZOSettings
+) -> torch.Tensor:
     """Sum of the estimates of several steps: the pseudo-gradient of a multi-step round.
 
     With local SGD at learning rate η, a client that took ``steps`` moved by
     ``-η * accumulate_steps(...)``; the server feeds the sum to its own optimizer.
     """
-    total = torch.zeros(dim, dtype=torch.float32)
+    total = torch.zeros(sum(sizes), dtype=torch.float32)
     for step in steps:
-        total += estimate_gradient(dim, step, settings)
+        total += estimate_gradient(sizes, step, settings)
     return total
 
 
 def replay(
-    theta: torch.Tensor, steps: Sequence[ScalarStep], settings: ZOSettings, lr: float
+    theta: torch.Tensor,
+    sizes: Sequence[int],
+    steps: Sequence[ScalarStep],
+    settings: ZOSettings,
+    lr: float,
 ) -> torch.Tensor:
-    """Replay a client's local SGD trajectory exactly from its ``(seed, deltas)`` steps."""
+    """Replay a client's local SGD trajectory exactly from its ``(seed, deltas)`` steps.
+
+    ``sizes`` is the direction layout of ``theta`` (``KeptSpace.sizes``).
+    """
     for step in steps:
-        theta = local_sgd_step(theta, estimate_gradient(theta.numel(), step, settings), lr)
+        theta = local_sgd_step(theta, estimate_gradient(sizes, step, settings), lr)
     return theta

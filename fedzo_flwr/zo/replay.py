@@ -81,16 +81,20 @@ class RoundUpdate:
         return int(self.groups[0].coefficients.shape[1]) if self.groups else 0
 
 
-def round_gradient(dim: int, groups: Sequence[SeedGroup], settings: ZOSettings) -> torch.Tensor:
+def round_gradient(
+    sizes: Sequence[int], groups: Sequence[SeedGroup], settings: ZOSettings
+) -> torch.Tensor:
     """The round's gradient estimate: ``Σ_groups share · Σ_steps Σ_k c_k u_k`` (float32).
 
-    The one implementation both the server's step and a replaying client use.
+    ``sizes`` is the direction layout (``KeptSpace.sizes``). The one implementation both the
+    server's step and a replaying client use.
     """
+    dim = sum(sizes)
     grad = torch.zeros(dim, dtype=torch.float32)
     for group in groups:
         total = torch.zeros(dim, dtype=torch.float32)
         for seed, coefficients in zip(group.seeds, group.coefficients, strict=True):
-            total += gradient_from_coefficients(dim, seed, coefficients, settings.directions)
+            total += gradient_from_coefficients(sizes, seed, coefficients, settings.directions)
         grad += group.share * total
     return grad
 
@@ -108,6 +112,8 @@ class ReplayState:
     ----------
     weights : Tensor
         The kept weights the client received in full, shape ``(dim,)``.
+    sizes : sequence of int
+        Their direction layout (``KeptSpace.sizes``, summing to ``dim``).
     settings : ZOSettings
         The run's estimator settings (direction kind, K).
     optimizer : OptimizerSettings
@@ -121,10 +127,14 @@ class ReplayState:
     def __init__(
         self,
         weights: torch.Tensor,
+        sizes: Sequence[int],
         settings: ZOSettings,
         optimizer: OptimizerSettings,
         optimizer_state: dict[str, object] | None = None,
     ) -> None:
+        if sum(sizes) != weights.numel():
+            raise ValueError(f"sizes sum to {sum(sizes)} but weights hold {weights.numel()} values")
+        self.sizes = tuple(sizes)
         self.settings = settings
         # The EMA only changes what the server evaluates, never the training weights.
         self.optimizer = ServerOptimizer(weights, dataclasses.replace(optimizer, ema_decay=0.0))
@@ -151,14 +161,14 @@ class ReplayState:
     def from_arrays(
         cls,
         arrays: dict[str, np.ndarray],
+        sizes: Sequence[int],
         settings: ZOSettings,
         optimizer: OptimizerSettings,
         steps: int,
     ) -> ReplayState:
         """Rebuild a state saved with :meth:`arrays` (``steps``: optimizer steps taken so far)."""
-        state = cls(
-            torch.from_numpy(np.array(arrays["kept"], dtype=np.float32)), settings, optimizer
-        )
+        kept = torch.from_numpy(np.array(arrays["kept"], dtype=np.float32))
+        state = cls(kept, sizes, settings, optimizer)
         buffers = {
             name.removeprefix(OPTIMIZER_PREFIX): torch.from_numpy(np.array(value))
             for name, value in arrays.items()
@@ -172,7 +182,7 @@ class ReplayState:
 
     def apply(self, update: RoundUpdate) -> bool:
         """Take ``update``'s step; return whether the result matches the server's hash."""
-        grad = round_gradient(self.weights.numel(), update.groups, self.settings)
+        grad = round_gradient(self.sizes, update.groups, self.settings)
         self.optimizer.step(grad)
         return kept_hash(self.weights) == update.kept_hash
 

@@ -141,7 +141,7 @@ class ZOServer:
                 ]
             )
             seed_groups.append(SeedGroup(sum(weights) / total_weight, seeds, coefficients))
-        grad = round_gradient(self.space.dim, seed_groups, self.settings)
+        grad = round_gradient(self.space.sizes, seed_groups, self.settings)
         grad_norm = float(torch.linalg.vector_norm(grad))
         self.optimizer.step(grad)
         self.space.scatter_(self.model, self.optimizer.weights)

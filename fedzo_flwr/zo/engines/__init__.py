@@ -1,13 +1,18 @@
-"""The client's engines: three ways to compute the same K loss differences of a step.
+"""The client's engines: four ways to compute the same K loss differences of a step.
 
+* ``stream`` (:mod:`.stream`): each layer's weights materialised, perturbed, in one scratch
+  buffer only while that layer runs; directions drawn per layer; optional micro-batches; the
+  model held sparse at rest (:class:`~.stream.StreamModel`). The least memory — for the
+  smallest boards.
 * ``lean`` (:mod:`.lean`): perturbs the model in place, one direction at a time, and restores
-  the saved kept values by copy. The least memory — for the smallest boards.
+  the saved kept values by copy. Runs any model (the fallback).
 * ``batched`` (:mod:`.batched`): chunks of perturbed copies in one ``vmap`` of
   ``functional_call``; a generic reference, slower than ``lean`` on CPU.
 * ``fused`` (:mod:`.fused`): the fastest. The model's forward pass is rewritten (via
   :mod:`torch.fx`) so that a chunk of perturbed copies runs as one wide first layer, grouped
   convolutions and batched matrix products. A model it cannot translate raises
-  :class:`~fedzo_flwr.zo.engines.fused.UnsupportedModel`, and the caller falls back to ``lean``.
+  :class:`~fedzo_flwr.zo.engines.fused.UnsupportedModel`, and the caller falls back to ``lean``
+  (so does ``stream`` for a parameter outside its supported layers).
 
 Every engine is an :class:`~fedzo_flwr.zo.engines.base.Engine`, looked up by name in
 :data:`ENGINES`.
@@ -20,6 +25,7 @@ from fedzo_flwr.zo.engines.base import Engine, LossDifferences, LossFn, batch_lo
 from fedzo_flwr.zo.engines.batched import batched_engine
 from fedzo_flwr.zo.engines.fused import UnsupportedModel, fused_engine
 from fedzo_flwr.zo.engines.lean import lean_engine
+from fedzo_flwr.zo.engines.stream import StreamModel, stream_engine
 
 __all__ = [
     "ENGINES",
@@ -27,12 +33,18 @@ __all__ = [
     "Engine",
     "LossDifferences",
     "LossFn",
+    "StreamModel",
     "UnsupportedModel",
     "batch_loss",
 ]
 
 ENGINES: Mapping[str, Engine] = MappingProxyType(
-    {"lean": lean_engine, "batched": batched_engine, "fused": fused_engine}
+    {
+        "lean": lean_engine,
+        "batched": batched_engine,
+        "fused": fused_engine,
+        "stream": stream_engine,
+    }
 )
 """The engines by name (the values of the ``engine`` run-config key)."""
 

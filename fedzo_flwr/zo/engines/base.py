@@ -58,8 +58,9 @@ def batch_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 class Engine(Protocol):
     """One engine: the K loss differences of a step, the model left bit-identical.
 
-    ``chunk_size`` and ``memory_budget_mb`` are validated by the caller; an engine that has no
-    use for them ignores them. An engine that cannot run a model raises
+    ``chunk_size``, ``memory_budget_mb`` and ``micro_batch`` (examples per forward pass, 0 =
+    the whole batch) are validated by the caller; an engine that has no use for them ignores
+    them (only ``stream`` micro-batches). An engine that cannot run a model raises
     :class:`~fedzo_flwr.zo.engines.fused.UnsupportedModel` (the caller falls back to ``lean``).
     """
 
@@ -74,4 +75,5 @@ class Engine(Protocol):
         *,
         chunk_size: int | None,
         memory_budget_mb: float | None,
+        micro_batch: int = 0,
     ) -> LossDifferences: ...

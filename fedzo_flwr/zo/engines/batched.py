@@ -32,9 +32,10 @@ def batched_engine(
     *,
     chunk_size: int | None = None,
     memory_budget_mb: float | None = None,
+    micro_batch: int = 0,
 ) -> LossDifferences:
     """The K loss differences, ``chunk_size`` directions per vectorised pass (budget: unused)."""
-    del memory_budget_mb  # the chunk is given or DEFAULT_CHUNK_SIZE
+    del micro_batch, memory_budget_mb  # the chunk is given or DEFAULT_CHUNK_SIZE
     chunk = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
     params = {name: p.detach() for name, p in model.named_parameters()}
     buffers = {name: b for name, b in model.named_buffers()}

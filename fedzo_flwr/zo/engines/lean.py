@@ -29,9 +29,10 @@ def lean_engine(
     *,
     chunk_size: int | None = None,
     memory_budget_mb: float | None = None,
+    micro_batch: int = 0,
 ) -> LossDifferences:
     """The K loss differences, one direction at a time (``chunk_size``, budget: unused)."""
-    del chunk_size, memory_budget_mb  # one direction at a time; nothing to size
+    del micro_batch, chunk_size, memory_budget_mb  # one direction at a time; nothing to size
     # Extra memory: the saved kept values, one direction (freed before the forward pass of a
     # forward difference) and the activations of one forward pass.
     saved = space.gather(model)

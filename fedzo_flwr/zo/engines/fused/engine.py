@@ -153,7 +153,7 @@ def fused_loss_differences(
         gen = (
             generator
             if workers == 1
-            else DirectionGenerator(space.dim, generator.seed, generator.kind)
+            else DirectionGenerator(generator.sizes, generator.seed, generator.kind)
         )
         blocks = layout.new_blocks(chunk * len(signs))
         directions = torch.empty(chunk, space.dim, dtype=torch.float32)
@@ -180,8 +180,10 @@ def fused_engine(
     *,
     chunk_size: int | None = None,
     memory_budget_mb: float | None = None,
+    micro_batch: int = 0,
 ) -> LossDifferences:
     """:func:`fused_loss_differences` with :func:`~fedzo_flwr.zo.engines.base.batch_loss`."""
+    del micro_batch  # the whole batch in every pass
     deltas, base, _ = fused_loss_differences(
         model, space, x, y, generator, settings, batch_loss, chunk_size, memory_budget_mb
     )
