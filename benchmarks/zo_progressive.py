@@ -106,6 +106,7 @@ def measure_model(
         "step": pruned_step,
         "stage": None,
         "dim": full.dim,
+        "sizes": full.sizes,
         "flops": zo_step_flops(staged.model, model_mask, BATCH, k, "forward"),
         "flops_prefix": 0,
         "flops_pass": forward_flops(staged.model, model_mask, batch_size=BATCH).sparse,
@@ -122,6 +123,7 @@ def measure_model(
             "step": stage_step,
             "stage": active.stage,
             "dim": active.space.dim,
+            "sizes": active.space.sizes,
             "flops": flops.total,
             "flops_prefix": flops.prefix,
             "flops_pass": flops.active_pass,
@@ -150,7 +152,7 @@ def measure_model(
                 raise SystemExit(f"{name} {label}: fused and lean scalars differ by {gap:.3g}")
             disagreement = max(disagreement, float(np.abs(deltas["fused"] - deltas["lean"]).max()))
             if r > 0:
-                g_hat = estimate_gradient(variant["dim"], ScalarStep(r, deltas["lean"]), settings)
+                g_hat = estimate_gradient(variant["sizes"], ScalarStep(r, deltas["lean"]), settings)
                 cosines[label].append(float(cosine_similarity(g_hat, variant["grad"], dim=0)))
     rows = []
     base = variants["zo-pruned"]

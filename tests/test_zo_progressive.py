@@ -86,7 +86,7 @@ def estimate_cosine(module, space, x, y, k, seed) -> float:
     settings = ZOSettings(k=k, sigma=1e-4)
     # fused: the same scalars as lean within float tolerance (test below), a third of the time.
     deltas = loss_differences(module, space, x, y, seed, settings, "fused").deltas
-    g_hat = estimate_gradient(space.dim, ScalarStep(seed, deltas), settings)
+    g_hat = estimate_gradient(space.sizes, ScalarStep(seed, deltas), settings)
     return float(cosine_similarity(g_hat, space_gradient(module, space, x, y), dim=0))
 
 
@@ -204,7 +204,7 @@ def test_scalars_equal_the_plain_staged_forward_under_the_same_perturbation(cifa
 
         saved = active.space.gather(active.module)
         base = plain_loss()
-        generator = DirectionGenerator(active.space.dim, seed)
+        generator = DirectionGenerator(active.space.sizes, seed)
         expected = np.empty(k, dtype=np.float64)
         for j in range(k):
             active.space.add_(active.module, generator.direction(j), alpha=sigma)
@@ -281,7 +281,7 @@ def test_server_step_is_the_reconstruction_over_the_stage_space(cifar):
     step = ScalarStep(seed, stage_loss_differences(server.active, x, y, seed, settings).deltas)
     theta0 = server.server.kept_values().clone()
     server.apply_round([ClientUpdate(0, 32, [step], 2.3)], server_round=4)
-    g = estimate_gradient(server.active.space.dim, step, settings)
+    g = estimate_gradient(server.active.space.sizes, step, settings)
     expected = torch.add(theta0, g, alpha=-0.5)  # plain SGD, the only client
     torch.testing.assert_close(server.server.kept_values(), expected, rtol=0, atol=1e-7)
     # A stage change rebuilds the space, the optimizer and the replay history.
