@@ -102,8 +102,13 @@ def verdicts(summaries: list[Summary], memory: dict[str, Any] | None) -> list[di
         )
     if memory:
         # The least-memory engine measured: stream (sparse at rest) when present, else lean.
-        engine = "stream" if any(q["zo"].endswith("(stream)") for q in memory["ratios"]) else "lean"
-        ratios = [q for q in memory["ratios"] if q["zo"].endswith(f"({engine})")]
+        # (its micro-batch rows included: the micro-batch is a run-config key of that engine).
+        engine = "stream" if any("(stream" in q["zo"] for q in memory["ratios"]) else "lean"
+        ratios = [
+            q
+            for q in memory["ratios"]
+            if q["zo"].endswith(f"({engine})") or f"({engine}, micro-batch" in q["zo"]
+        ]
         rows = memory["rows"]
         parts = []
         best_share = 0.0
