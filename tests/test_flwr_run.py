@@ -90,16 +90,25 @@ def test_flwr_run_replay_downlink_matches_the_weights_downlink(tmp_path, data_di
 
 
 @pytest.mark.slow
-def test_flwr_run_simulation_smartfreeze(tmp_path, data_dir):
-    """Progressive block training under a real `flwr run`: a stage change and its prefix."""
-    run_config = (
-        f'method="smartfreeze" num-server-rounds=2 local-batches=1 pace="fixed" stage-rounds="1" '
-        f'eval-every=2 data-dir="{data_dir}" output-dir="{tmp_path / "out"}" run-name="sf"'
+def test_flwr_run_simulation_smartfreeze_and_profl(tmp_path, data_dir):
+    """Progressive block training under a real `flwr run`: a stage change, and ProFL's shrinking."""
+    common = f'num-server-rounds=2 local-batches=1 eval-every=2 data-dir="{data_dir}" ' + (
+        f'output-dir="{tmp_path / "out"}"'
     )
-    (log,) = flwr_run(tmp_path, run_config)
-    results = run_results(tmp_path, "sf", log)
+    logs = flwr_run(
+        tmp_path,
+        f'method="smartfreeze" pace="fixed" stage-rounds="1" run-name="sf" {common}',
+        f'method="profl" profl-shrink-rounds=1 run-name="profl" {common}',
+    )
+    results = run_results(tmp_path, "sf", logs[0])
     trained = [r for r in results["rounds"] if r["round"]]
     assert [(r["round"], r["stage"], r["clients"]) for r in trained] == [(1, 0, 3), (2, 1, 3)]
     assert all(not r["rejected"] for r in trained)
     assert results["final"]["stage_changes"][0]["to"] == {"phase": "grow", "stage": 1}
-    assert "Round 1: stage change grow 0 -> grow 1 (schedule)" in log
+    assert "Round 1: stage change grow 0 -> grow 1 (schedule)" in logs[0]
+    profl = [r for r in run_results(tmp_path, "profl", logs[1])["rounds"] if r["round"]]
+    assert [(r["phase"], r["stage"], r["clients"]) for r in profl] == [
+        ("shrink", 1, 3),
+        ("shrink", 0, 3),
+    ]
+    assert all(not r["rejected"] for r in profl)
