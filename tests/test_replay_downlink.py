@@ -208,3 +208,38 @@ def test_replay_downlink_bytes(tmp_path, data_dir):
     for pid in down[2]:
         assert down[2][pid] < 4 * k + 35 + 1024  # envelope under 1 kB
         assert down[1][pid] > weights_bytes  # first contact: the weights (and the mask)
+
+
+def test_a_node_that_lost_its_state_gets_the_weights_again(tmp_path, data_dir):
+    """A restarted node (empty context.state, mask still cached in the process) recovers."""
+    holder: list[InProcessGrid] = []
+
+    def restart_after_round_2(node_index, message, reply):
+        round_ = message.content.config_records[protocol.CONFIG_KEY][protocol.ROUND_KEY]
+        if round_ == 2 and node_index == 2:
+            context = holder[0].contexts[holder[0].node_ids[2]]
+            del context.state.array_records[STATE_ARRAYS]
+        return reply
+
+    config = app_config(
+        **{
+            "data-dir": str(data_dir),
+            "output-dir": str(tmp_path),
+            "run-name": "restart",
+            **BASE,
+            "num-server-rounds": 5,
+            "downlink": "replay",
+        }
+    )
+    grid = InProcessGrid(client_app, 3, config, intercept=restart_after_round_2)
+    holder.append(grid)
+    server_app(grid, server_context(config))
+    rounds = {
+        r["round"]: r
+        for r in json.loads((tmp_path / "restart" / "results.json").read_text())["rounds"]
+    }
+    pid = str(grid.contexts[grid.node_ids[2]].node_config["partition-id"])
+    assert rounds[3]["clients"] == 2
+    assert ["no replay state" in r["reason"] for r in rounds[3]["rejected"]] == [True]
+    assert rounds[4]["downlink_path"][pid] == "weights" and rounds[4]["clients"] == 3
+    assert rounds[5]["downlink_path"][pid] == "replay" and rounds[5]["clients"] == 3
