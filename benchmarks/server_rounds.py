@@ -34,6 +34,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TypedDict
 
@@ -144,8 +145,12 @@ def _config_int(config: ConfigRecord, key: str) -> int:
     return value
 
 
-def stand_in_client(k: int, seed_mode: str, directions: str) -> ClientApp:
-    """A ClientApp stand-in: answers a train message as the real one does, without computing."""
+def stand_in_client(k: int, seed_mode: str, directions: str, sizes: Sequence[int]) -> ClientApp:
+    """A ClientApp stand-in: answers a train message as the real one does, without computing.
+
+    ``sizes`` is the KeptSpace layout the real client derives from the mask (the fingerprint
+    covers it).
+    """
     app = ClientApp()
 
     @app.train()
@@ -163,9 +168,8 @@ def stand_in_client(k: int, seed_mode: str, directions: str) -> ClientApp:
             }
         )
         if protocol.FINGERPRINT_SEED_KEY in config:
-            kept = message.content.array_records[protocol.ARRAYS_KEY][protocol.KEPT_KEY]
             zo[protocol.FINGERPRINT_KEY] = fingerprint(
-                int(kept.shape[0]), _config_int(config, protocol.FINGERPRINT_SEED_KEY), directions
+                sizes, _config_int(config, protocol.FINGERPRINT_SEED_KEY), directions
             )
         metrics = MetricRecord(
             {
@@ -177,6 +181,8 @@ def stand_in_client(k: int, seed_mode: str, directions: str) -> ClientApp:
                 "partition-id": pid,
             }
         )
+        if protocol.MASK_KEY in config:  # first contact: the federation's split, as the real one
+            metrics[protocol.NUM_PARTITIONS_KEY] = int(context.node_config["num-partitions"])
         return Message(
             RecordDict({protocol.ZO_KEY: zo, protocol.METRICS_KEY: metrics}), reply_to=message
         )
@@ -192,7 +198,8 @@ def time_strategy(
     cfg = server.cfg
     recorder = RunRecorder(out_dir / f"strategy-{clients}", cfg.to_run_config())
     strategy = FedZO(server, recorder, test_data, forward_flops=0)
-    grid = InProcessGrid(stand_in_client(k, cfg.seed_mode, cfg.directions), clients, {})
+    client = stand_in_client(k, cfg.seed_mode, cfg.directions, server.space.sizes)
+    grid = InProcessGrid(client, clients, {})
     configure: list[float] = []
     aggregate: list[float] = []
     arrays = kept_arrays(server)

@@ -246,6 +246,7 @@ class RunConfig(BaseModel):
         """Whether the method is progressive block training (``smartfreeze`` or ``profl``)."""
         return self.method in PROGRESSIVE_METHODS
 
+    @model_validator(mode="after")
     def _micro_batch_needs_the_stream_engine(self) -> RunConfig:
         # Only the stream engine evaluates a batch in parts; any other would ignore the key.
         if self.micro_batch and self.engine != "stream":
