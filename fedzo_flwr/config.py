@@ -155,7 +155,7 @@ class RunConfig(BaseModel):
     pace_seed: int = Field(0, ge=0)
     profl_shrink_rounds: int = Field(5, ge=1)
     profl_shrink_lr: float = Field(1e-5, gt=0)
-    # Memory-heterogeneous devices (progressive methods and fedavg).
+    # Memory-heterogeneous devices (progressive methods, fedavg, zo-dense, zo-pruned).
     memory_profile: Literal["none", "profl-uniform", "device-tier"] = "none"
     memory_seed: int = Field(0, ge=0)
     device_proportions: str = "0.25,0.25,0.25,0.25"

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from logging import INFO, WARNING
+from logging import INFO
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from torch import nn
 from fedzo_flwr import protocol
 from fedzo_flwr.aggregation import client_weights
 from fedzo_flwr.config import RunConfig
-from fedzo_flwr.data import NUM_CLASSES, DatasetArrays
+from fedzo_flwr.data import DatasetArrays
 from fedzo_flwr.errors import ReplyRejected
 from fedzo_flwr.measure.flops import forward_backward_flops
 from fedzo_flwr.progressive.memory import full_backprop_memory
@@ -39,7 +39,7 @@ from fedzo_flwr.sparse.mask import Mask, apply_mask_
 from fedzo_flwr.sparse.space import KeptSpace
 from server_app.logs import log
 from server_app.masked_rounds import MaskedRounds, RoundUpdate
-from server_app.node_info import NodeRegistry
+from server_app.memory_gate import MemoryGate
 
 #: Metrics every FedAvg train reply carries (``extra-mem-bytes``, ``steps`` and, after the first
 #: contact, ``num-partitions`` are optional).
@@ -176,12 +176,11 @@ class MaskedFedAvg(MaskedRounds[FedAvgReply]):
         self.flops_per_example = flops_per_example
         # Memory-heterogeneous population (memory-profile): only nodes that fit full backprop.
         self.full_need = 0
-        self.node_info: NodeRegistry | None = None
         if cfg.memory_profile != "none":
             self.full_need = full_backprop_memory(model, cfg.batch_size).total_bytes
-            self.node_info = NodeRegistry(cfg, self.full_need, NUM_CLASSES[cfg.dataset])
-        self.too_small: set[int] = set()
-        self.probe: dict[str, int] = {}
+        self.gate = MemoryGate.for_run(
+            cfg, self.full_need, self.full_need, "full_need_bytes", "full-model backprop"
+        )
 
     @classmethod
     def for_model(
@@ -234,8 +233,8 @@ class MaskedFedAvg(MaskedRounds[FedAvgReply]):
         With a ``memory-profile``, new nodes are probed first (:mod:`server_app.node_info`)
         and only nodes whose budget fits full-model backprop are sampled (:meth:`eligible`).
         """
-        if self.node_info is not None:
-            self.probe = self.node_info.probe(grid, grid.get_node_ids(), server_round)
+        if self.gate is not None:
+            self.gate.probe_new(grid, server_round)
         node_ids = self.round_nodes(grid, server_round)
         seed = round_seed(self.cfg.seed, server_round)
         messages = self.train_messages(server_round, seed, arrays, config, node_ids)
@@ -247,36 +246,14 @@ class MaskedFedAvg(MaskedRounds[FedAvgReply]):
 
         The need is the analytic full-model figure of
         :func:`~fedzo_flwr.progressive.memory.full_backprop_memory` at ``batch-size``, times
-        ``1 + memory-margin``, the same rule the progressive methods apply per stage.
+        ``1 + memory-margin`` (:class:`~server_app.memory_gate.MemoryGate`), the same rule the
+        progressive methods apply per stage and the zeroth-order methods to their client step.
         """
-        if self.node_info is None:
-            return True
-        if self.node_info.fits(node_id, self.full_need, self.cfg.memory_margin):
-            return True
-        profile = self.node_info.profiles.get(node_id)
-        if profile is not None and node_id not in self.too_small:
-            self.too_small.add(node_id)
-            log(
-                WARNING,
-                "node %d (partition %d, budget %.1f MiB) cannot fit full-model backprop "
-                "(%.1f MiB x (1 + margin %g)); it does not train",
-                node_id,
-                profile.partition_id,
-                (profile.budget_bytes or 0) / 2**20,
-                self.full_need / 2**20,
-                self.cfg.memory_margin,
-            )
-        return False
+        return self.gate is None or self.gate.fits(node_id)
 
     def round_fields(self) -> dict[str, object]:
-        """With a ``memory-profile``: the nodes that cannot fit full backprop and the probe."""
-        if self.node_info is None:
-            return {}
-        return {
-            "full_need_bytes": self.full_need,
-            "ineligible": sorted(self.too_small),
-            "probe": dict(self.probe),
-        }
+        """With a ``memory-profile``: the need, the nodes that cannot fit it and the probe."""
+        return {} if self.gate is None else self.gate.round_fields()
 
     def parse_train_reply(self, server_round: int, node_id: int, reply: Message) -> FedAvgReply:
         """Exactly the kept weights (finite float32 of the right size) and the metrics."""

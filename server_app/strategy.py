@@ -17,15 +17,18 @@ from torch import nn
 from fedzo_flwr import protocol
 from fedzo_flwr.data import DatasetArrays
 from fedzo_flwr.errors import ReplyRejected
+from fedzo_flwr.progressive.memory import full_backprop_memory
 from fedzo_flwr.protocol.validate import MAX_PARTITIONS
 from fedzo_flwr.run.checkpoint import save_checkpoint
 from fedzo_flwr.run.results import RunRecorder
 from fedzo_flwr.seeding import fingerprint_seed
+from fedzo_flwr.zo.client_need import ZOClientNeed, zo_client_need
 from fedzo_flwr.zo.directions import fingerprint
 from fedzo_flwr.zo.reconstruct import ScalarStep
 from fedzo_flwr.zo.server import ClientUpdate, ZOServer
 from server_app.logs import log
 from server_app.masked_rounds import MaskedRounds, RoundUpdate
+from server_app.memory_gate import MemoryGate
 from server_app.replay_downlink import ReplayDownlink
 
 
@@ -81,6 +84,20 @@ class FedZO(MaskedRounds[protocol.ParsedReply]):
         self.node_budget_bytes: dict[int, float] = {}
         self.required_bytes = 0.0
         self.skipped_for_memory: set[int] = set()
+        # Memory-heterogeneous population (memory-profile): only nodes that fit a client step.
+        self.zo_need: ZOClientNeed | None = None
+        self.gate: MemoryGate | None = None
+        if self.cfg.memory_profile != "none":
+            input_shape = tuple(test_data.x_test.shape[1:][::-1])  # HWC -> CHW
+            self.zo_need = zo_client_need(self.cfg, server.model, server.mask, input_shape)
+            full_need = full_backprop_memory(server.model, self.cfg.batch_size).total_bytes
+            self.gate = MemoryGate(
+                self.cfg,
+                self.zo_need.total_bytes,
+                full_need,
+                "zo_need_bytes",
+                f"a zeroth-order client step ({self.cfg.engine} engine)",
+            )
 
     def summary(self) -> None:
         """Log the strategy's configuration."""
@@ -114,8 +131,17 @@ class FedZO(MaskedRounds[protocol.ParsedReply]):
     # ------------------------------------------------------------------------------ train
 
     def eligible(self, node_id: int) -> bool:
-        """Not refused for a generator mismatch, and not below the measured memory need."""
+        """Not refused for a generator mismatch, and not below the memory need.
+
+        With a ``memory-profile``, a probed node must fit the analytic need of a client step
+        with the configured engine (:func:`~fedzo_flwr.zo.client_need.zo_client_need`) times
+        ``1 + memory-margin`` (:class:`~server_app.memory_gate.MemoryGate`, FedAvg's rule). A
+        node that declared a budget in its replies must also fit the largest peak measured on
+        any client.
+        """
         if node_id in self.refused_nodes:
+            return False
+        if self.gate is not None and not self.gate.fits(node_id):
             return False
         budget = self.node_budget_bytes.get(node_id)
         if budget is not None and self.required_bytes and budget < self.required_bytes:
@@ -142,6 +168,8 @@ class FedZO(MaskedRounds[protocol.ParsedReply]):
     ) -> Iterable[Message]:
         """Send each sampled node the kept weights, the round seed and (once) the mask."""
         server_round += self.start_round
+        if self.gate is not None:  # budgets before sampling: a misfit is never sent a round
+            self.gate.probe_new(grid, server_round)
         node_ids = self.round_nodes(grid, server_round)
         if len(node_ids) < self.cfg.min_clients:
             log(
@@ -215,11 +243,18 @@ class FedZO(MaskedRounds[protocol.ParsedReply]):
             self.replay.forget(node_id, detail)
 
     def round_fields(self) -> dict[str, object]:
-        """Refused nodes, nodes skipped for memory and (replay) each node's downlink path."""
+        """Refused nodes, skipped ones, downlink paths, and the memory gate's fields.
+
+        ``skipped_for_memory``: below the largest measured peak; with ``downlink = replay``,
+        each node's downlink path; with a ``memory-profile``, the need (``zo_need_bytes``),
+        the nodes that cannot fit it (``ineligible``) and the round's ``probe``.
+        """
         fields: dict[str, object] = {
             "refused_nodes": len(self.refused_nodes),
             "skipped_for_memory": sorted(self.skipped_for_memory),
         }
+        if self.gate is not None:
+            fields.update(self.gate.round_fields())
         if self.replay is not None:
             fields["downlink_path"] = self.replay.round_paths(self.registry.partition)
         return fields
@@ -286,11 +321,14 @@ class FedZO(MaskedRounds[protocol.ParsedReply]):
         return self.server.optimizer.state_dict()
 
     def setup_fields(self) -> dict[str, object]:
-        """Forward FLOPs of a client-round."""
-        return {
+        """Forward FLOPs of a client-round (and, with a ``memory-profile``, the client's need)."""
+        fields: dict[str, object] = {
             "client_round_forward_flops": self.forward_flops,
             "flops_note": "FlopCounterMode conv/linear FLOPs scaled by each layer's kept fraction",
         }
+        if self.zo_need is not None:
+            fields["zo_client_need"] = self.zo_need.as_dict()
+        return fields
 
     def after_round(self, server_round: int) -> None:
         """Write a checkpoint every ``checkpoint-every`` rounds and after the last one."""
