@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from frontier_report import frontier_section
 from paper_notes import (
     NOT_RECORDED,
     commands,
@@ -94,11 +95,16 @@ def write_report(
 
 
 def results_appendix(docs: Path) -> str:
-    """Sections from other benchmarks' JSON in ``docs/results/`` (each computed from its data)."""
+    """Sections from other benchmarks' JSON in ``docs/results/`` (each computed from its data).
+
+    The frontier section comes last (``frontier_report.refresh_results_md`` replaces it alone)
+    and says it was not run when its JSON is absent.
+    """
     progressive = docs / "results" / "progressive_run.json"
-    if not progressive.is_file():
-        return ""
-    return "\n" + render_progressive(json.loads(progressive.read_text()))
+    text = ""
+    if progressive.is_file():
+        text += "\n" + render_progressive(json.loads(progressive.read_text()))
+    return text + "\n" + frontier_section(docs)
 
 
 def render_report(
