@@ -113,6 +113,7 @@ def common(args: argparse.Namespace) -> dict[str, Any]:
         "batch-size": 32,
         "seed": 3407,
         "memory-seed": 0,
+        "memory-margin": 0.0,
         "num-server-rounds": args.rounds,
         "eval-every": args.eval_every,
         "checkpoint-every": 0,
@@ -404,6 +405,11 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def _relative(arg: str) -> str:
+    """A command-line argument with an absolute path written relative to the checkout."""
+    return os.path.relpath(arg, ROOT) if arg.startswith("/") else arg
+
+
 def admissions(args: argparse.Namespace, client: Any, progressive: Any) -> dict[str, Any]:
     """Who each method admits: both profiles on LeNet-5, and device-tier on ResNet-18."""
     out: dict[str, Any] = {}
@@ -493,7 +499,7 @@ def main() -> int:
         },
         "commands": [
             "FEDZO_DATA_DIR=../shared/data PYTHONPATH=.:tests nice -n 10 python "
-            "benchmarks/frontier.py " + " ".join(sys.argv[1:])
+            "benchmarks/frontier.py " + " ".join(map(_relative, sys.argv[1:]))
         ],
         "seconds": time.perf_counter() - started,
         "runs": rows,

@@ -234,14 +234,14 @@ def observations(data: dict[str, Any]) -> list[str]:
         out.append(text)
     if fit is not None and fit["eligible"]:
         for key in ("zo-dense", "zo-pruned", "zo-progressive", "smartfreeze", "profl"):
-            r = by_key.get(key)
-            if r is None or r["eligible"] is None:
+            other = by_key.get(key)
+            if other is None or other["eligible"] is None:
                 continue
-            diff = 100 * ((r["final_accuracy"] or 0) - (fit["final_accuracy"] or 0))
+            diff = 100 * ((other["final_accuracy"] or 0) - (fit["final_accuracy"] or 0))
             out.append(
-                f"{label(r, profiles)} admits {r['eligible'] / fit['eligible']:.1f}x as many "
-                f"devices as FedAvg on the devices that fit and ends {abs(diff):.2f} points "
-                f"{'above' if diff > 0 else 'below'} it."
+                f"{label(other, profiles)} admits {other['eligible'] / fit['eligible']:.1f}x "
+                "as many devices as FedAvg on the devices that fit and ends "
+                f"{abs(diff):.2f} points {'above' if diff > 0 else 'below'} it."
             )
     zo = [r for r in rows if r["method"].startswith("zo-") and r["uplink_per_client_round"]]
     if fit is not None and fit["uplink_per_client_round"] and zo:
@@ -329,7 +329,8 @@ def _setup(data: dict[str, Any]) -> str:
     return (
         f"{s['clients']} clients ({s['model']}, {DATASETS.get(s['dataset'], s['dataset'])}, "
         f"{s['partitioner']} "
-        f"α = {s['alpha']}), budgets from {profiles} (memory-seed {s['memory-seed']}); "
+        f"α = {s['alpha']}), budgets from {profiles} (memory-seed {s['memory-seed']}, "
+        f"memory-margin {s.get('memory-margin', 0.0):g}); "
         f"{s['rounds']} rounds per method, every eligible client every round; K = {s['k']} "
         f"for the zeroth-order methods (`{s['engine']}` engine{mb}, `downlink = "
         f"{s['downlink']}`), {s['local-batches']} local batches of {s['batch-size']} "
