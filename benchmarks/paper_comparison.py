@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -46,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from machine import cpu_model
+from machine import load_average, machine_info
 from paper_plots import plots
 from paper_report import write_report
 from paper_summary import ALPHAS, summarize
@@ -219,15 +218,13 @@ def main() -> int:
     import torch
 
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    machine = machine_info(RUN_THREADS)
     info: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "quick": quick,
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        **{key: machine[key] for key in ("cpu", "cores", "torch", "python", "load_before")},
         "workers": args.workers,
-        "load_before": tuple(round(x, 1) for x in os.getloadavg()),
+        "environment": machine["environment"],
     }
     started = time.perf_counter()
     jobs = [
@@ -266,7 +263,7 @@ def main() -> int:
     info.update(
         {
             "seconds": time.perf_counter() - started,
-            "load_after": tuple(round(x, 1) for x in os.getloadavg()),
+            "load_after": load_average(),
             "model": sample["model"],
             "clients": args.clients,
             "rounds": args.rounds,
