@@ -1,4 +1,8 @@
-"""The paper comparison's figures (PNG, dpi 80): accuracy per α, FLOPs and bytes, memory."""
+"""The paper comparison's figures (PNG, dpi 80): accuracy per α, FLOPs and bytes, memory.
+
+With several seeds a row's accuracy curve is the mean over its seeds, shaded ± one sample
+standard deviation.
+"""
 
 from __future__ import annotations
 
@@ -36,14 +40,25 @@ def plots(summaries: list[Summary], memory: dict[str, Any] | None, fig_dir: Path
         for i, s in enumerate(members):
             xs, ys = zip(*s["curve"])
             style = "--" if s["method"] == "fedavg" else "-"
+            color = colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20]
             ax.plot(
                 xs,
                 [100 * y for y in ys],
                 style,
-                label=label(s),
+                label=label(s) + (f" (n={s['n']})" if s.get("n", 1) > 1 else ""),
                 linewidth=1.2,
-                color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20],
+                color=color,
             )
+            if s.get("curve_sd"):  # several seeds: mean ± one sample standard deviation
+                sd = [100 * v for _, v in s["curve_sd"]]
+                ax.fill_between(
+                    xs,
+                    [100 * y - e for y, e in zip(ys, sd)],
+                    [100 * y + e for y, e in zip(ys, sd)],
+                    color=color,
+                    alpha=0.15,
+                    linewidth=0,
+                )
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("round")
         ax.set_ylabel("test accuracy (%)")
