@@ -11,6 +11,14 @@ from typing import Any
 
 from paper_summary import MB, Summary, label, memory_label
 
+FIGURES = ("accuracy_vs_round.png", "flops_and_bytes.png", "client_memory.png")
+"""The figures' file names, in the order the report links them (the last one needs memory)."""
+
+
+def figure_paths(fig_dir: Path, memory: dict[str, Any] | None) -> list[Path]:
+    """The paths :func:`plots` writes (without plotting): for rebuilding the report's links."""
+    return [fig_dir / name for name in FIGURES[: 3 if memory else 2]]
+
 
 def plots(summaries: list[Summary], memory: dict[str, Any] | None, fig_dir: Path) -> list[Path]:
     """PNG plots (small, dpi 80): accuracy per α, FLOPs, bytes, memory."""
@@ -65,7 +73,7 @@ def plots(summaries: list[Summary], memory: dict[str, Any] | None, fig_dir: Path
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     fig.tight_layout()
-    path = fig_dir / "accuracy_vs_round.png"
+    path = fig_dir / FIGURES[0]
     fig.savefig(path, dpi=80)
     plt.close(fig)
     out.append(path)
@@ -86,7 +94,7 @@ def plots(summaries: list[Summary], memory: dict[str, Any] | None, fig_dir: Path
     ax_b.set_xlabel("bytes per client-round (measured)")
     ax_b.tick_params(axis="y", labelsize=6)
     fig.tight_layout()
-    path = fig_dir / "flops_and_bytes.png"
+    path = fig_dir / FIGURES[1]
     fig.savefig(path, dpi=80)
     plt.close(fig)
     out.append(path)
@@ -112,7 +120,7 @@ def plots(summaries: list[Summary], memory: dict[str, Any] | None, fig_dir: Path
             ax.tick_params(axis="y", labelsize=7)
             ax.legend(fontsize=7)
         fig.tight_layout()
-        path = fig_dir / "client_memory.png"
+        path = fig_dir / FIGURES[2]
         fig.savefig(path, dpi=80)
         plt.close(fig)
         out.append(path)

@@ -23,6 +23,8 @@ from paper_notes import (
     notes,
     observations,
 )
+from paper_plots import figure_paths
+from paper_scale_report import render_paper_scale
 from paper_summary import (
     ALPHAS,
     MB,
@@ -97,11 +99,36 @@ def write_report(
 
 
 def results_appendix(docs: Path) -> str:
-    """Sections from other benchmarks' JSON in ``docs/results/`` (each computed from its data)."""
+    """Sections from other benchmarks' JSON in ``docs/results/`` (each computed from its data):
+    progressive training (``progressive_run.json``), the paper's scale (``paper_scale.json``)."""
+    sections = []
     progressive = docs / "results" / "progressive_run.json"
-    if not progressive.is_file():
-        return ""
-    return "\n" + render_progressive(json.loads(progressive.read_text()))
+    if progressive.is_file():
+        sections.append(render_progressive(json.loads(progressive.read_text())))
+    scale = docs / "results" / "paper_scale.json"
+    if scale.is_file():
+        sections.append(render_paper_scale(json.loads(scale.read_text())))
+    return "".join("\n" + section for section in sections)
+
+
+def rebuild_results_md(path: Path) -> bool:
+    """Rewrite ``path`` (``docs/results.md``) from the JSON beside it, without re-plotting.
+
+    Reads ``results/paper_comparison.json`` and ``results/client_memory.json`` next to
+    ``path`` and links the figures :func:`paper_plots.plots` wrote under ``figures/``; the
+    appended sections come from :func:`results_appendix`. ``False`` (nothing written) when
+    there is no comparison summary.
+    """
+    docs = path.parent
+    summary_path = docs / "results" / "paper_comparison.json"
+    if not summary_path.is_file():
+        return False
+    summary = json.loads(summary_path.read_text())
+    memory_path = docs / "results" / "client_memory.json"
+    memory = json.loads(memory_path.read_text()) if memory_path.is_file() else None
+    figures = figure_paths(docs / "figures", memory)
+    write_report(path, summary["runs"], memory, figures, summary["info"])
+    return True
 
 
 def render_report(
