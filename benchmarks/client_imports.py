@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -44,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from machine import cpu_model, data_dir
+from machine import data_dir, load_average, machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY: tuple[str, ...] = (
@@ -362,20 +361,13 @@ def main() -> int:
     if args.quick:
         args.repeats, args.engines, args.cold_engines = 1, ["lean"], ["lean"]
     args.data = data_dir(args.data_dir).resolve()
-    import torch
 
     started = time.perf_counter()
-    machine = {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "load_before": [round(x, 1) for x in os.getloadavg()],
-    }
+    machine = machine_info(args.threads)
     imports = measure_imports(args.repeats)
     with tempfile.TemporaryDirectory(prefix="fedzo-client-imports-") as tmp:
         rounds = measure_rounds(args, Path(tmp))
-    machine["load_after"] = [round(x, 1) for x in os.getloadavg()]
+    machine["load_after"] = load_average()
     print_tables(imports, rounds)
     print(f"\nmachine: {machine}")
     result = {

@@ -54,14 +54,13 @@ import argparse
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from machine import cpu_model, data_dir, trim_memory
+from machine import data_dir, load_average, machine_info, trim_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -429,19 +428,11 @@ def main() -> int:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
     args.models = args.models or (["lenet5"] if args.quick else ["lenet5", "resnet20", "resnet18"])
-    import torch
 
     from fedzo_flwr.zo.engines.fused import DEFAULT_MEMORY_BUDGET_MB
 
     started = time.perf_counter()
-    machine = {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": args.threads,
-        "load_before": [round(x, 1) for x in os.getloadavg()],
-    }
+    machine = machine_info(args.threads)
     rows = []
     jobs = plan(args)
     for job in jobs:
@@ -455,7 +446,7 @@ def main() -> int:
     ratio_rows = ratios(rows)
     speed_rows = speeds(rows)
     print_tables(rows, ratio_rows, speed_rows)
-    machine["load_after"] = [round(x, 1) for x in os.getloadavg()]
+    machine["load_after"] = load_average()
     result = {
         "machine": machine,
         "settings": {

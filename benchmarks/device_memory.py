@@ -16,6 +16,7 @@ Reported per model (bytes): RSS after the imports, RSS before training, the trai
 (``client_peak_mem_bytes`` in results.json measures the same) and its extra over the entry RSS,
 and the process's lifetime peak (VmHWM). The lean engine's memory does not grow with K (the
 directions are applied in place one at a time), so a small K keeps the measurement quick.
+``--out`` writes ``{"machine": machine.machine_info(1), "rows": [...]}``.
 """
 
 from __future__ import annotations
@@ -124,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _measure_all(args: argparse.Namespace, env: dict[str, str]) -> int:
+    from machine import load_average, machine_info  # not in the measured processes
+
+    machine = machine_info(1)
     rows = []
     for model in args.models:
         command = [
@@ -155,7 +159,8 @@ def _measure_all(args: argparse.Namespace, env: dict[str, str]) -> int:
         )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows, indent=2) + "\n")
+        machine["load_after"] = load_average()
+        args.out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
     return 0
 
 

@@ -1,7 +1,9 @@
 """What every benchmark needs about the machine it runs on, and where the data is.
 
-One place for the helpers the benchmark scripts share: the CPU's name and the machine record a
-result carries, the data folder they read CIFAR-10 from, and returning freed memory to the
+One place for the helpers the benchmark scripts share: the machine record a result carries
+(:func:`machine_info`, which includes the library's :func:`fedzo_flwr.environment.environment`:
+machine, library versions and the lock file's SHA-256, the same record as a run's
+``results.json``), the data folder they read CIFAR-10 from, and returning freed memory to the
 system between measurements.
 """
 
@@ -10,22 +12,17 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
-import platform
+import sys
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
+from fedzo_flwr.environment import cpu_model, environment  # noqa: E402
 
-def cpu_model() -> str:
-    """The CPU's model name from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+__all__ = ["ROOT", "cpu_model", "data_dir", "environment", "load_average", "machine_info"]
 
 
 def load_average() -> list[float]:
@@ -33,20 +30,24 @@ def load_average() -> list[float]:
     return [round(x, 1) for x in os.getloadavg()]
 
 
-def machine_info(threads: int) -> dict[str, Any]:
-    """What a result must say about its machine: CPU, cores, torch, Python, threads, load.
+def machine_info(threads: int | None) -> dict[str, Any]:
+    """What a result must say about its machine: CPU, cores, torch, Python, threads, load, and
+    the full :func:`~fedzo_flwr.environment.environment` (versions, lock-file hash).
 
-    ``load_before`` is taken now; a benchmark adds ``load_after`` (:func:`load_average`) at the end.
+    ``cpu``, ``cores``, ``torch`` and ``python`` repeat fields of ``environment`` at the top
+    level, where the reports have always read them. ``load_before`` is taken now; a benchmark
+    adds ``load_after`` (:func:`load_average`) at the end. ``threads``: the torch threads of
+    the measurement (``None``: not one fixed number).
     """
-    import torch
-
+    env = environment()
     return {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        "cpu": env["machine"]["cpu"],
+        "cores": env["machine"]["cores"],
+        "torch": env["torch_build"],
+        "python": env["machine"]["python"],
         "threads": threads,
         "load_before": load_average(),
+        "environment": env,
     }
 
 

@@ -11,6 +11,14 @@ fresh subprocess, two at a time (``--workers``). The matrix:
   NTK mask at 0.1, and ``zo-pruned`` at 0.1 with every other pruner (``ntk-local``, ``snip``,
   ``synflow``, ``magnitude``, ``random``).
 
+Several seeds (``--seeds N``, default 1): every row runs with the run-config ``seed`` set to
+``s0, s0+1, ..., s0+N-1`` (``--seed s0``, default the pyproject value). That one key drives θ0,
+the pruner's draws, the partitions, node sampling and every round seed
+(``fedzo_flwr/seeding.py``). Per-seed runs are named ``<row>-s<seed>`` (one seed keeps the
+plain row name, as before); the summary JSON holds one aggregated row per configuration
+(mean ± sample standard deviation and ``n``, ``paper_summary.aggregate``) and every per-seed
+summary under ``seed_runs``.
+
 Outputs: every run's ``results.json`` under ``--out-dir``; a summary JSON (``--json``);
 ``docs/results.md`` (tables, verdicts per paper claim, commands, machine) and PNG plots under
 ``docs/figures/``. The client-memory section is read from ``benchmarks/client_memory.py``'s
@@ -23,7 +31,7 @@ Usage::
 
     python benchmarks/paper_comparison.py [--quick] [--rounds 200] [--k 50] [--clients 5]
         [--eval-every 10] [--workers 2] [--engine fused] [--data-dir DIR] [--only NAME ...]
-        [--report-only]
+        [--seeds 1] [--seed S0] [--report-only]
 
 ``--quick`` (CI): α = 0.5 only, 4 clients, 3 rounds, K = 10, short pruning; writes its report
 under ``outputs/`` instead of ``docs/``. ``--report-only`` rebuilds the report and plots from
@@ -38,7 +46,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -46,10 +53,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from machine import cpu_model
+from machine import load_average, machine_info
 from paper_plots import plots
 from paper_report import write_report
-from paper_summary import ALPHAS, summarize
+from paper_summary import ALPHAS, aggregate, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 for extra in (ROOT, ROOT / "tests"):
@@ -90,11 +97,23 @@ def matrix(quick: bool) -> list[dict[str, Any]]:
     return runs
 
 
-def run_config(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """The full run config of one run (pyproject defaults + the shared scale + the run's keys)."""
+def run_name(name: str, seed: int, seeds: int) -> str:
+    """A per-seed run's name: the row's name, or ``<row>-s<seed>`` with several seeds."""
+    return name if seeds == 1 else f"{name}-s{seed}"
+
+
+def run_config(
+    run: dict[str, Any], args: argparse.Namespace, seed: int | None = None
+) -> dict[str, Any]:
+    """The full run config of one run (pyproject defaults + the shared scale + the run's keys).
+
+    ``seed``: the run-config ``seed`` (``None``: the pyproject default) for one of ``args.seeds``.
+    """
     from inprocess_grid import app_config
 
     keys = {k: v for k, v in run.items() if k not in {"name", "alpha", "group"}}
+    seeding = {} if seed is None else {"seed": seed}
+    name = run["name"] if seed is None else run_name(run["name"], seed, args.seeds)
     partition = (
         {"partitioner": "iid"}
         if run["alpha"] == "iid"
@@ -104,7 +123,7 @@ def run_config(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         **{
             "data-dir": str(args.data_dir),
             "output-dir": str(args.out_dir),
-            "run-name": run["name"],
+            "run-name": name,
             "num-server-rounds": args.rounds,
             "eval-every": args.eval_every,
             "checkpoint-every": 0,
@@ -115,6 +134,7 @@ def run_config(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             "prune-repeats": args.prune_repeats,
             **partition,
             **keys,
+            **seeding,
         }
     )
     return config
@@ -182,6 +202,8 @@ def main() -> int:
     parser.add_argument(
         "--memory-json", type=Path, default=ROOT / "docs/results/client_memory.json"
     )
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per row: s0, s0+1, ...")
+    parser.add_argument("--seed", type=int, default=None, help="s0 (default: the config's)")
     parser.add_argument("--report-only", action="store_true", help="rebuild report from JSON")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -219,54 +241,72 @@ def main() -> int:
     import torch
 
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    machine = machine_info(RUN_THREADS)
     info: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "quick": quick,
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        **{key: machine[key] for key in ("cpu", "cores", "torch", "python", "load_before")},
         "workers": args.workers,
-        "load_before": tuple(round(x, 1) for x in os.getloadavg()),
+        "environment": machine["environment"],
     }
+    sample = RunConfigDefaults.get()
+    s0 = int(sample["seed"] if args.seed is None else args.seed)
+    seeds = [s0 + i for i in range(args.seeds)]
     started = time.perf_counter()
+    pairs = [(run, seed) for run in runs for seed in seeds]
     jobs = [
         {
-            "config": run_config(run, args),
+            "config": run_config(run, args, seed),
             "clients": args.clients,
             "engine": args.engine if run.get("method", "") != "fedavg" else "",
         }
-        for run in runs
+        for run, seed in pairs
     ]
-    print(f"# {len(jobs)} runs, {args.workers} at a time, results under {args.out_dir}", flush=True)
+    print(
+        f"# {len(jobs)} runs ({len(runs)} rows x {len(seeds)} seed(s)), {args.workers} at a time, "
+        f"results under {args.out_dir}",
+        flush=True,
+    )
 
-    def go(pair: tuple[dict[str, Any], dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
-        run, job = pair
+    def go(
+        item: tuple[tuple[dict[str, Any], int], dict[str, Any]],
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        (run, _), job = item
         out = launch(job)
         status = "FAILED" if "error" in out else f"{out['seconds']:.0f}s"
-        print(f"# {run['name']}: {status}", flush=True)
+        print(f"# {job['config']['run-name']}: {status}", flush=True)
         return run, out
 
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        done = list(pool.map(go, zip(runs, jobs)))
-    failures = [(run["name"], out["error"]) for run, out in done if "error" in out]
-    previous: dict[str, dict[str, Any]] = {}
+        done = list(pool.map(go, zip(pairs, jobs)))
+    failures = [
+        (job["config"]["run-name"], out["error"])
+        for (_, out), job in zip(done, jobs)
+        if "error" in out
+    ]
+    per_seed: dict[tuple[str, int], dict[str, Any]] = {}
     if args.only and args.json.is_file():  # merge re-runs into the existing summary
-        previous = {s["name"]: s for s in json.loads(args.json.read_text())["runs"]}
-    summaries = dict(previous)
+        old = json.loads(args.json.read_text())
+        for s in old.get("seed_runs", old["runs"]):
+            per_seed[(s["name"], int(s.get("seed", old["info"]["seed"])))] = s
     for run, out in done:
         if "error" in out:
             continue
         results = json.loads(Path(out["results"]).read_text())
-        summaries[run["name"]] = summarize(run, results, out["seconds"])
+        summary = summarize(run, results, out["seconds"])
+        per_seed[(summary["name"], summary["seed"])] = summary
     order = [r["name"] for r in matrix(quick)]
-    ordered = [summaries[n] for n in order if n in summaries]
+    seed_runs = [per_seed[key] for name in order for key in sorted(per_seed) if key[0] == name]
+    ordered = [
+        aggregate([s for s in seed_runs if s["name"] == name])
+        for name in order
+        if any(s["name"] == name for s in seed_runs)
+    ]
     memory = json.loads(args.memory_json.read_text()) if args.memory_json.is_file() else None
-    sample = RunConfigDefaults.get()
     info.update(
         {
             "seconds": time.perf_counter() - started,
-            "load_after": tuple(round(x, 1) for x in os.getloadavg()),
+            "load_after": load_average(),
             "model": sample["model"],
             "clients": args.clients,
             "rounds": args.rounds,
@@ -280,7 +320,8 @@ def main() -> int:
             "prune_iterations": args.prune_iterations,
             "prune_repeats": args.prune_repeats,
             "eval_every": args.eval_every,
-            "seed": sample["seed"],
+            "seed": s0,
+            "seeds": seeds,
             "engine_note": (
                 f"ZO clients used the `{args.engine}` engine"
                 if args.engine
@@ -301,7 +342,10 @@ def main() -> int:
     write_report(args.report, ordered, memory, figures, info)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
-        json.dumps({"info": info, "runs": ordered, "failures": failures}, indent=2)
+        json.dumps(
+            {"info": info, "runs": ordered, "seed_runs": seed_runs, "failures": failures},
+            indent=2,
+        )
     )
     print(f"# wrote {args.report}, {args.json} and {len(figures)} figures", flush=True)
     for name, error in failures:

@@ -21,6 +21,8 @@ from paper_summary import (
     label,
     paper_scale,
     paper_scale_days,
+    pct,
+    seeds_of,
     still_improving,
     training,
 )
@@ -37,6 +39,7 @@ def commands(
 ) -> list[str]:
     """The exact commands that produce the report (from the recorded scale)."""
     engine = _engine(info)
+    seeds = info.get("seeds") or [info.get("seed")]
     return [
         "export FEDZO_DATA_DIR=/path/to/folder/with/cifar10.npz MPLCONFIGDIR=/tmp/mpl",
         "python benchmarks/client_memory.py --json docs/results/client_memory.json",
@@ -44,7 +47,8 @@ def commands(
         + (" --quick" if info["quick"] else "")
         + f" --clients {clients or info['clients']} --rounds {rounds or info['rounds']}"
         f" --k {k or info['k']} --eval-every {info['eval_every']} --workers {info['workers']}"
-        + (f" --engine {engine}" if engine else ""),
+        + (f" --engine {engine}" if engine else "")
+        + (f" --seeds {len(seeds)} --seed {seeds[0]}" if len(seeds) > 1 else ""),
     ]
 
 
@@ -116,14 +120,14 @@ def observations(summaries: list[Summary]) -> list[str]:
         lines += [
             "",
             "Pruners for zeroth-order training at α = 0.1, d = 0.1, ranked by last-2 accuracy: "
-            + ", ".join(f"{s['prune_method']} {100 * s['last2_accuracy']:.1f}%" for s in ranked)
-            + (f" (zo-dense: {100 * dense['last2_accuracy']:.1f}%)." if dense else "."),
+            + ", ".join(f"{s['prune_method']} {pct(s)}" for s in ranked)
+            + (f" (zo-dense: {pct(dense)})." if dense else "."),
         ]
     fed = [s for s in summaries if s["method"] == "fedavg"]
     if not fed:
         return lines
     text = "FedAvg (backprop) reference: " + ", ".join(
-        f"{label(s)} α={s['alpha']} {100 * s['last2_accuracy']:.1f}%" for s in fed
+        f"{label(s)} α={s['alpha']} {pct(s)}" for s in fed
     )
     zo = [s for s in summaries if s["method"] != "fedavg"]
     fed_dense = [s for s in fed if s["density"] >= 1]
@@ -192,14 +196,11 @@ def notes(
             f"{paper_scale_days(info):.0f} days on this machine (the matrix's wall time scaled "
             "by rounds, forward passes per step and clients)."
         )
-    names = [s["name"] for s in summaries]
-    seeds = "one seed per configuration" if len(set(names)) == len(names) else "repeated runs"
     lines = [
         "## Caveats and what is not done",
         "",
         scale,
-        f"* **{seeds.capitalize()}** (seed {info['seed']}). No repetitions, hence no error "
-        f"bars; differences below {NOISE_PP:g} points are called inconclusive.",
+        _seeds_note(summaries, info),
         f"* **No tuning per method.** Every ZO run uses the same server optimizer "
         f"({info['optimizer']}, lr {info['lr']:g}), σ = {info['sigma']:g} and batch "
         f"{info['batch']}; FedAvg uses {fedavg_steps(info)}.",
@@ -241,6 +242,28 @@ def notes(
             f"were added to the summary later, from {backfilled['source']}."
         )
     return lines
+
+
+def _seeds_note(summaries: list[Summary], info: dict[str, Any]) -> str:
+    """How many seeds each row has, and what the verdicts make of the spread."""
+    n = max((seeds_of(s) for s in summaries), default=1)
+    if n == 1:
+        return (
+            f"* **One seed per configuration** (seed {info['seed']}). No repetitions, hence no "
+            f"error bars; differences below {NOISE_PP:g} points are called inconclusive."
+        )
+    seeds = info.get("seeds") or sorted({x for s in summaries for x in s.get("seeds", [])})
+    fewer = [s["name"] for s in summaries if seeds_of(s) < n]
+    return (
+        f"* **{n} seeds per configuration** ({', '.join(str(x) for x in seeds)}). Accuracies "
+        "are mean ± sample standard deviation; a difference within the spread "
+        "√(sd_a² + sd_b²) is not resolved. "
+        + (
+            f"Rows with fewer seeds (a run failed): {', '.join(fewer)}."
+            if fewer
+            else "Every row has all its seeds."
+        )
+    )
 
 
 def memory_budget_note(memory: dict[str, Any]) -> str:

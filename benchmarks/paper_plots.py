@@ -1,4 +1,8 @@
-"""The paper comparison's figures (PNG, dpi 80): accuracy per α, FLOPs and bytes, memory."""
+"""The paper comparison's figures (PNG, dpi 80): accuracy per α, FLOPs and bytes, memory.
+
+With several seeds a row's accuracy curve is the mean over its seeds, shaded ± one sample
+standard deviation.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from paper_summary import MB, Summary, label, memory_label
+
+FIGURES = ("accuracy_vs_round.png", "flops_and_bytes.png", "client_memory.png")
+"""The figures' file names, in the order the report links them (the last one needs memory)."""
+
+
+def figure_paths(fig_dir: Path, memory: dict[str, Any] | None) -> list[Path]:
+    """The paths :func:`plots` writes (without plotting): for rebuilding the report's links."""
+    return [fig_dir / name for name in FIGURES[: 3 if memory else 2]]
 
 
 def plots(summaries: list[Summary], memory: dict[str, Any] | None, fig_dir: Path) -> list[Path]:
@@ -36,21 +48,32 @@ def plots(summaries: list[Summary], memory: dict[str, Any] | None, fig_dir: Path
         for i, s in enumerate(members):
             xs, ys = zip(*s["curve"])
             style = "--" if s["method"] == "fedavg" else "-"
+            color = colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20]
             ax.plot(
                 xs,
                 [100 * y for y in ys],
                 style,
-                label=label(s),
+                label=label(s) + (f" (n={s['n']})" if s.get("n", 1) > 1 else ""),
                 linewidth=1.2,
-                color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20],
+                color=color,
             )
+            if s.get("curve_sd"):  # several seeds: mean ± one sample standard deviation
+                sd = [100 * v for _, v in s["curve_sd"]]
+                ax.fill_between(
+                    xs,
+                    [100 * y - e for y, e in zip(ys, sd)],
+                    [100 * y + e for y, e in zip(ys, sd)],
+                    color=color,
+                    alpha=0.15,
+                    linewidth=0,
+                )
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("round")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     fig.tight_layout()
-    path = fig_dir / "accuracy_vs_round.png"
+    path = fig_dir / FIGURES[0]
     fig.savefig(path, dpi=80)
     plt.close(fig)
     out.append(path)
@@ -71,7 +94,7 @@ def plots(summaries: list[Summary], memory: dict[str, Any] | None, fig_dir: Path
     ax_b.set_xlabel("bytes per client-round (measured)")
     ax_b.tick_params(axis="y", labelsize=6)
     fig.tight_layout()
-    path = fig_dir / "flops_and_bytes.png"
+    path = fig_dir / FIGURES[1]
     fig.savefig(path, dpi=80)
     plt.close(fig)
     out.append(path)
@@ -97,7 +120,7 @@ def plots(summaries: list[Summary], memory: dict[str, Any] | None, fig_dir: Path
             ax.tick_params(axis="y", labelsize=7)
             ax.legend(fontsize=7)
         fig.tight_layout()
-        path = fig_dir / "client_memory.png"
+        path = fig_dir / FIGURES[2]
         fig.savefig(path, dpi=80)
         plt.close(fig)
         out.append(path)

@@ -24,6 +24,8 @@ from paper_notes import (
     notes,
     observations,
 )
+from paper_plots import figure_paths
+from paper_scale_report import render_paper_scale
 from paper_summary import (
     ALPHAS,
     MB,
@@ -34,6 +36,8 @@ from paper_summary import (
     fmt_bytes,
     label,
     memory_label,
+    pct,
+    seeds_of,
 )
 from paper_verdicts import verdicts
 from progressive_report import render_progressive
@@ -60,10 +64,11 @@ def trajectory_table(summaries: list[Summary]) -> list[str]:
         return []
     rounds = [r for r, _ in found[0][1]["curve"] if r]
     marks = sorted({rounds[len(rounds) * i // 4 - 1] for i in range(1, 5)} if rounds else set())
+    n = max(seeds_of(s) for _, d, p in found for s in (d, p))
     lines = [
         "",
         "Zeroth-order, pruned (NTK, d = 0.1) against dense, at a few rounds "
-        "(test accuracy, difference in points):",
+        "(test accuracy, difference in points" + (f"; means over {n} seeds):" if n > 1 else "):"),
         "",
         "| α | " + " | ".join(f"round {m}" for m in marks) + " |",
         "|---|" + "---|" * len(marks),
@@ -95,16 +100,39 @@ def write_report(
 
 
 def results_appendix(docs: Path) -> str:
-    """Sections from other benchmarks' JSON in ``docs/results/`` (each computed from its data).
-
-    The frontier section comes last (``frontier_report.refresh_results_md`` replaces it alone)
-    and says it was not run when its JSON is absent.
-    """
+    """Sections from other benchmarks' JSON in ``docs/results/`` (each computed from its data):
+    progressive training (``progressive_run.json``), the paper's scale (``paper_scale.json``),
+    then the frontier, last (``frontier_report.refresh_results_md`` replaces it alone; it says
+    it was not run when its JSON is absent)."""
+    sections = []
     progressive = docs / "results" / "progressive_run.json"
-    text = ""
     if progressive.is_file():
-        text += "\n" + render_progressive(json.loads(progressive.read_text()))
-    return text + "\n" + frontier_section(docs)
+        sections.append(render_progressive(json.loads(progressive.read_text())))
+    scale = docs / "results" / "paper_scale.json"
+    if scale.is_file():
+        sections.append(render_paper_scale(json.loads(scale.read_text())))
+    sections.append(frontier_section(docs))
+    return "".join("\n" + section for section in sections)
+
+
+def rebuild_results_md(path: Path) -> bool:
+    """Rewrite ``path`` (``docs/results.md``) from the JSON beside it, without re-plotting.
+
+    Reads ``results/paper_comparison.json`` and ``results/client_memory.json`` next to
+    ``path`` and links the figures :func:`paper_plots.plots` wrote under ``figures/``; the
+    appended sections come from :func:`results_appendix`. ``False`` (nothing written) when
+    there is no comparison summary.
+    """
+    docs = path.parent
+    summary_path = docs / "results" / "paper_comparison.json"
+    if not summary_path.is_file():
+        return False
+    summary = json.loads(summary_path.read_text())
+    memory_path = docs / "results" / "client_memory.json"
+    memory = json.loads(memory_path.read_text()) if memory_path.is_file() else None
+    figures = figure_paths(docs / "figures", memory)
+    write_report(path, summary["runs"], memory, figures, summary["info"])
+    return True
 
 
 def render_report(
@@ -153,11 +181,10 @@ def render_report(
         " server averages weighted by examples | not stated |",
         f"| pruning | NTK-SAP T = {info['prune_iterations']}, R = {info['prune_repeats']} "
         "| not stated |",
-        f"| evaluation | full test set (10,000) every {info['eval_every']} rounds; one seed "
-        f"({info['seed']}) per configuration | |",
+        f"| evaluation | full test set (10,000) every {info['eval_every']} rounds; "
+        f"{_seeds_cell(info)} per configuration | |",
         "",
-        f"Accuracy differences below {NOISE_PP:g} points between single-seed runs are treated "
-        "as run-to-run noise (inconclusive) in the verdicts.",
+        _spread_rule(summaries),
         "",
         "## Verdict per paper claim",
         "",
@@ -173,16 +200,8 @@ def render_report(
         f"![accuracy vs round]({rel[0]})",
         "",
         "Final = last evaluation; last-2 = mean of the last two evaluations (used for verdicts).",
-        "",
-        "| α | method | density | final acc. | last-2 acc. | best acc. | run wall (s) |",
-        "|---|---|---|---|---|---|---|",
+        *accuracy_table(summaries),
     ]
-    for s in summaries:
-        lines.append(
-            f"| {s['alpha']} | {label(s)} | {s['density']:.3g} | {100 * s['final_accuracy']:.2f}% "
-            f"| {100 * s['last2_accuracy']:.2f}% | {100 * s['best_accuracy']:.2f}% "
-            f"| {s['wall_seconds']:.0f} |"
-        )
     lines += trajectory_table(summaries)
     lines += observations(summaries)
     lines += [
@@ -270,6 +289,65 @@ def render_report(
         lines.append("Not measured in this run (run `benchmarks/client_memory.py` first).")
     lines += ["", *notes(summaries, memory, info), ""]
     return "\n".join(lines)
+
+
+def accuracy_table(summaries: list[Summary]) -> list[str]:
+    """The accuracy table: one column per accuracy; with several seeds mean ± sd and ``n``."""
+    if max((seeds_of(s) for s in summaries), default=1) == 1:
+        lines = [
+            "",
+            "| α | method | density | final acc. | last-2 acc. | best acc. | run wall (s) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for s in summaries:
+            lines.append(
+                f"| {s['alpha']} | {label(s)} | {s['density']:.3g} "
+                f"| {100 * s['final_accuracy']:.2f}% | {100 * s['last2_accuracy']:.2f}% "
+                f"| {100 * s['best_accuracy']:.2f}% | {s['wall_seconds']:.0f} |"
+            )
+        return lines
+    lines = [
+        "Accuracies: mean ± sample standard deviation over the row's n seeds; run wall: mean "
+        "seconds per seed.",
+        "",
+        "| α | method | density | n | final acc. | last-2 acc. | best acc. | run wall (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        cells = " | ".join(
+            pct(s, key, 2) for key in ("final_accuracy", "last2_accuracy", "best_accuracy")
+        )
+        lines.append(
+            f"| {s['alpha']} | {label(s)} | {s['density']:.3g} | {seeds_of(s)} | {cells} "
+            f"| {s['wall_seconds']:.0f} |"
+        )
+    return ["", *lines]
+
+
+def _seeds_cell(info: dict[str, Any]) -> str:
+    """``one seed (3407)`` or ``3 seeds (3407, 3408, 3409)``."""
+    seeds = info.get("seeds") or [info["seed"]]
+    if len(seeds) == 1:
+        return f"one seed ({seeds[0]})"
+    return f"{len(seeds)} seeds ({', '.join(str(s) for s in seeds)})"
+
+
+def _spread_rule(summaries: list[Summary]) -> str:
+    """How the verdicts decide that a difference is real, for the seeds the rows have."""
+    counts = sorted({seeds_of(s) for s in summaries})
+    if counts[-1:] == [1] or not counts:
+        return (
+            f"Accuracy differences below {NOISE_PP:g} points between single-seed runs are "
+            "treated as run-to-run noise (inconclusive) in the verdicts."
+        )
+    n = "-".join(str(c) for c in (counts[0], counts[-1])) if len(counts) > 1 else counts[0]
+    return (
+        f"Each row is the mean over its seeds ({n} per row; each seed changes θ0, the pruning "
+        "draws, the partitions, node sampling and every round seed). A difference Δ of two "
+        "rows' mean last-2 accuracies is **not resolved** when |Δ| ≤ √(sd_a² + sd_b²), the "
+        "sample standard deviations over the seeds combined (the spread of the difference of "
+        "one run of each); the verdicts count only differences beyond it."
+    )
 
 
 def _per_round(info: dict[str, Any]) -> str:

@@ -1,13 +1,24 @@
 """The paper comparison's numbers: one summary per run, and what the report derives from them.
 
 A *summary* (:func:`summarize`) is the handful of numbers the report needs from one run's
-``results.json``; ``docs/results/paper_comparison.json`` holds one per run plus ``info`` (the
-machine and the scale). Everything here is a pure function of those dictionaries.
+``results.json``; ``docs/results/paper_comparison.json`` holds one per comparison row plus
+``info`` (the machine and the scale). With several seeds (``paper_comparison.py --seeds N``) a
+row is the :func:`aggregate` of its per-seed summaries (kept under ``seed_runs``): the mean of
+every number, the sample standard deviation of the final, last-2 and best accuracies, and ``n``.
+Everything here is a pure function of those dictionaries.
+
+When is a difference resolved? Two rows ``a`` and ``b`` with ``n >= 2`` seeds each differ by
+``Δ = mean_a - mean_b`` (last-2 accuracy); their *spread* is ``sqrt(sd_a² + sd_b²)``, the
+standard deviation of the difference between one run of each. ``|Δ| <= spread`` is **not
+resolved** (:func:`compare`). With one seed per row there is no spread, and a difference below
+:data:`NOISE_PP` points is called inconclusive instead.
 """
 
 from __future__ import annotations
 
-from statistics import median
+import math
+from dataclasses import dataclass
+from statistics import mean, median, stdev
 from typing import Any
 
 Summary = dict[str, Any]
@@ -35,6 +46,10 @@ BUSY_LOAD = 0.5
 """A 1-minute load average at least this high before the matrix: other jobs were running."""
 WALL_SAVING = 0.8
 """Pruned client seconds below this fraction of the dense ones: a wall-time saving."""
+
+
+ACCURACY_KEYS = ("final_accuracy", "last2_accuracy", "best_accuracy")
+"""The accuracies a multi-seed row reports as mean ± sample standard deviation."""
 
 
 def _mean(values: list[float]) -> float:
@@ -81,7 +96,126 @@ def summarize(run: dict[str, Any], results: dict[str, Any], seconds: float) -> d
         ),
         "wall_seconds": seconds,
         "results_json": results.get("run_name"),
+        "seed": cfg["seed"],
     }
+
+
+# ------------------------------------------------------------------------------ seeds
+
+
+def seeds_of(s: Summary) -> int:
+    """How many seeds a row's numbers come from (summaries before ``n`` was recorded: 1)."""
+    return int(s.get("n", 1))
+
+
+def aggregate(per_seed: list[Summary]) -> Summary:
+    """One row from the summaries of its seeds (same configuration, different ``seed``).
+
+    One summary is returned as it is, with ``n = 1`` and ``seeds``. Several give: the mean of
+    every number (an integer that all seeds share stays that integer); for each of
+    :data:`ACCURACY_KEYS` the mean and ``<key>_sd``, the sample standard deviation; ``curve``
+    the mean accuracy per evaluated round (rounds every seed evaluated) and ``curve_sd``;
+    ``n``, ``seeds`` and ``per_seed`` (each seed's accuracies, wall time and run name).
+    """
+    if not per_seed:
+        raise ValueError("aggregate needs at least one summary")
+    first = per_seed[0]
+    if len(per_seed) == 1:
+        return {**first, "n": 1, "seeds": [first.get("seed")]}
+    row: Summary = {}
+    for key, value in first.items():
+        values = [s[key] for s in per_seed]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            row[key] = value
+        elif isinstance(value, int) and len(set(values)) == 1:
+            row[key] = value
+        else:
+            row[key] = mean(float(v) for v in values)
+    for key in ACCURACY_KEYS:
+        row[f"{key}_sd"] = stdev(float(s[key]) for s in per_seed)
+    curves = [dict((int(r), float(a)) for r, a in s["curve"]) for s in per_seed]
+    rounds = sorted(set.intersection(*(set(c) for c in curves)))
+    row["curve"] = [[r, mean(c[r] for c in curves)] for r in rounds]
+    row["curve_sd"] = [[r, stdev(c[r] for c in curves)] for r in rounds]
+    row.pop("seed", None)
+    row["n"] = len(per_seed)
+    row["seeds"] = [s.get("seed") for s in per_seed]
+    row["results_json"] = [s.get("results_json") for s in per_seed]
+    row["per_seed"] = [
+        {
+            "seed": s.get("seed"),
+            "wall_seconds": s["wall_seconds"],
+            **{k: s[k] for k in ACCURACY_KEYS},
+        }
+        for s in per_seed
+    ]
+    return row
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Row ``a`` against row ``b`` on one accuracy (points).
+
+    Attributes
+    ----------
+    diff_pp : float
+        ``100 * (mean_a - mean_b)``.
+    spread_pp : float or None
+        ``100 * sqrt(sd_a² + sd_b²)`` when both rows have at least two seeds, else ``None``.
+    n : int
+        The smaller number of seeds of the two rows.
+    """
+
+    diff_pp: float
+    spread_pp: float | None
+    n: int
+
+    @property
+    def multi_seed(self) -> bool:
+        """Whether a spread was measured (both rows with two seeds or more)."""
+        return self.spread_pp is not None
+
+    @property
+    def ahead(self) -> bool:
+        """``a`` is resolved ahead: beyond the spread, or (one seed) at least NOISE_PP."""
+        if self.spread_pp is not None:
+            return self.diff_pp > self.spread_pp
+        return self.diff_pp >= NOISE_PP
+
+    @property
+    def behind(self) -> bool:
+        """``a`` is resolved behind (the mirror of :attr:`ahead`)."""
+        if self.spread_pp is not None:
+            return self.diff_pp < -self.spread_pp
+        return self.diff_pp <= -NOISE_PP
+
+    @property
+    def unresolved(self) -> bool:
+        """Neither ahead nor behind: within the spread (or, one seed, below NOISE_PP)."""
+        return not (self.ahead or self.behind)
+
+
+def compare(a: Summary, b: Summary, key: str = "last2_accuracy") -> Comparison:
+    """``a`` against ``b`` on ``key`` (see the module docstring for the rule)."""
+    diff = 100 * (float(a[key]) - float(b[key]))
+    n = min(seeds_of(a), seeds_of(b))
+    if n < 2:
+        return Comparison(diff, None, n)
+    spread = 100 * math.sqrt(float(a[f"{key}_sd"]) ** 2 + float(b[f"{key}_sd"]) ** 2)
+    return Comparison(diff, spread, n)
+
+
+def pct(s: Summary, key: str = "last2_accuracy", digits: int = 1) -> str:
+    """An accuracy in percent: ``26.4%``, or ``26.4 ± 0.5%`` for a multi-seed row."""
+    sd = s.get(f"{key}_sd") if seeds_of(s) > 1 else None
+    if sd is None:
+        return f"{100 * s[key]:.{digits}f}%"
+    return f"{100 * s[key]:.{digits}f} ± {100 * sd:.{digits}f}%"
+
+
+def seeds_phrase(n: int) -> str:
+    """``"one seed"`` or ``"3 seeds"``."""
+    return "one seed" if n == 1 else f"{n} seeds"
 
 
 # ----------------------------------------------------------------------------- report
@@ -166,7 +300,8 @@ def paper_scale(info: dict[str, Any]) -> bool:
 
 
 def paper_scale_days(info: dict[str, Any]) -> float:
-    """Rough time of the paper-scale matrix on this machine, in days: the matrix's wall time
-    scaled by rounds, forward passes per ZO step (K + 1) and clients."""
+    """Rough time of the paper-scale matrix (one seed) on this machine, in days: the matrix's
+    wall time per seed scaled by rounds, forward passes per ZO step (K + 1) and clients."""
     scale = (PAPER["rounds"] / info["rounds"]) * ((PAPER["k"] + 1) / (info["k"] + 1))
-    return float(info["seconds"] * scale * PAPER["clients"] / info["clients"] / 86400)
+    seconds = info["seconds"] / len(info.get("seeds") or [info.get("seed")])
+    return float(seconds * scale * PAPER["clients"] / info["clients"] / 86400)

@@ -1,4 +1,9 @@
-"""One verdict per paper claim, each computed from the runs' summaries and the memory JSON."""
+"""One verdict per paper claim, each computed from the runs' summaries and the memory JSON.
+
+Accuracy verdicts compare rows with :func:`paper_summary.compare`: with several seeds per row a
+difference within the spread (``|Δ mean| <= sqrt(sd_a² + sd_b²)``) is "not resolved"; with one
+seed a difference below ``NOISE_PP`` points is "inconclusive", and the verdict says "one seed".
+"""
 
 from __future__ import annotations
 
@@ -6,52 +11,70 @@ from typing import Any
 
 from paper_summary import (
     ALPHAS,
-    NOISE_PP,
     PAPER,
     WALL_SAVING,
+    Comparison,
     Summary,
+    compare,
     crossover,
     find,
     fmt_bytes,
+    pct,
+    seeds_phrase,
     still_improving,
 )
+
+
+def accuracy_verdict(comparisons: list[Comparison], improving: bool) -> str:
+    """The verdict on "pruned ZO beats dense ZO" from one comparison per α."""
+    n = min(c.n for c in comparisons)
+    each = f"{seeds_phrase(n)} each"
+    top = max(c.diff_pp for c in comparisons)
+    if all(c.ahead for c in comparisons) and top >= PAPER["accuracy_gain_pp"]:
+        beyond = ", every difference beyond the spread" if n > 1 else ""
+        return f"reproduced at this scale ({each}{beyond}" + (
+            "; early training)" if improving else ")"
+        )
+    beyond = " beyond the spread" if n > 1 else ""
+    if all(c.ahead for c in comparisons):
+        return (
+            f"partly (pruned ahead{beyond} at every α, by less than "
+            f"{PAPER['accuracy_gain_pp']:g} pp; {each})"
+        )
+    if any(c.ahead for c in comparisons):
+        return f"partly (pruned ahead{beyond} at some α only; {each})"
+    if all(c.unresolved for c in comparisons):
+        if n > 1:
+            return f"not resolved (every difference within the spread of {seeds_phrase(n)})"
+        return "inconclusive (differences within single-seed noise)"
+    return f"not reproduced ({each})"
+
+
+def _difference(c: Comparison) -> str:
+    """``+7.2 pp`` or, with several seeds, ``+7.2 pp, spread 0.9 pp``."""
+    return f"{c.diff_pp:+.1f} pp" + (
+        f", spread {c.spread_pp:.1f} pp" if c.spread_pp is not None else ""
+    )
 
 
 def verdicts(summaries: list[Summary], memory: dict[str, Any] | None) -> list[dict[str, str]]:
     """One verdict per paper claim, with the numbers side by side."""
     out = []
-    gains: list[tuple[str, float, Summary, Summary, int | None]] = []
+    gains: list[tuple[str, Comparison, Summary, Summary, int | None]] = []
     for alpha in ALPHAS:
         dense = find(summaries, f"zo-dense-a{alpha}")
         ours = find(summaries, f"zo-ntk-d0.1-a{alpha}")
         if dense and ours:
-            gain = 100 * (ours["last2_accuracy"] - dense["last2_accuracy"])
-            gains.append((alpha, gain, ours, dense, crossover(dense, ours)))
+            gains.append((alpha, compare(ours, dense), ours, dense, crossover(dense, ours)))
     if gains:
-        top = max(g for _, g, *_ in gains)
         text = "; ".join(
-            f"α={a}: {100 * o['last2_accuracy']:.1f}% vs {100 * d['last2_accuracy']:.1f}% "
-            f"({g:+.1f} pp; pruned ahead from round {c})"
+            f"α={a}: {pct(o)} vs {pct(d)} ({_difference(g)}; pruned ahead from round {c})"
             if c
-            else f"α={a}: {100 * o['last2_accuracy']:.1f}% vs {100 * d['last2_accuracy']:.1f}% "
-            f"({g:+.1f} pp)"
+            else f"α={a}: {pct(o)} vs {pct(d)} ({_difference(g)})"
             for a, g, o, d, c in gains
         )
         improving, _ = still_improving(summaries)
-        if all(g >= NOISE_PP for _, g, *_ in gains) and top >= PAPER["accuracy_gain_pp"]:
-            verdict = "reproduced at this scale (one seed each" + (
-                "; early training)" if improving else ")"
-            )
-        elif all(g >= NOISE_PP for _, g, *_ in gains):
-            verdict = (
-                f"partly (pruned ahead at every α, by less than {PAPER['accuracy_gain_pp']:g} pp)"
-            )
-        elif any(g >= NOISE_PP for _, g, *_ in gains):
-            verdict = "partly (pruned ahead at some α only)"
-        elif all(abs(g) < NOISE_PP for _, g, *_ in gains):
-            verdict = "inconclusive (differences within single-seed noise)"
-        else:
-            verdict = "not reproduced"
+        verdict = accuracy_verdict([g for _, g, *_ in gains], improving)
         out.append(
             {
                 "claim": f"accuracy: pruned ZO up to +{PAPER['accuracy_gain_pp']:g} pp over dense "
@@ -152,33 +175,36 @@ def verdicts(summaries: list[Summary], memory: dict[str, Any] | None) -> list[di
     local = find(summaries, "zo-ntk-local-d0.1-a0.1")
     free = find(summaries, "zo-ntk-d0.1-a0.1")
     if local and free:
-        diff = 100 * (free["last2_accuracy"] - local["last2_accuracy"])
+        c = compare(free, local)
         out.append(
             {
                 "claim": "data-free NTK beats the federated local-NTK approximation under "
                 "extreme heterogeneity",
                 "paper": "qualitative",
                 "ours": (
-                    f"α=0.1, d=0.1: data-free {100 * free['last2_accuracy']:.1f}% vs ntk-local "
-                    f"{100 * local['last2_accuracy']:.1f}% ({diff:+.1f} pp); ntk-local "
+                    f"α=0.1, d=0.1: data-free {pct(free)} vs ntk-local {pct(local)} "
+                    f"({_difference(c)}); ntk-local "
                     f"costs {_traffic(local)} of pruning traffic and client backward passes, "
                     f"the data-free mask {_traffic(free)}"
                 ),
-                "verdict": (
-                    "inconclusive on accuracy (within single-seed noise)"
-                    + (
-                        "; data-free is cheaper"
-                        if free["pruning_phase_bytes"] < local["pruning_phase_bytes"]
-                        else ""
-                    )
-                    if abs(diff) < NOISE_PP
-                    else "reproduced"
-                    if diff > 0
-                    else "not reproduced"
+                "verdict": _data_free_verdict(
+                    c, free["pruning_phase_bytes"] < local["pruning_phase_bytes"]
                 ),
             }
         )
     return out
+
+
+def _data_free_verdict(c: Comparison, cheaper: bool) -> str:
+    """Data-free NTK against ntk-local on accuracy, and whether it costs less traffic."""
+    if c.unresolved:
+        within = (
+            f"not resolved on accuracy (within the spread of {seeds_phrase(c.n)})"
+            if c.multi_seed
+            else "inconclusive on accuracy (within single-seed noise)"
+        )
+        return within + ("; data-free is cheaper" if cheaper else "")
+    return ("reproduced" if c.ahead else "not reproduced") + f" ({seeds_phrase(c.n)})"
 
 
 def _traffic(s: Summary) -> str:

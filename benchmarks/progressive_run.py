@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch
 from inprocess_grid import InProcessGrid, app_config, server_context
+from machine import load_average, machine_info
 
 from client_app.client_app import app as client_app
 from server_app.server_app import app as server_app
@@ -95,12 +95,13 @@ def main() -> None:
     torch.set_num_threads(1)
     report: dict[str, Any] = {
         "settings": {**COMMON, "rounds": args.rounds, "nodes": args.nodes, "methods": METHODS},
-        "machine": {"python": platform.python_version(), "torch": torch.__version__},
+        "machine": machine_info(1),
     }
     with tempfile.TemporaryDirectory() as tmp:
         for name in METHODS:
             report[name] = run_method(name, args.rounds, args.nodes, args.data_dir, Path(tmp))
             print(name, json.dumps({k: report[name][k] for k in ("final_accuracy", "seconds")}))
+    report["machine"]["load_after"] = load_average()
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from collections import defaultdict
 from typing import NotRequired, TypedDict
 
 import torch
+from machine import machine_info
 
 from fedzo_flwr.config import RunConfig
 from fedzo_flwr.data import sample_batch, to_tensor
@@ -140,8 +140,7 @@ def main() -> None:
         )
     if args.json:
         payload = {
-            "machine": platform.platform(),
-            "torch": torch.__version__,
+            "machine": machine_info(1),
             "clients": args.clients,
             "trials": args.trials,
             "results": rows,

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from machine import ROOT, cpu_model, data_dir
+from machine import ROOT, data_dir, machine_info
 
 from fedzo_flwr import protocol
 from fedzo_flwr.config import RunConfig
@@ -247,13 +247,7 @@ def main() -> int:
     k = args.k or (50 if args.quick else 200)
     counts = args.clients or ([10, 100] if args.quick else [10, 100, 1000])
     repeats = 2 if args.quick else args.repeats
-    info = {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "threads": args.threads,
-        "load_before": os.getloadavg(),
-    }
+    info = machine_info(args.threads)
     print(f"# {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {args.threads} threads")
     print("| model | density | kept | seed mode | clients | round (s) | rounds/s | rebuilds |")
     print("|---|---|---|---|---|---|---|---|")

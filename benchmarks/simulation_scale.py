@@ -54,7 +54,7 @@ from typing import NotRequired, TypedDict
 
 import numpy as np
 import psutil
-from machine import ROOT, cpu_model, data_dir
+from machine import ROOT, data_dir, machine_info
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from flwr_sandbox import flwr_run_command, sandbox_env
@@ -239,13 +239,7 @@ def main() -> int:
     all_max = args.all_max if args.all_max is not None else (50 if args.quick else 1000)
 
     memory_bytes = psutil.virtual_memory().total
-    info = {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "memory_bytes": memory_bytes,
-        "python": sys.version.split()[0],
-        "load_before": os.getloadavg(),
-    }
+    info = {**machine_info(None), "memory_bytes": memory_bytes}
     print(f"# {info['cpu']}, {info['cores']} cores, {memory_bytes / 2**30:.0f} GiB")
     rows: list[ScaleRow] = []
     for regime, per_round in (("sampled", args.per_round), ("all", 0)):

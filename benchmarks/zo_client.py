@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -55,7 +54,8 @@ from typing import Any, TypedDict
 
 import numpy as np
 import torch
-from machine import cpu_model, data_dir, trim_memory
+from machine import data_dir, trim_memory
+from machine import machine_info as base_machine_info
 
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # this checkout, not an installed one
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -269,14 +269,10 @@ def matmul_gflops(threads: int, n: int = 1024, repeats: int = 15) -> dict[str, f
 
 
 def machine_info(threads: int) -> dict[str, Any]:
+    """:func:`machine.machine_info` plus the OpenMP wait policy (it changes timings)."""
     return {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "threads": threads,
-        "python": platform.python_version(),
+        **base_machine_info(threads),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
-        "load_before": os.getloadavg(),
     }
 
 

@@ -8,6 +8,7 @@ accident and a reader finds what seeds what on one page:
 stream                          seed                                     used for
 ==============================  =======================================  ===========================
 :func:`model_seed`              ``(run seed, "model")``                  θ0, the initial weights
+:func:`partition_seed`          ``run seed`` itself                      the clients' partitions
 :func:`pruning_seed`            ``(run seed, "prune")``                  every draw of the pruner
 :func:`fingerprint_seed`        ``(run seed, "fing")``                   the generator check
 :func:`round_seed`              ``(run seed, round)``                    the round's broadcast seed
@@ -19,6 +20,16 @@ stream                          seed                                     used fo
 :func:`node_sample_seed`        ``(run seed, round, "samp")``            the nodes of a round
 :func:`evaluate_sample_seed`    ``(run seed, round, "eval")``            nodes evaluating a round
 ==============================  =======================================  ===========================
+
+So the run-config ``seed`` alone decides θ0, the mask's pruning draws, the partitions, node
+sampling and every round's seeds: two runs that differ only in ``seed`` differ in all of them
+(what ``benchmarks/paper_comparison.py --seeds`` relies on). Two progressive-training keys have
+seeds of their own: ``pace-seed`` (the pace rule's coordinate sample) and ``memory-seed`` (the
+simulated device budgets); neither enters a zeroth-order or FedAvg run.
+
+The partition stream is the run seed itself, not a derived one, so that the partitions stay
+bit-identical to the releases before this table named it (the partitioners seed their own
+``np.random.default_rng`` / flwr-datasets generator with it).
 
 The integer tags are ASCII spelled as hex (``0x6D6F64656C`` = ``"model"``), kept as integers so
 that every stream is bit-identical to the releases that introduced it. The pruners' own
@@ -83,6 +94,16 @@ def _key_type(key: int | str) -> str:
 def model_seed(run_seed: int) -> int:
     """Seed of θ0, the initial weights."""
     return derive_seed(run_seed, Stream.MODEL)
+
+
+def partition_seed(run_seed: int) -> int:
+    """Seed of the partitioner that splits the training set among the clients.
+
+    The run seed itself (see the module docstring: kept for bit-identical partitions).
+    """
+    if isinstance(run_seed, bool) or not isinstance(run_seed, int):
+        raise TypeError(f"seed must be an int, got {type(run_seed).__name__}")
+    return run_seed
 
 
 def pruning_seed(run_seed: int) -> int:

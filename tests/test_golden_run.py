@@ -24,6 +24,7 @@ import torch
 from inprocess_grid import InProcessGrid, app_config, server_context
 
 from client_app.client_app import app as client_app
+from fedzo_flwr.environment import cpu_model
 from server_app.server_app import app as server_app
 
 GOLDEN = Path(__file__).parent / "golden" / "default-20-rounds.json"
@@ -47,21 +48,11 @@ def environment() -> dict[str, str]:
     """What bit-exactness depends on: the machine and the numeric libraries."""
     return {
         "machine": platform.machine(),
-        "processor": _cpu_model(),
+        "processor": cpu_model(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": np.__version__,
     }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def observed(results: dict) -> dict:

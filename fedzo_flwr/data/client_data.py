@@ -23,6 +23,7 @@ from fedzo_flwr.data.partition import client_partition
 from fedzo_flwr.errors import DataError
 from fedzo_flwr.files import atomic_write_bytes
 from fedzo_flwr.logs import get_logger
+from fedzo_flwr.seeding import partition_seed
 
 logger = get_logger(__name__)
 
@@ -129,7 +130,7 @@ def partition_of(
         cfg.partitioner,
         alpha=cfg.alpha,
         shards_per_partition=cfg.shards_per_client,
-        seed=cfg.seed,
+        seed=partition_seed(cfg.seed),
         min_partition_size=cfg.min_partition_size,
     )
 

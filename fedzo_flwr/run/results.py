@@ -1,4 +1,9 @@
-"""Run outputs: ``results.json`` (rewritten atomically after every round), plot, checkpoint."""
+"""Run outputs: ``results.json`` (rewritten atomically after every round), plot, checkpoint.
+
+``results.json`` records, besides the config and the rounds, the ``environment`` it was made in
+(machine, library versions, lock-file hash: :func:`fedzo_flwr.environment.environment`), because
+a run is bit-exact only on one machine and one set of library versions.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fedzo_flwr.environment import environment
 from fedzo_flwr.files import atomic_write_bytes
 
 SCHEMA_VERSION = 1
@@ -41,6 +47,7 @@ class RunRecorder:
             "schema_version": SCHEMA_VERSION,
             "run_name": run_dir.name,
             "config": config,
+            "environment": environment(),
             "setup": {},
             "rounds": [],
             "final": {},
