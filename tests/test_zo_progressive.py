@@ -20,7 +20,6 @@ from fedzo_flwr.measure.flops import forward_flops, zo_step_flops
 from fedzo_flwr.progressive import build_staged
 from fedzo_flwr.progressive.zo import (
     ActiveStage,
-    StageZOServer,
     apply_staged_mask_,
     output_masks,
     stage_loss_differences,
@@ -28,6 +27,7 @@ from fedzo_flwr.progressive.zo import (
     staged_mask,
     train_stage_round,
 )
+from fedzo_flwr.progressive.zo.server import StageZOServer
 from fedzo_flwr.pruning import NTKSAPConfig, ntk_sap_mask
 from fedzo_flwr.sparse.mask import kept_target, prunable_parameters
 from fedzo_flwr.sparse.space import KeptSpace
