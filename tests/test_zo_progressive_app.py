@@ -279,7 +279,7 @@ def test_weights_equal_an_independent_reconstruction_frozen_blocks_never_move(tm
 
 
 def test_a_node_below_a_stages_forward_only_need_is_never_selected(tmp_path, data_dir):
-    grid, results, lines, config = run(
+    grid, results, _, config = run(
         tmp_path,
         data_dir,
         "budgets",
