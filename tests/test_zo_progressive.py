@@ -18,6 +18,7 @@ from torch.nn.functional import cosine_similarity
 from fedzo_flwr.config import RunConfig
 from fedzo_flwr.measure.flops import forward_flops, zo_step_flops
 from fedzo_flwr.progressive import build_staged
+from fedzo_flwr.progressive.memory import forward_stage_memory
 from fedzo_flwr.progressive.zo import (
     ActiveStage,
     apply_staged_mask_,
@@ -25,9 +26,11 @@ from fedzo_flwr.progressive.zo import (
     stage_loss_differences,
     stage_step_flops,
     staged_mask,
+    staged_mask_template,
     train_stage_round,
 )
 from fedzo_flwr.progressive.zo.server import StageZOServer
+from fedzo_flwr.protocol.wire import decode_mask, encode_mask
 from fedzo_flwr.pruning import NTKSAPConfig, ntk_sap_mask
 from fedzo_flwr.sparse.mask import kept_target, prunable_parameters
 from fedzo_flwr.sparse.space import KeptSpace
@@ -332,9 +335,7 @@ def test_forward_stage_memory_is_the_hand_count_for_lenet5():
     out); stage 1 the ReLU after conv2 (16x10x10); stage 2 fc1 (400 in, 120 out). The prefix's
     peak is conv1's ReLU again; the features are pool1's output (6x14x14) and pool2's (400).
     """
-    from fedzo_flwr.progressive.memory import forward_stage_memory
-
-    staged, model_mask, mask = masked_staged()
+    staged, _, mask = masked_staged()
     batch = 32
     floats = 4 * batch
     relu1, relu2, fc1 = 2 * 6 * 28 * 28 * floats, 2 * 16 * 10 * 10 * floats, (400 + 120) * floats
@@ -374,9 +375,6 @@ def test_forward_stage_memory_is_the_hand_count_for_lenet5():
 
 
 def test_staged_mask_travels_in_the_template_order():
-    from fedzo_flwr.progressive.zo import staged_mask_template
-    from fedzo_flwr.protocol.wire import decode_mask, encode_mask
-
     staged, _, mask = masked_staged()
     template = staged_mask_template(staged)
     assert list(mask) == list(template)
