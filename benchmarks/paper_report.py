@@ -36,6 +36,7 @@ from paper_summary import (
 )
 from paper_verdicts import verdicts
 from progressive_report import render_progressive
+from zo_progressive_report import render_zo_progressive
 
 
 def _dataset(info: dict[str, Any]) -> str:
@@ -95,10 +96,14 @@ def write_report(
 
 def results_appendix(docs: Path) -> str:
     """Sections from other benchmarks' JSON in ``docs/results/`` (each computed from its data)."""
+    sections = []
     progressive = docs / "results" / "progressive_run.json"
-    if not progressive.is_file():
-        return ""
-    return "\n" + render_progressive(json.loads(progressive.read_text()))
+    if progressive.is_file():
+        sections.append(render_progressive(json.loads(progressive.read_text())))
+    zo_progressive = docs / "results" / "zo_progressive_run.json"
+    if zo_progressive.is_file():
+        sections.append(render_zo_progressive(json.loads(zo_progressive.read_text())))
+    return "".join("\n" + section for section in sections)
 
 
 def render_report(

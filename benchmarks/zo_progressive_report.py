@@ -1,0 +1,233 @@
+"""The zo-progressive section of ``docs/results.md``, computed from its JSON.
+
+``docs/results/zo_progressive_run.json`` (written by ``benchmarks/zo_progressive_run.py``) holds
+a ``zo-progressive`` run and a ``zo-pruned`` run at equal rounds on one federation (and a
+SmartFreeze run for reference). Every sentence below is computed from that file, the verdict
+included: **better** or **worse** when the difference of the mean of the last evaluations is
+beyond the noise margin, else **not resolved**.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+LABELS = {
+    "zo-progressive": "zo-progressive",
+    "zo-pruned": "zo-pruned",
+    "smartfreeze": "SmartFreeze (backprop, reference)",
+}
+#: Evaluations averaged for the verdict (the last ones of each run).
+LAST = 3
+_MIB = 2**20
+
+
+def _curve(run: dict[str, Any]) -> list[tuple[int, float]]:
+    return sorted((int(r), float(a)) for r, a in run["accuracy"].items())
+
+
+def last_mean(run: dict[str, Any]) -> float:
+    """Mean test accuracy of the last :data:`LAST` evaluations."""
+    return statistics.fmean(a for _, a in _curve(run)[-LAST:])
+
+
+def last_spread(run: dict[str, Any]) -> float:
+    """Largest minus smallest accuracy of the last :data:`LAST` evaluations."""
+    tail = [a for _, a in _curve(run)[-LAST:]]
+    return max(tail) - min(tail)
+
+
+def verdict(data: dict[str, Any]) -> tuple[str, float, float]:
+    """``(word, difference, margin)``: zo-progressive against zo-pruned, in accuracy units.
+
+    ``margin`` = 2 x the larger of the test-set standard error of the difference
+    (``√(p(1-p)/n)`` of each run, combined) and the larger spread of the last evaluations.
+    """
+    runs = data["runs"]
+    a, b = last_mean(runs["zo-progressive"]), last_mean(runs["zo-pruned"])
+    n = data["settings"]["test-examples"]
+    standard_error = math.sqrt(a * (1 - a) / n + b * (1 - b) / n)
+    spread = max(last_spread(runs["zo-progressive"]), last_spread(runs["zo-pruned"]))
+    margin = 2 * max(standard_error, spread)
+    diff = a - b
+    word = "better" if diff > margin else "worse" if diff < -margin else "not resolved"
+    return word, diff, margin
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f} %"
+
+
+def _per_stage(run: dict[str, Any], key: str) -> list[float]:
+    return [v for _, v in sorted(run["per_stage"][key].items(), key=lambda kv: int(kv[0]))]
+
+
+def render_zo_progressive(data: dict[str, Any]) -> str:
+    """The Markdown section for one ``zo_progressive_run.json``."""
+    s, m = data["settings"], data["machine"]
+    runs = {name: data["runs"][name] for name in LABELS if name in data["runs"]}
+    optimizer = runs["zo-progressive"]["config"]
+    lines = [
+        "## Zeroth-order progressive training against zo-pruned (CIFAR-10, equal rounds)",
+        "",
+        f"{s['nodes']} clients ({s['model']}, CIFAR-10, {s['partitioner']} α = {s['alpha']}), "
+        f"every client every round, {s['rounds']} rounds, seed {s['seed']}, batch "
+        f"{s['batch-size']}. `zo-progressive` and `zo-pruned`: K = {s['k']}, σ = {s['sigma']:g}, "
+        f"{s['fd']} differences, {s['local-steps']} local step(s) per round, the server optimizer "
+        f"{optimizer['optimizer']} (lr {optimizer['lr']:g}) and the same data-free NTK-SAP mask "
+        "of the model; "
+        f"zo-progressive changes stage every {s['stage-rounds']} rounds (`pace = fixed`). "
+        + (
+            "SmartFreeze (backprop, one local mini-batch per round, the same stages) is a "
+            "reference. "
+            if "smartfreeze" in runs
+            else ""
+        )
+        + f"All through the real ServerApp and ClientApps in one process, on {m['cpu']} "
+        f"({m['cores']} cores, torch {m['torch']}, {m['threads']} thread, nice {m['nice']}), load "
+        f"average {tuple(m['load_before'])} before and {tuple(m['load_after'])} after:",
+        "",
+        "```bash",
+        f"FEDZO_DATA_DIR={s['data-dir']} {data['command']}",
+        "```",
+        "",
+    ]
+    lines += _accuracy_table(runs)
+    lines += ["", *_verdict_lines(data, runs), ""]
+    lines += _cost_table(data, runs)
+    lines += ["", *_cost_lines(data, runs), ""]
+    lines.append(
+        "Method, choices and per-step FLOPs: [progressive.md](progressive.md), section "
+        '"Zeroth-order progressive training (ours)".'
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _accuracy_table(runs: dict[str, Any]) -> list[str]:
+    marks = sorted({r for run in runs.values() for r, _ in _curve(run)})
+    lines = [
+        "| test accuracy at round | " + " | ".join(str(r) for r in marks) + " | wall time |",
+        "|---|" + "---|" * (len(marks) + 1),
+    ]
+    for name, run in runs.items():
+        acc = dict(_curve(run))
+        cells = [f"{100 * acc[r]:.1f}" if r in acc else "-" for r in marks]
+        lines.append(
+            f"| {LABELS[name]} | " + " | ".join(cells) + f" | {run['seconds'] / 60:.1f} min |"
+        )
+    return lines
+
+
+def _verdict_lines(data: dict[str, Any], runs: dict[str, Any]) -> list[str]:
+    word, diff, margin = verdict(data)
+    zp, base = runs["zo-progressive"], runs["zo-pruned"]
+    head = {
+        "better": "at equal rounds zo-progressive is **better** than zo-pruned",
+        "worse": "at equal rounds zo-progressive is **worse** than zo-pruned",
+        "not resolved": "**not resolved** at equal rounds: zo-progressive and zo-pruned are "
+        "within the noise margin",
+    }[word]
+    out = [
+        f"* Verdict: {head}: {_pct(last_mean(zp))} against {_pct(last_mean(base))} (mean of the "
+        f"last {LAST} evaluations; difference {100 * diff:+.2f} pp, noise margin "
+        f"{100 * margin:.2f} pp = 2 x the larger of the test-set standard error of the difference "
+        f"and the largest spread of the last {LAST} evaluations). One seed: the spread between "
+        "seeds is not measured.",
+    ]
+    changes = zp["stage_changes"]
+    if changes:
+        rounds = ", ".join(str(c["round"]) for c in changes)
+        out.append(
+            f"* zo-progressive's stage changes came at rounds {rounds}; before the last stage its "
+            "accuracy is that of blocks 0..t with output module t (the model as trained so far)."
+        )
+    if "smartfreeze" in runs:
+        sf = runs["smartfreeze"]
+        out.append(
+            f"* SmartFreeze on the same stages and rounds ends at {_pct(sf['final_accuracy'])} "
+            f"(zo-progressive {_pct(zp['final_accuracy'])}, zo-pruned "
+            f"{_pct(base['final_accuracy'])})."
+        )
+    rejected = sum(run["rejected_replies"] for run in runs.values())
+    out.append(f"* Rejected replies over all runs: {rejected}.")
+    return out
+
+
+def _cost_table(data: dict[str, Any], runs: dict[str, Any]) -> list[str]:
+    lines = [
+        "| method | stage | rounds | perturbed coordinates | client GFLOP / round | "
+        "client s / round | analytic need (MiB) | measured extra memory (MiB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    base = runs["zo-pruned"]
+    lines.append(
+        f"| zo-pruned | all | {data['settings']['rounds']} | {base['kept_coordinates']:,} | "
+        f"{base['client_flops_per_round'] / 1e9:.2f} | {base['client_seconds_per_round']:.3f} | "
+        f"{data['zo_pruned_memory']['total_bytes'] / _MIB:.2f} | "
+        f"{base['client_extra_mem_bytes'] / _MIB:.1f} |"
+    )
+    for name in ("zo-progressive", "smartfreeze"):
+        if name not in runs:
+            continue
+        run = runs[name]
+        flops = _per_stage(run, "client_flops")
+        seconds = _per_stage(run, "client_seconds")
+        extra = _per_stage(run, "client_extra_mem_bytes")
+        counts = _per_stage(run, "rounds")
+        dims = run.get("stage_dims")
+        for t, need in enumerate(run["stage_need_bytes"]):
+            dim = f"{dims[t]:,}" if dims else "(backprop)"
+            lines.append(
+                f"| {LABELS[name]} | {t} | {int(counts[t])} | {dim} | {flops[t] / 1e9:.2f} | "
+                f"{seconds[t]:.3f} | {need / _MIB:.2f} | {extra[t] / _MIB:.1f} |"
+            )
+    return lines
+
+
+def _cost_lines(data: dict[str, Any], runs: dict[str, Any]) -> list[str]:
+    zp, base = runs["zo-progressive"], runs["zo-pruned"]
+    flops = zp["client_flops_per_round"] / base["client_flops_per_round"]
+    seconds = zp["client_seconds_per_round"] / base["client_seconds_per_round"]
+    needs = zp["stage_need_bytes"]
+    pruned = data["zo_pruned_memory"]
+    relation = (
+        "below"
+        if max(needs) < pruned["total_bytes"]
+        else "above"
+        if min(needs) > pruned["total_bytes"]
+        else "around"
+    )
+    largest = [_largest_item(m) for m in zp["stage_memory"]]
+    return [
+        f"* Averaged over the run, a zo-progressive client spends {flops:.2f}x the FLOPs and "
+        f"{seconds:.2f}x the time of a zo-pruned client per round "
+        f"({zp['client_seconds_per_round']:.3f} s against {base['client_seconds_per_round']:.3f} "
+        "s); the uplink is the same K scalars "
+        f"({zp['uplink_bytes_per_client_round']:.0f} B against "
+        f"{base['uplink_bytes_per_client_round']:.0f} B per client-round).",
+        "* Analytic forward-only need per stage: "
+        + ", ".join(f"{n / _MIB:.2f}" for n in needs)
+        + f" MiB, {relation} a zo-pruned client's {pruned['total_bytes'] / _MIB:.2f} MiB (both "
+        "the lean engine's floor). Its largest item per stage: "
+        + "; ".join(f"stage {t}: {item} {b / _MIB:.2f} MiB" for t, (item, b) in enumerate(largest))
+        + f"; for zo-pruned: {_largest_item(pruned)[0]} {_largest_item(pruned)[1] / _MIB:.2f} MiB; "
+        f"the perturbation buffers are {_items(zp, 'perturbation')} MiB per stage against "
+        f"{pruned['perturbation'] / _MIB:.3f} MiB."
+        + (" SmartFreeze's need is its backprop stage need." if "smartfreeze" in runs else ""),
+        "* Measured extra memory is the clients' peak RSS above the round's baseline, in one "
+        "process that runs every client in turn: allocator reuse blurs it, so compare it only "
+        "within a run.",
+    ]
+
+
+#: The items of a memory breakdown that can dominate it (totals and bookkeeping excluded).
+_ITEMS = ("weights", "mask", "batch", "prefix", "features", "activations", "perturbation")
+
+
+def _largest_item(memory: dict[str, Any]) -> tuple[str, int]:
+    return max(((k, int(memory[k])) for k in _ITEMS if k in memory), key=lambda kv: kv[1])
+
+
+def _items(run: dict[str, Any], key: str) -> str:
+    return ", ".join(f"{m[key] / _MIB:.3f}" for m in run["stage_memory"])
