@@ -118,7 +118,7 @@ def test_the_verdict_follows_the_accuracies():
     level_text = render_zo_progressive(level)
     assert "* Verdict: **not resolved** at equal rounds" in level_text
     # Margin: 2 x max(test-set standard error of the difference, largest spread of the tails).
-    word, diff, margin = verdict(level)
+    _, diff, margin = verdict(level)
     se = ((0.301 * 0.699 + 0.3 * 0.7) / 10_000) ** 0.5
     assert abs(margin - 2 * max(se, 0.002)) < 1e-12 and abs(diff - 0.001) < 1e-12
     # A noisy tail widens the margin: the same means, now unresolved.
