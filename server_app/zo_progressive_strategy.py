@@ -295,16 +295,16 @@ class ZOProgressiveRounds(FedZO):
         )
 
     def _check_fingerprint(self, node_id: int, zo: ConfigRecord) -> None:
-        """Once per node and stage: the generator fingerprint over the stage's space."""
+        """Until a node's first valid reply of a stage: the fingerprint over the stage's space."""
         if self.verified.get(node_id) == self.stage:
             return
         reported = zo.get(protocol.FINGERPRINT_KEY)
         if reported != self.expected_fingerprint:
             self.refuse_generator(node_id, reported)
-        self.verified[node_id] = self.stage
 
     def accept_reply(self, node_id: int, reply: protocol.ParsedReply) -> None:
-        """The node holds the stage's frozen tensors; fold its time into the speed EMA."""
+        """The node is verified for the stage and holds its frozen tensors; speed EMA."""
+        self.verified[node_id] = self.stage
         self.frozen.hold(node_id, self.round_frozen[0])
         self.participants.speeds.update(node_id, reply.seconds)
 
