@@ -101,8 +101,10 @@ def results_appendix(docs: Path) -> str:
     if progressive.is_file():
         sections.append(render_progressive(json.loads(progressive.read_text())))
     zo_progressive = docs / "results" / "zo_progressive_run.json"
+    zo_memory = docs / "results" / "zo_progressive_memory.json"
     if zo_progressive.is_file():
-        sections.append(render_zo_progressive(json.loads(zo_progressive.read_text())))
+        memory = json.loads(zo_memory.read_text()) if zo_memory.is_file() else None
+        sections.append(render_zo_progressive(json.loads(zo_progressive.read_text()), memory))
     return "".join("\n" + section for section in sections)
 
 

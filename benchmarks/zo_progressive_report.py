@@ -63,8 +63,8 @@ def _per_stage(run: dict[str, Any], key: str) -> list[float]:
     return [v for _, v in sorted(run["per_stage"][key].items(), key=lambda kv: int(kv[0]))]
 
 
-def render_zo_progressive(data: dict[str, Any]) -> str:
-    """The Markdown section for one ``zo_progressive_run.json``."""
+def render_zo_progressive(data: dict[str, Any], memory: dict[str, Any] | None = None) -> str:
+    """The Markdown section for one ``zo_progressive_run.json`` (and ``zo_progressive_memory``)."""
     s, m = data["settings"], data["machine"]
     runs = {name: data["runs"][name] for name in LABELS if name in data["runs"]}
     optimizer = runs["zo-progressive"]["config"]
@@ -97,6 +97,8 @@ def render_zo_progressive(data: dict[str, Any]) -> str:
     lines += ["", *_verdict_lines(data, runs), ""]
     lines += _cost_table(data, runs)
     lines += ["", *_cost_lines(data, runs), ""]
+    if memory is not None:
+        lines += [*_memory_lines(memory), ""]
     lines.append(
         "Method, choices and per-step FLOPs: [progressive.md](progressive.md), section "
         '"Zeroth-order progressive training (ours)".'
@@ -231,3 +233,40 @@ def _largest_item(memory: dict[str, Any]) -> tuple[str, int]:
 
 def _items(run: dict[str, Any], key: str) -> str:
     return ", ".join(f"{m[key] / _MIB:.3f}" for m in run["stage_memory"])
+
+
+def _memory_lines(memory: dict[str, Any]) -> list[str]:
+    """The isolated-process measurement of one client step per stage (and zo-pruned)."""
+    s, m = memory["settings"], memory["machine"]
+    rows = memory["rows"]
+    lines = [
+        f"Client memory of one step, each in a fresh process ({s['model']}, K = {s['k']}, batch "
+        f"{s['batch']}, density {s['density']}; the protocol of `benchmarks/isolated.py`: the "
+        "step's peak RSS above the idle client holding model, mask and batch; load average "
+        f"{tuple(m['load_before'])} before, {tuple(m['load_after'])} after):",
+        "",
+        "```bash",
+        f"FEDZO_DATA_DIR={s['data-dir']} {memory['command']}",
+        "```",
+        "",
+        "| variant | engine | perturbed coordinates | measured extra (MiB) | analytic step (MiB) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['engine']} | {r['dim']:,} | {r['extra'] / _MIB:.2f} | "
+            f"{r['analytic']['step_bytes'] / _MIB:.2f} |"
+        )
+    lines.append("")
+    for engine in sorted({r["engine"] for r in rows}):
+        of = {r["variant"]: r["extra"] for r in rows if r["engine"] == engine}
+        base = of.get("zo-pruned")
+        stages = [v for k, v in sorted(of.items()) if k.startswith("stage-")]
+        if not base or not stages:
+            continue
+        ratios = [v / base for v in stages]
+        lines.append(
+            f"* `{engine}`: a stage step's measured extra is {min(ratios):.2f}-{max(ratios):.2f}x "
+            f"a zo-pruned step's ({base / _MIB:.2f} MiB)."
+        )
+    return lines

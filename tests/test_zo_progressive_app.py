@@ -19,6 +19,7 @@ from flwr.app import ConfigRecord
 from inprocess_grid import InProcessGrid, app_config, server_context
 
 from client_app.client_app import app as client_app
+from client_app.progressive import FROZEN_ID_STATE_KEY, FROZEN_STATE_KEY
 from fedzo_flwr.aggregation import client_weights
 from fedzo_flwr.config import RunConfig
 from fedzo_flwr.errors import ConfigError
@@ -59,7 +60,8 @@ class Capture(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def run(tmp_path, data_dir, name, num_nodes=4, intercept=None, **overrides):
+def run(tmp_path, data_dir, name, num_nodes=4, intercept=None, intercept_for=None, **overrides):
+    """One run; ``intercept_for(grid)`` may build an interceptor that needs the grid."""
     config = app_config(
         **{
             "data-dir": str(data_dir),
@@ -70,6 +72,8 @@ def run(tmp_path, data_dir, name, num_nodes=4, intercept=None, **overrides):
         }
     )
     grid = InProcessGrid(client_app, num_nodes, config, intercept=intercept, message_ids=True)
+    if intercept_for is not None:
+        grid.intercept = intercept_for(grid)
     capture = Capture()
     logger = logging.getLogger("flwr")
     logger.addHandler(capture)
@@ -322,3 +326,38 @@ def test_unsupported_combinations_are_refused_naming_the_keys(overrides, keys):
     RunConfig.from_run_config({"method": "zo-progressive"})  # the method itself is valid
     with pytest.raises(ConfigError, match=keys):
         RunConfig.from_run_config({"method": "zo-progressive", **overrides})
+
+
+def test_a_node_that_lost_its_frozen_tensors_says_so_and_gets_them_again(tmp_path, data_dir):
+    """Six rounds, stages 0, 0, 0, 1, 1, 1: node 0 loses its cached frozen block after round 4."""
+
+    def intercept_for(grid):
+        def intercept(node_index, message, reply):
+            if message.metadata.message_type == "train" and node_index == 0:
+                if cfg_of(message)["server-round"] == 4:  # a restarted node: its cache is gone
+                    state = grid.contexts[grid.node_ids[0]].state
+                    del state.array_records[FROZEN_STATE_KEY]
+                    del state.config_records[FROZEN_ID_STATE_KEY]
+            return reply
+
+        return intercept
+
+    grid, results, _, _ = run(
+        tmp_path,
+        data_dir,
+        "lost",
+        intercept_for=intercept_for,
+        **{"num-server-rounds": 6, "stage-rounds": "3", "k": 4},
+    )
+    rounds = {r["round"]: r for r in results["rounds"]}
+    assert [rounds[r]["stage"] for r in range(1, 7)] == [0, 0, 0, 1, 1, 1]
+    node = grid.node_ids[0]
+    [lost] = rounds[5]["rejected"]
+    assert lost["node_id"] == node and lost["reason"].startswith("mask-missing: no frozen tensors")
+    assert rounds[6]["clients"] == 4 and rounds[6]["rejected"] == []
+    to_node = {
+        cfg_of(m)["server-round"]: m for m in train_messages(grid) if m.metadata.dst_node_id == node
+    }
+    carries = {rnd: "frozen" in m.content.array_records for rnd, m in to_node.items()}
+    assert carries == {1: False, 2: False, 3: False, 4: True, 5: False, 6: True}
+    assert "mask" in cfg_of(to_node[6]) and "mask" not in cfg_of(to_node[5])

@@ -144,3 +144,32 @@ def test_costs_and_memory_follow_the_numbers():
     busy = data(FLAT, FLAT)
     busy["machine"]["load_before"] = [7.5, 6.0, 5.0]
     assert "load average (7.5, 6.0, 5.0) before" in render_zo_progressive(busy)
+
+
+def test_the_isolated_memory_table_follows_its_data():
+    def row(variant, engine, extra):
+        return {
+            "variant": variant,
+            "engine": engine,
+            "dim": 100,
+            "extra": extra,
+            "analytic": {"step_bytes": MIB},
+        }
+
+    memory = {
+        "settings": {"model": "lenet5", "k": 200, "batch": 32, "density": 0.1, "data-dir": "d"},
+        "machine": {"load_before": [1.0, 1.0, 1.0], "load_after": [1.5, 1.5, 1.5]},
+        "command": "python benchmarks/zo_progressive_memory.py",
+        "rows": [
+            row("zo-pruned", "lean", 4 * MIB),
+            row("stage-0", "lean", 2 * MIB),
+            row("stage-1", "lean", 3 * MIB),
+            row("zo-pruned", "fused", 2 * MIB),
+            row("stage-0", "fused", 4 * MIB),
+        ],
+    }
+    text = render_zo_progressive(data(FLAT, FLAT), memory)
+    assert "| stage-1 | lean | 100 | 3.00 | 1.00 |" in text
+    assert "* `lean`: a stage step's measured extra is 0.50-0.75x a zo-pruned step's" in text
+    assert "* `fused`: a stage step's measured extra is 2.00-2.00x a zo-pruned step's" in text
+    assert "Client memory of one step" not in render_zo_progressive(data(FLAT, FLAT))
