@@ -19,8 +19,10 @@ floor; ``fused`` batches directions within ``engine-memory-mb``).
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/zo_progressive_memory.py --json
-        docs/results/zo_progressive_memory.json [--k 200] [--batch 32] [--engines fused lean]
+    python benchmarks/zo_progressive_memory.py --json docs/results/zo_progressive_memory.json
+        [--k 200] [--batch 32] [--engines fused lean] [--quick]
+
+``--quick`` (CI): K = 10, the lean engine, NTK-SAP with 1 iteration.
 """
 
 from __future__ import annotations
@@ -100,12 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="CI: K = 10, lean, NTK 1 iteration")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.k, args.engines, args.ntk_iterations = 10, ["lean"], 1
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
     if args.json is None:
         parser.error("--json is required")
+    sys.path.insert(0, str(ROOT))  # this checkout's library, whatever is installed
     from fedzo_flwr.progressive import build_staged
 
     folder = data_dir(args.data_dir).resolve()
@@ -148,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             "data-dir": os.path.relpath(folder, ROOT),
         },
         "command": (
-            "PYTHONPATH=. nice -n 10 python benchmarks/zo_progressive_memory.py "
+            "nice -n 10 python benchmarks/zo_progressive_memory.py "
             f"--k {args.k} --batch {args.batch} --engines {' '.join(args.engines)} --json "
             f"{os.path.relpath(args.json.resolve(), ROOT)}"
         ),

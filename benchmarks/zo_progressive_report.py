@@ -3,8 +3,8 @@
 ``docs/results/zo_progressive_run.json`` (written by ``benchmarks/zo_progressive_run.py``) holds
 a ``zo-progressive`` run and a ``zo-pruned`` run at equal rounds on one federation (and a
 SmartFreeze run for reference). Every sentence below is computed from that file, the verdict
-included: **better** or **worse** when the difference of the mean of the last evaluations is
-beyond the noise margin, else **not resolved**.
+included: **better** or **worse** when the difference of the final accuracies is beyond the
+noise margin (:func:`verdict`), else **not resolved**.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ LABELS = {
     "zo-pruned": "zo-pruned",
     "smartfreeze": "SmartFreeze (backprop, reference)",
 }
-#: Evaluations averaged for the verdict (the last ones of each run).
-LAST = 3
+#: Evaluations whose trend and scatter enter the verdict (the last ones of each run).
+LAST = 4
 _MIB = 2**20
 
 
@@ -27,29 +27,40 @@ def _curve(run: dict[str, Any]) -> list[tuple[int, float]]:
     return sorted((int(r), float(a)) for r, a in run["accuracy"].items())
 
 
-def last_mean(run: dict[str, Any]) -> float:
-    """Mean test accuracy of the last :data:`LAST` evaluations."""
-    return statistics.fmean(a for _, a in _curve(run)[-LAST:])
+def final_accuracy(run: dict[str, Any]) -> float:
+    """Test accuracy at the last evaluation (the last round: equal rounds for every run)."""
+    return _curve(run)[-1][1]
 
 
-def last_spread(run: dict[str, Any]) -> float:
-    """Largest minus smallest accuracy of the last :data:`LAST` evaluations."""
+def tail_fit(run: dict[str, Any]) -> tuple[float, float]:
+    """``(slope per evaluation, residual std)`` of a least-squares line through the tail.
+
+    The tail is the last :data:`LAST` evaluations; the residual standard deviation (``LAST - 2``
+    degrees of freedom) is the evaluation-to-evaluation scatter once the trend is removed.
+    """
     tail = [a for _, a in _curve(run)[-LAST:]]
-    return max(tail) - min(tail)
+    xs = list(range(len(tail)))
+    fit = statistics.linear_regression(xs, tail)
+    residuals = [a - (fit.intercept + fit.slope * x) for x, a in zip(xs, tail)]
+    scatter = math.sqrt(sum(r * r for r in residuals) / max(1, len(tail) - 2))
+    return fit.slope, scatter
 
 
 def verdict(data: dict[str, Any]) -> tuple[str, float, float]:
     """``(word, difference, margin)``: zo-progressive against zo-pruned, in accuracy units.
 
-    ``margin`` = 2 x the larger of the test-set standard error of the difference
-    (``√(p(1-p)/n)`` of each run, combined) and the larger spread of the last evaluations.
+    ``difference`` = final accuracy of zo-progressive minus zo-pruned's (the same round);
+    ``margin`` = 2 x the standard deviation of that difference: the test-set standard errors
+    (``√(p(1-p)/n)`` of each run) and the tails' residual scatters (:func:`tail_fit`), combined
+    in quadrature. Beyond it: **better** / **worse**; within it: **not resolved**.
     """
     runs = data["runs"]
-    a, b = last_mean(runs["zo-progressive"]), last_mean(runs["zo-pruned"])
+    a, b = final_accuracy(runs["zo-progressive"]), final_accuracy(runs["zo-pruned"])
     n = data["settings"]["test-examples"]
-    standard_error = math.sqrt(a * (1 - a) / n + b * (1 - b) / n)
-    spread = max(last_spread(runs["zo-progressive"]), last_spread(runs["zo-pruned"]))
-    margin = 2 * max(standard_error, spread)
+    scatter_a = tail_fit(runs["zo-progressive"])[1]
+    scatter_b = tail_fit(runs["zo-pruned"])[1]
+    variance = a * (1 - a) / n + b * (1 - b) / n + scatter_a**2 + scatter_b**2
+    margin = 2 * math.sqrt(variance)
     diff = a - b
     word = "better" if diff > margin else "worse" if diff < -margin else "not resolved"
     return word, diff, margin
@@ -79,8 +90,7 @@ def render_zo_progressive(data: dict[str, Any], memory: dict[str, Any] | None = 
         "of the model; "
         f"zo-progressive changes stage every {s['stage-rounds']} rounds (`pace = fixed`). "
         + (
-            "SmartFreeze (backprop, one local mini-batch per round, the same stages) is a "
-            "reference. "
+            "SmartFreeze (backprop, the same stages and rounds) is a reference. "
             if "smartfreeze" in runs
             else ""
         )
@@ -130,12 +140,20 @@ def _verdict_lines(data: dict[str, Any], runs: dict[str, Any]) -> list[str]:
         "not resolved": "**not resolved** at equal rounds: zo-progressive and zo-pruned are "
         "within the noise margin",
     }[word]
+    slope_a, slope_b = tail_fit(zp)[0], tail_fit(base)[0]
+    faster = (
+        "still rising faster when the run ended, so more rounds may change the comparison"
+        if slope_a > slope_b
+        else "not rising faster than zo-pruned when the run ended"
+    )
     out = [
-        f"* Verdict: {head}: {_pct(last_mean(zp))} against {_pct(last_mean(base))} (mean of the "
-        f"last {LAST} evaluations; difference {100 * diff:+.2f} pp, noise margin "
-        f"{100 * margin:.2f} pp = 2 x the larger of the test-set standard error of the difference "
-        f"and the largest spread of the last {LAST} evaluations). One seed: the spread between "
-        "seeds is not measured.",
+        f"* Verdict: {head}: {_pct(final_accuracy(zp))} against {_pct(final_accuracy(base))} at "
+        f"round {_curve(zp)[-1][0]} (difference {100 * diff:+.2f} pp, noise margin "
+        f"{100 * margin:.2f} pp = 2 x the standard deviation of the difference: test-set "
+        f"standard errors and the scatter of each curve's last {LAST} evaluations about their "
+        "trend line). One seed: the spread between seeds is not measured.",
+        f"* Over the last {LAST} evaluations zo-progressive gained {100 * slope_a:+.2f} pp per "
+        f"evaluation, zo-pruned {100 * slope_b:+.2f} pp: zo-progressive was {faster}.",
     ]
     changes = zp["stage_changes"]
     if changes:
@@ -146,10 +164,15 @@ def _verdict_lines(data: dict[str, Any], runs: dict[str, Any]) -> list[str]:
         )
     if "smartfreeze" in runs:
         sf = runs["smartfreeze"]
+        cfg = sf["config"]
+        gain = final_accuracy(sf) - _curve(sf)[0][1]
+        trains = "barely trains" if gain < 0.05 else "trains"
         out.append(
-            f"* SmartFreeze on the same stages and rounds ends at {_pct(sf['final_accuracy'])} "
-            f"(zo-progressive {_pct(zp['final_accuracy'])}, zo-pruned "
-            f"{_pct(base['final_accuracy'])})."
+            f"* SmartFreeze on the same stages and rounds ({cfg['local-batches']} local "
+            f"mini-batch(es) of {cfg['batch-size']} per round, SGD lr {cfg['local-lr']:g}, "
+            f"momentum {cfg['momentum']:g}) {trains} in these rounds: "
+            f"{_pct(final_accuracy(sf))} at the end, {100 * gain:+.2f} pp over round 0 "
+            f"(zo-progressive {_pct(final_accuracy(zp))}, zo-pruned {_pct(final_accuracy(base))})."
         )
     rejected = sum(run["rejected_replies"] for run in runs.values())
     out.append(f"* Rejected replies over all runs: {rejected}.")
@@ -218,8 +241,9 @@ def _cost_lines(data: dict[str, Any], runs: dict[str, Any]) -> list[str]:
         f"{pruned['perturbation'] / _MIB:.3f} MiB."
         + (" SmartFreeze's need is its backprop stage need." if "smartfreeze" in runs else ""),
         "* Measured extra memory is the clients' peak RSS above the round's baseline, in one "
-        "process that runs every client in turn: allocator reuse blurs it, so compare it only "
-        "within a run.",
+        "process that runs every client in turn (allocator reuse blurs it); the zeroth-order "
+        f"clients ran engine `{zp['config']['engine']}`, whose working set is bounded by "
+        f"`engine-memory-mb` = {zp['config']['engine-memory-mb']:g} MiB, not by the model.",
     ]
 
 
@@ -241,7 +265,8 @@ def _memory_lines(memory: dict[str, Any]) -> list[str]:
     rows = memory["rows"]
     lines = [
         f"Client memory of one step, each in a fresh process ({s['model']}, K = {s['k']}, batch "
-        f"{s['batch']}, density {s['density']}; the protocol of `benchmarks/isolated.py`: the "
+        f"{s['batch']}, density {s['density']} with a mask of its own: NTK-SAP with "
+        f"{s['ntk_iterations']} iterations, seed 0; the protocol of `benchmarks/isolated.py`: the "
         "step's peak RSS above the idle client holding model, mask and batch; load average "
         f"{tuple(m['load_before'])} before, {tuple(m['load_after'])} after):",
         "",

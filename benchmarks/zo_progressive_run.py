@@ -15,8 +15,9 @@ analytic memory need per stage, the wall time; and the machine and its load. Fee
 ``docs/results.md`` draws from ``docs/results/zo_progressive_run.json``
 (:mod:`zo_progressive_report`).
 
-    PYTHONPATH=.:tests nice -n 10 python benchmarks/zo_progressive_run.py \\
-        --json docs/results/zo_progressive_run.json
+    nice -n 10 python benchmarks/zo_progressive_run.py --json docs/results/zo_progressive_run.json
+
+``--quick`` (CI): 3 rounds, 3 nodes, K = 8, zo-progressive and zo-pruned only.
 """
 
 from __future__ import annotations
@@ -33,15 +34,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from inprocess_grid import InProcessGrid, app_config, server_context
 from machine import ROOT, data_dir, load_average, machine_info
 
-from client_app.client_app import app as client_app
-from fedzo_flwr.config import RunConfig
-from fedzo_flwr.data import load_dataset
-from fedzo_flwr.measure.memory_model import zo_breakdown
-from fedzo_flwr.run.setup import initial_model
-from server_app.server_app import app as server_app
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's apps, whatever is installed
+from inprocess_grid import InProcessGrid, app_config, server_context  # noqa: E402
+
+from client_app.client_app import app as client_app  # noqa: E402
+from fedzo_flwr.config import RunConfig  # noqa: E402
+from fedzo_flwr.data import load_dataset  # noqa: E402
+from fedzo_flwr.measure.memory_model import zo_breakdown  # noqa: E402
+from fedzo_flwr.run.setup import initial_model  # noqa: E402
+from server_app.server_app import app as server_app  # noqa: E402
 
 COMMON: dict[str, object] = {
     "model": "lenet5",
@@ -140,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--quick", action="store_true", help="CI: 3 rounds, 3 nodes, K = 8")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.nodes, args.k, args.eval_every = 3, 3, 8, 1
+        args.methods = "zo-progressive,zo-pruned"
     logging.getLogger("flwr").setLevel(logging.WARNING)
     torch.set_num_threads(1)
     folder = data_dir(args.data_dir).resolve()
@@ -166,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
             "data-dir": os.path.relpath(folder, ROOT),
             "test-examples": len(load_dataset("cifar10", folder).y_test),
         },
+        "quick": args.quick,
         "command": (
-            "PYTHONPATH=.:tests nice -n 10 python benchmarks/zo_progressive_run.py "
+            "nice -n 10 python benchmarks/zo_progressive_run.py "
             f"--rounds {args.rounds} --nodes {args.nodes} --k {args.k} "
             f"--eval-every {args.eval_every} --methods {args.methods} --json "
             f"{os.path.relpath(args.json.resolve(), ROOT)}"
