@@ -41,6 +41,7 @@ from paper_summary import (
 )
 from paper_verdicts import verdicts
 from progressive_report import render_progressive
+from zo_progressive_report import render_zo_progressive
 
 
 def _dataset(info: dict[str, Any]) -> str:
@@ -101,13 +102,19 @@ def write_report(
 
 def results_appendix(docs: Path) -> str:
     """Sections from other benchmarks' JSON in ``docs/results/`` (each computed from its data):
-    progressive training (``progressive_run.json``), the paper's scale (``paper_scale.json``),
-    then the frontier, last (``frontier_report.refresh_results_md`` replaces it alone; it says
-    it was not run when its JSON is absent)."""
+    progressive training (``progressive_run.json``), zeroth-order progressive training
+    (``zo_progressive_run.json``), the paper's scale (``paper_scale.json``), then the frontier,
+    last (``frontier_report.refresh_results_md`` replaces it alone; it says it was not run when
+    its JSON is absent)."""
     sections = []
     progressive = docs / "results" / "progressive_run.json"
     if progressive.is_file():
         sections.append(render_progressive(json.loads(progressive.read_text())))
+    zo_progressive = docs / "results" / "zo_progressive_run.json"
+    zo_memory = docs / "results" / "zo_progressive_memory.json"
+    if zo_progressive.is_file():
+        memory = json.loads(zo_memory.read_text()) if zo_memory.is_file() else None
+        sections.append(render_zo_progressive(json.loads(zo_progressive.read_text()), memory))
     scale = docs / "results" / "paper_scale.json"
     if scale.is_file():
         sections.append(render_paper_scale(json.loads(scale.read_text())))

@@ -2,7 +2,8 @@
 
 ``method = "fedavg"`` (the backprop baseline) trains by local SGD instead and returns its kept
 weights; ``method = "smartfreeze" | "profl"`` train one block at a time
-(``client_app/progressive.py``), and ``query.node_info`` messages ask a node for its partition,
+(``client_app/progressive.py``), ``method = "zo-progressive"`` forward-only, one block at a time
+(``client_app/zo_progressive.py``), and ``query.node_info`` messages ask a node for its partition,
 label histogram and memory budget; ``query.prune`` messages score pruning masks on local data
 (``snip``, ``ntk-local``).
 A node that does not hold the mask a train or evaluate message names answers with a ``status``
@@ -21,7 +22,7 @@ from flwr.clientapp import ClientApp
 
 from client_app.replay import ReplayOutOfSync, received_weights
 from fedzo_flwr import protocol
-from fedzo_flwr.config import PROGRESSIVE_METHODS, RunConfig
+from fedzo_flwr.config import PROGRESSIVE_METHODS, ZO_PROGRESSIVE, RunConfig
 from fedzo_flwr.data import NUM_CLASSES
 from fedzo_flwr.data.client_data import load_client_data, load_partition_file
 from fedzo_flwr.errors import ConfigError, FedZOError
@@ -34,7 +35,7 @@ from fedzo_flwr.run.evaluation import evaluate
 from fedzo_flwr.seeding import model_seed
 from fedzo_flwr.sparse.mask import apply_mask_
 from fedzo_flwr.sparse.space import KeptSpace
-from fedzo_flwr.zo.client import train_round
+from fedzo_flwr.zo.client import ClientResult, train_round
 from fedzo_flwr.zo.directions import fingerprint
 
 app = ClientApp()
@@ -161,6 +162,10 @@ def add_memory_budget(metrics: MetricRecord, context: Context) -> None:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of forward-only training: reply with the K loss differences per local step."""
+    if context.run_config.get("method") == ZO_PROGRESSIVE:
+        from client_app.zo_progressive import train_zo_progressive  # imports this module
+
+        return train_zo_progressive(msg, context)
     if context.run_config.get("method") in PROGRESSIVE_METHODS:
         from client_app.progressive import train_progressive  # imports this module
 
@@ -174,10 +179,29 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.method == "fedavg":
         return train_fedavg(msg, context, cfg, model, space)
     config = msg.content.config_records[protocol.CONFIG_KEY]
-    partition_id, num_partitions = node_partition(context)
+    partition_id, _ = node_partition(context)
     x, y = node_data(cfg, context)
     seed = config_value(config, protocol.ROUND_SEED_KEY, int)
     result = train_round(cfg, model, space, x, y, seed, partition_id)
+    return zo_reply(msg, context, cfg, result, space)
+
+
+def zo_reply(
+    msg: Message,
+    context: Context,
+    cfg: RunConfig,
+    result: ClientResult,
+    space: KeptSpace,
+    zo_extra: dict[str, int] | None = None,
+) -> Message:
+    """A zeroth-order train reply: K float32 loss differences per local step and the metrics.
+
+    The generator fingerprint over ``space`` when the message asks for it, the partition count
+    at first contact (the message carries the mask), the declared memory budget, and
+    ``zo_extra`` in the ``zo`` record (e.g. the stage of ``zo-progressive``).
+    """
+    config = msg.content.config_records[protocol.CONFIG_KEY]
+    partition_id, num_partitions = node_partition(context)
     deltas = [step.deltas for step in result.steps]
     zo = ConfigRecord(
         {
@@ -186,6 +210,7 @@ def train(msg: Message, context: Context) -> Message:
             ),
             protocol.STEP_SEEDS_KEY: [step.seed for step in result.steps],
             protocol.ROUND_KEY: config_value(config, protocol.ROUND_KEY, int),
+            **(zo_extra or {}),
         }
     )
     if protocol.FINGERPRINT_SEED_KEY in config:  # first contact: prove generator agreement

@@ -47,8 +47,12 @@ BOOKKEEPING_KEYS = frozenset(
 )
 
 
-#: Methods that train one block at a time (docs/progressive.md).
+#: Methods that train one block at a time with backprop (docs/progressive.md).
 PROGRESSIVE_METHODS = frozenset({"smartfreeze", "profl"})
+#: Zeroth-order progressive training: one block at a time, forward passes only (ours).
+ZO_PROGRESSIVE = "zo-progressive"
+#: Every method that trains a staged model one block at a time.
+STAGED_METHODS = PROGRESSIVE_METHODS | {ZO_PROGRESSIVE}
 
 
 def _float_list(value: str, expected: str) -> list[float]:
@@ -83,7 +87,9 @@ class RunConfig(BaseModel):
     )
 
     # What to train, on what.
-    method: Literal["zo-pruned", "zo-dense", "fedavg", "smartfreeze", "profl"] = "zo-pruned"
+    method: Literal["zo-pruned", "zo-dense", "fedavg", "smartfreeze", "profl", "zo-progressive"] = (
+        "zo-pruned"
+    )
     model: str = "lenet5"
     dataset: Literal["cifar10", "cifar100"] = "cifar10"
     data_dir: str = ""
@@ -209,7 +215,7 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _progressive_evaluates_centrally(self) -> RunConfig:
-        if self.method in PROGRESSIVE_METHODS and self.fraction_evaluate > 0:
+        if self.method in STAGED_METHODS and self.fraction_evaluate > 0:
             raise ValueError(
                 f"keys 'method' and 'fraction-evaluate': method {self.method!r} evaluates "
                 "centrally only (its model before the last stage is blocks plus an output "
@@ -241,10 +247,41 @@ class RunConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _zo_progressive_limits(self) -> RunConfig:
+        # zo-progressive: the stage's coordinate space changes at every stage change, and its
+        # output modules are pruned with their own data-free NTK-SAP (docs/progressive.md).
+        if self.method != ZO_PROGRESSIVE:
+            return self
+        if self.downlink == "replay":
+            raise ValueError(
+                "keys 'downlink' and 'method': method='zo-progressive' does not support "
+                "downlink='replay' (a node's replay state would have to follow the active "
+                "stage's coordinate space, which changes at every stage change); use "
+                "downlink='weights'"
+            )
+        if self.prune_method != "ntk":
+            raise ValueError(
+                f"keys 'prune-method' and 'method': method='zo-progressive' prunes the blocks "
+                f"and the output modules with data-free NTK-SAP, not {self.prune_method!r}; use "
+                "prune-method='ntk'"
+            )
+        if self.resume_from:
+            raise ValueError(
+                "keys 'resume-from' and 'method': method='zo-progressive' writes no resumable "
+                "checkpoint yet; start the run afresh (resume-from = '')"
+            )
+        return self
+
     @property
     def progressive(self) -> bool:
-        """Whether the method is progressive block training (``smartfreeze`` or ``profl``)."""
+        """Whether the method is backprop progressive training (``smartfreeze`` or ``profl``)."""
         return self.method in PROGRESSIVE_METHODS
+
+    @property
+    def staged(self) -> bool:
+        """Whether the method trains a staged model one block at a time (incl. zo-progressive)."""
+        return self.method in STAGED_METHODS
 
     @model_validator(mode="after")
     def _micro_batch_needs_the_stream_engine(self) -> RunConfig:
@@ -259,7 +296,7 @@ class RunConfig(BaseModel):
 
     @property
     def pruned(self) -> bool:
-        """Whether the run prunes before training (``zo-dense`` and progressive: dense)."""
+        """Whether the run prunes before training (``zo-dense``, smartfreeze, profl: dense)."""
         return self.method != "zo-dense" and not self.progressive and self.density < 1.0
 
     @property

@@ -85,7 +85,7 @@ class ClientReply(Protocol):
 ReplyT = TypeVar("ReplyT", bound=ClientReply)
 
 #: ``payload(node_id) -> (arrays or None, extra config)``: one node's train-message content.
-Payload = Callable[[int], tuple[ArrayRecord | None, Mapping[str, bytes | int]]]
+Payload = Callable[[int], tuple[ArrayRecord | None, Mapping[str, bytes | int | str]]]
 
 
 @dataclass(frozen=True)
@@ -267,6 +267,10 @@ class MaskedRounds(FedAvg, Generic[ReplyT]):
         """Extra config a node receives the first time (the mask; subclasses add to it)."""
         return {protocol.MASK_KEY: self.mask_bytes}
 
+    def message_records(self, node_id: int) -> Mapping[str, ArrayRecord]:
+        """Extra ArrayRecords of ``node_id``'s train message (none, unless overridden)."""
+        return {}
+
     def train_messages(
         self,
         server_round: int,
@@ -280,6 +284,7 @@ class MaskedRounds(FedAvg, Generic[ReplyT]):
 
         ``payload(node_id)`` may replace the shared ``arrays`` for one node (``None``: no
         ArrayRecord at all) and add config keys; by default every node gets ``arrays``.
+        :meth:`message_records` may add further ArrayRecords (e.g. a stage's frozen tensors).
         """
         messages: list[Message] = []
         self.round_downlink, self.message_node = {}, {}
@@ -293,13 +298,14 @@ class MaskedRounds(FedAvg, Generic[ReplyT]):
             if node_id not in self.nodes_with_mask:
                 for key, value in self.first_contact_config().items():
                     node_config[key] = value
-            for key, value in extra.items():
-                node_config[key] = value
+            for key, item in extra.items():
+                node_config[key] = item
             records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {
                 protocol.CONFIG_KEY: node_config
             }
             if node_arrays is not None:
                 records = {protocol.ARRAYS_KEY: node_arrays, **records}
+            records.update(self.message_records(node_id))
             message = Message(
                 content=RecordDict(records),
                 message_type=MessageType.TRAIN,

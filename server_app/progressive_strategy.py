@@ -23,12 +23,11 @@ step, the pace controller and the speed tracker, so a resumed run continues bit-
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from logging import INFO, WARNING
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,6 @@ from fedzo_flwr.aggregation import client_weights
 from fedzo_flwr.config import RunConfig
 from fedzo_flwr.data import NUM_CLASSES, DatasetArrays
 from fedzo_flwr.errors import CheckpointError, ReplyRejected
-from fedzo_flwr.files import atomic_write_bytes
 from fedzo_flwr.progressive.memory import full_backprop_memory, stage_memory
 from fedzo_flwr.progressive.pace import PaceController
 from fedzo_flwr.progressive.schedule import (
@@ -57,7 +55,6 @@ from fedzo_flwr.progressive.schedule import (
     pace_settings,
     trainable_names,
 )
-from fedzo_flwr.progressive.selector import Selector, SpeedTracker, eligibility_report
 from fedzo_flwr.progressive.staged import StagedModel, build_staged
 from fedzo_flwr.protocol import progressive as keys
 from fedzo_flwr.run.checkpoint import save_checkpoint
@@ -70,8 +67,12 @@ from server_app.identity import PartitionRegistry
 from server_app.logs import log
 from server_app.masked_rounds import MaskedRounds, RoundUpdate
 from server_app.message_size import SizeCache, message_nbytes
-from server_app.node_info import NodeRegistry
-from server_app.nodes import wait_for_nodes
+from server_app.staged_rounds import (
+    FrozenTensors,
+    StageParticipants,
+    StageView,
+    save_staged_model,
+)
 
 #: Metrics every progressive train reply carries, and whether each must be an int.
 STAGE_METRICS = {
@@ -93,21 +94,6 @@ class StageReply(BackpropReply):
     """A validated progressive train reply: the metrics and exactly the trained tensors."""
 
     tensors: dict[str, np.ndarray]
-
-
-class StageView(nn.Module):
-    """The model as trained up to stage ``stage``: blocks ``0..stage`` and its output module."""
-
-    def __init__(self, staged: StagedModel, stage: int) -> None:
-        super().__init__()
-        self.model = staged.model
-        self.outputs = staged.output_modules
-        self._staged = staged
-        self.stage = stage
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``staged.forward_stage(x, stage)``."""
-        return self._staged.forward_stage(x, self.stage)
 
 
 def _metric(metrics: Mapping[str, object], key: str, integer: bool) -> float:
@@ -158,9 +144,8 @@ class ProgressiveRounds(MaskedRounds[StageReply]):
             stage_memory(staged, t, cfg.batch_size).total_bytes for t in range(staged.num_stages)
         )
         self.full_need = full_backprop_memory(staged.model, cfg.batch_size).total_bytes
-        self.node_info = NodeRegistry(cfg, self.full_need, NUM_CLASSES[cfg.dataset])
-        self.selector = Selector(cfg.selector, cfg.seed, cfg.memory_margin, cfg.selector_similarity)
-        self.speeds = SpeedTracker(cfg.selector_speed_ema)
+        self.participants = StageParticipants(cfg, self.needs, self.full_need, recorder)
+        self.speeds = self.participants.speeds
         self.pace = PaceController(pace_settings(cfg))
         self.step: Step = first_step(cfg.method, staged.num_stages)
         self.trained_step: Step = self.step  # the step whose model is evaluated
@@ -168,9 +153,7 @@ class ProgressiveRounds(MaskedRounds[StageReply]):
         self.last_stage_settled = False
         if self.step.phase == "grow":
             self.pace.begin_stage(self.step.stage, staged.block_vector(self.step.stage))
-        self.prefix_holders: dict[int, str] = {}
-        self._frozen: tuple[Step, str, ArrayRecord] | None = None
-        self.reported_never: set[int] = set()
+        self.frozen = FrozenTensors(self.tensors)
         self.round_info: dict[str, object] = {}
         self._full_view = False
         self._flops: dict[Step, int] = {}
@@ -248,89 +231,21 @@ class ProgressiveRounds(MaskedRounds[StageReply]):
 
     # ----------------------------------------------------------------------- selection
 
-    def _report_never_eligible(self, server_round: int) -> dict[str, Any]:
-        profiles = list(self.node_info.profiles.values())
-        if not profiles:
-            return {"never_eligible": []}
-        report = eligibility_report(
-            [p.info() for p in profiles], self.needs, self.full_need, self.cfg.memory_margin
-        )
-        of = self.node_info.profiles
-        for node_id in report.never_eligible:
-            if node_id not in self.reported_never:
-                self.reported_never.add(node_id)
-                budget = of[node_id].budget_bytes or 0
-                log(
-                    WARNING,
-                    "Round %d: node %d (partition %d, budget %.1f MiB) fits no stage "
-                    "(smallest need %.1f MiB x (1 + margin %g)); it never trains",
-                    server_round,
-                    node_id,
-                    of[node_id].partition_id,
-                    budget / 2**20,
-                    min(self.needs) / 2**20,
-                    self.cfg.memory_margin,
-                )
-        eligibility = {
-            "nodes": report.num_nodes,
-            "per_stage": [sorted(of[n].partition_id for n in ids) for ids in report.per_stage],
-            "full_model": sorted(of[n].partition_id for n in report.full_model),
-            "never_eligible": sorted(of[n].partition_id for n in report.never_eligible),
-            "fractions": report.fractions(),
-        }
-        self.recorder.set_setup(eligibility=eligibility)
-        return {"never_eligible": sorted(report.never_eligible)}
-
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Probe new nodes, select eligible participants, send the step's tensors."""
         server_round += self.start_round
         self.round_started = time.perf_counter()
-        connected = wait_for_nodes(grid, self.min_available_nodes, self.cfg.round_timeout)
-        probe = self.node_info.probe(grid, connected, server_round)
-        never = self._report_never_eligible(server_round)
-        need = self.need(self.step)
-        known = [n for n in connected if n in self.node_info.profiles]
-        eligible = [n for n in known if self.node_info.fits(n, need, self.cfg.memory_margin)]
-        count = self.cfg.clients_per_round or len(eligible)
-        picks = self.selector.select(
-            self.node_info.infos(known), need, count, server_round, self.speeds
-        )
-        self.round_info = {
-            "phase": self.step.phase,
-            "stage": self.step.stage,
-            "stage_need_bytes": need,
-            "eligible": len(eligible),
-            "ineligible": sorted(set(known) - set(eligible)),
-            "unprobed": sorted(set(connected) - set(known)),
-            "never_eligible": never["never_eligible"],
-            "probe": probe,
-        }
-        if len(picks) < self.cfg.min_clients:
-            log(
-                WARNING,
-                "Round %d: only %d nodes fit %s stage %d (need %.1f MiB), min-clients is %d; "
-                "skipping the round",
-                server_round,
-                len(picks),
-                self.step.phase,
-                self.step.stage,
-                need / 2**20,
-                self.cfg.min_clients,
-            )
-            picks = []
-        messages = self.stage_messages(server_round, config, sorted(picks))
-        log(
-            INFO,
-            "configure_train: %d of %d eligible nodes for %s stage %d (%d connected)",
-            len(messages),
-            len(eligible),
-            self.step.phase,
+        picks, fields = self.participants.select(
+            grid,
+            server_round,
+            self.min_available_nodes,
             self.step.stage,
-            len(connected),
+            f"{self.step.phase} stage {self.step.stage}",
         )
-        return messages
+        self.round_info = {"phase": self.step.phase, "stage": self.step.stage, **fields}
+        return self.stage_messages(server_round, config, picks)
 
     # ------------------------------------------------------------------------ messages
 
@@ -339,14 +254,7 @@ class ProgressiveRounds(MaskedRounds[StageReply]):
 
     def frozen_record(self) -> tuple[str, ArrayRecord | None]:
         """The current step's frozen tensors and their id (built once per step)."""
-        names = frozen_names(self.staged, self.step)
-        if not names:
-            return "", None
-        if self._frozen is None or self._frozen[0] != self.step:
-            record = self._record(names)
-            ident = keys.frozen_id({n: record[n].numpy() for n in names})
-            self._frozen = (self.step, ident, record)
-        return self._frozen[1], self._frozen[2]
+        return self.frozen.record(self.step, frozen_names(self.staged, self.step))
 
     def stage_messages(
         self, server_round: int, config: ConfigRecord, node_ids: list[int]
@@ -367,7 +275,7 @@ class ProgressiveRounds(MaskedRounds[StageReply]):
             node_config[keys.STAGE_KEY] = self.step.stage
             node_config[protocol.MASK_ID_KEY] = ident
             content = RecordDict({protocol.ARRAYS_KEY: trainable, protocol.CONFIG_KEY: node_config})
-            if frozen is not None and self.prefix_holders.get(node_id) != ident:
+            if frozen is not None and self.frozen.needs(node_id, ident):
                 content[keys.FROZEN_KEY] = frozen
             message = Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id)
             self.round_downlink[node_id] = message_nbytes(message, sizes)
@@ -390,7 +298,7 @@ class ProgressiveRounds(MaskedRounds[StageReply]):
             if record is not None and record.get(protocol.STATUS_CODE_KEY) == (
                 protocol.STATUS_MASK_MISSING
             ):
-                self.prefix_holders.pop(node_id, None)
+                self.frozen.forget(node_id)
             raise
 
     def parse_train_reply(self, server_round: int, node_id: int, reply: Message) -> StageReply:
@@ -407,7 +315,7 @@ class ProgressiveRounds(MaskedRounds[StageReply]):
                 f"reply is for stage {int(values[keys.STAGE_KEY])}, this round trains "
                 f"{self.step.phase} stage {self.step.stage}"
             )
-        profile = self.node_info.profiles.get(node_id)
+        profile = self.participants.node_info.profiles.get(node_id)
         partition_id = int(values["partition-id"])
         if profile is None or profile.partition_id != partition_id:
             raise ReplyRejected(f"partition-id {partition_id} is not the one this node reported")
@@ -450,9 +358,7 @@ class ProgressiveRounds(MaskedRounds[StageReply]):
 
     def accept_reply(self, node_id: int, reply: StageReply) -> None:
         """The node now holds the step's frozen tensors; fold its time into the speed EMA."""
-        ident, _ = self.frozen_record()
-        if ident:
-            self.prefix_holders[node_id] = ident
+        self.frozen.hold(node_id, self.frozen_record()[0])
         self.speeds.update(node_id, reply.seconds)
 
     def round_fields(self) -> dict[str, object]:
@@ -588,21 +494,8 @@ class ProgressiveRounds(MaskedRounds[StageReply]):
 
     def save_model(self, path: Path) -> None:
         """``model.pt``: the ordinary model's state, the output modules, the step."""
-        buffer = io.BytesIO()
-        torch.save(
-            {
-                "config": self.cfg.to_run_config(),
-                "model_state": {k: v.clone() for k, v in self.staged.model.state_dict().items()},
-                "output_modules": {
-                    k: v.clone() for k, v in self.staged.output_modules.state_dict().items()
-                },
-                "step": _step_dict(self.step),
-                "mask": self.mask,
-                "optimizer": None,
-            },
-            buffer,
-        )
-        atomic_write_bytes(path, buffer.getvalue())
+        extra = {"step": _step_dict(self.step), "optimizer": None}
+        save_staged_model(path, self.cfg, self.staged, self.mask, extra)
 
     def run(
         self, grid: Grid, prune_seconds: float, registry: PartitionRegistry | None = None
@@ -612,7 +505,7 @@ class ProgressiveRounds(MaskedRounds[StageReply]):
         rounds = self.recorder.data["rounds"]
         self.recorder.set_final(
             stage_changes=[r["stage_change"] for r in rounds if "stage_change" in r],
-            never_eligible=sorted(self.reported_never),
+            never_eligible=sorted(self.participants.reported_never),
             step=_step_dict(self.step),
         )
         return checkpoint

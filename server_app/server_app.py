@@ -1,4 +1,4 @@
-"""ServerApp: prune, then run FedZO rounds (or the FedAvg baseline) and record results.
+"""ServerApp: prune, then run FedZO rounds (or FedAvg, progressive, zo-progressive) and record.
 
 Pruning is data-free on the server, or a federated phase for data-dependent pruners.
 """
@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedzo_flwr.config import RunConfig
+from fedzo_flwr.config import ZO_PROGRESSIVE, RunConfig
 from fedzo_flwr.data import DatasetArrays, load_dataset
 from fedzo_flwr.errors import CheckpointError, ConfigError, DataError, PruningError, RunSetupError
 from fedzo_flwr.measure.flops import zo_step_flops
@@ -31,6 +31,7 @@ from server_app.logs import log
 from server_app.masked_rounds import MaskedRounds
 from server_app.progressive_strategy import ProgressiveRounds
 from server_app.strategy import FedZO
+from server_app.zo_progressive_strategy import ZOProgressiveRounds
 
 app = ServerApp()
 
@@ -65,6 +66,10 @@ def main(grid: Grid, context: Context) -> None:
 
     registry = PartitionRegistry()  # partition bindings, from the pruning phase to the end
     strategy: MaskedRounds[Any]
+    if cfg.method == ZO_PROGRESSIVE:  # staged, pruned on the server: zeroth-order progressive
+        zo_progressive = ZOProgressiveRounds.for_run(cfg, recorder, test_data)
+        zo_progressive.run(grid, zo_progressive.prune_seconds, registry)
+        return
     if cfg.progressive:  # dense, no pruning phase: progressive block training
         progressive = ProgressiveRounds.for_run(cfg, recorder, test_data)
         if cfg.resume_from:

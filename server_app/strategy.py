@@ -292,6 +292,10 @@ class FedZO(MaskedRounds[protocol.ParsedReply]):
         reported = zo.get(protocol.FINGERPRINT_KEY)
         if reported == self.expected_fingerprint:
             return
+        self.refuse_generator(node_id, reported)
+
+    def refuse_generator(self, node_id: int, reported: object) -> None:
+        """Refuse ``node_id`` for good: its fingerprint ``reported`` is not the server's."""
         reason = (
             f"direction generator disagrees with the server's (fingerprint {str(reported)[:12]} "
             f"vs {self.expected_fingerprint[:12]} for {self.cfg.directions} directions); "
@@ -337,7 +341,7 @@ class FedZO(MaskedRounds[protocol.ParsedReply]):
         if server_round and (last or (every and server_round % every == 0)):
             self.save_checkpoint(server_round)
 
-    def resumable_checkpoint(self) -> Path:
+    def resumable_checkpoint(self) -> Path | None:
         """``checkpoint.pt`` (written after the last round)."""
         return self.checkpoint_path
 

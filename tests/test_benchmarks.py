@@ -141,6 +141,41 @@ def test_zo_progressive_quick_counts_flops_and_dimensions_per_stage(tmp_path, da
     assert result["machine"]["load_before"] and result["machine"]["load_after"]
 
 
+@pytest.mark.slow
+def test_zo_progressive_run_quick_compares_at_equal_rounds(tmp_path, data_dir):
+    result = run_benchmark("zo_progressive_run.py", tmp_path / "run.json", data_dir)
+    runs = result["runs"]
+    assert list(runs) == ["zo-progressive", "zo-pruned"] and result["quick"] is True
+    zp, base = runs["zo-progressive"], runs["zo-pruned"]
+    assert list(zp["accuracy"]) == list(base["accuracy"]) == ["0", "1", "2", "3"]
+    assert [c["round"] for c in zp["stage_changes"]] == [1, 2]  # 3 rounds: one per stage
+    assert zp["per_stage"]["rounds"] == {"0": 1, "1": 1, "2": 1}
+    # Equal recipe: the same K, seeds, mask; the FLOPs per stage are the stage's prefix + passes.
+    for key in ("k", "sigma", "seed", "batch-size", "optimizer", "lr", "density"):
+        assert zp["config"][key] == base["config"][key], key
+    assert zp["kept_coordinates"] == base["kept_coordinates"] == 6413
+    flops = list(zp["per_stage"]["client_flops"].values())
+    assert flops[0] > flops[1] > flops[2] and max(flops) < base["client_flops_per_round"]
+    assert zp["rejected_replies"] == base["rejected_replies"] == 0
+    assert len(zp["stage_need_bytes"]) == 3 and result["zo_pruned_memory"]["total_bytes"] > 0
+    assert result["settings"]["test-examples"] == 10_000
+    assert not result["settings"]["data-dir"].startswith("/")
+
+
+@pytest.mark.slow
+def test_zo_progressive_memory_quick_measures_every_stage(tmp_path, data_dir):
+    result = run_benchmark("zo_progressive_memory.py", tmp_path / "mem.json", data_dir)
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert list(rows) == ["zo-pruned", "stage-0", "stage-1", "stage-2"]
+    assert rows["zo-pruned"]["dim"] == 6413
+    assert all(0 < rows[f"stage-{t}"]["dim"] < 6413 for t in range(3))
+    for row in rows.values():
+        assert row["engine"] == "lean" and row["k"] == 10
+        assert row["extra"] > 0 and row["step_peak_rss"] > row["rss_idle"]
+        a = row["analytic"]
+        assert a["total_bytes"] == a["weights"] + a["mask"] + a["batch"] + a["step_bytes"]
+
+
 def test_client_memory_quick_measures_backprop_lean_and_stream(tmp_path, data_dir):
     from fedzo_flwr.models import build_model
     from fedzo_flwr.pruning import prune

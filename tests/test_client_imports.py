@@ -140,6 +140,14 @@ def test_client_app_import_pulls_no_heavy_module() -> None:
     assert leaks(modules) == [], f"heavy modules in the ClientApp's import graph: {leaks(modules)}"
 
 
+def test_zo_progressive_handler_pulls_no_heavy_or_server_module() -> None:
+    """The zo-progressive handler needs the client half of ``progressive.zo`` only."""
+    modules = imported_by("import client_app.zo_progressive")
+    assert "fedzo_flwr.progressive.zo.client" in modules
+    assert "fedzo_flwr.progressive.zo.server" not in modules
+    assert leaks(modules) == [], f"heavy modules in the handler's import graph: {leaks(modules)}"
+
+
 @pytest.fixture(scope="module")
 def first_contact(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[str, Any]:
     """A first-contact train message (LeNet-5, random mask at density 0.1) saved to a file."""

@@ -112,3 +112,26 @@ def test_flwr_run_simulation_smartfreeze_and_profl(tmp_path, data_dir):
         ("shrink", 0, 3),
     ]
     assert all(not r["rejected"] for r in profl)
+
+
+@pytest.mark.slow
+def test_flwr_run_simulation_zo_progressive(tmp_path, data_dir):
+    """Zeroth-order progressive training under a real `flwr run`: stage 0, a change, stage 1."""
+    (log,) = flwr_run(
+        tmp_path,
+        'method="zo-progressive" pace="fixed" stage-rounds="1" num-server-rounds=2 k=10 '
+        'prune-iterations=2 prune-repeats=1 eval-every=2 run-name="zp" '
+        f'data-dir="{data_dir}" output-dir="{tmp_path / "out"}"',
+    )
+    results = run_results(tmp_path, "zp", log)
+    trained = [r for r in results["rounds"] if r["round"]]
+    assert [(r["round"], r["stage"], r["clients"]) for r in trained] == [(1, 0, 3), (2, 1, 3)]
+    assert all(not r["rejected"] for r in trained)
+    assert results["final"]["stage_changes"][0]["to"] == {"phase": "grow", "stage": 1}
+    assert "[fedzo] Round 1: stage change zo 0 -> 1 (schedule)" in log
+    assert "accuracy" in trained[-1]
+    flops = results["setup"]["zo_progressive"]["client_round_forward_flops"]
+    assert [r["forward_flops"]["max"] for r in trained] == flops[:2]
+    # Only K float32 scalars (and the envelope) go up: far less than the stage's weights.
+    dims = results["setup"]["zo_progressive"]["stage_dims"]
+    assert all(r["uplink_bytes"]["max"] < 4 * dims[1] for r in trained)

@@ -18,16 +18,19 @@ from torch.nn.functional import cosine_similarity
 from fedzo_flwr.config import RunConfig
 from fedzo_flwr.measure.flops import forward_flops, zo_step_flops
 from fedzo_flwr.progressive import build_staged
+from fedzo_flwr.progressive.memory import forward_stage_memory
 from fedzo_flwr.progressive.zo import (
     ActiveStage,
-    StageZOServer,
     apply_staged_mask_,
     output_masks,
     stage_loss_differences,
     stage_step_flops,
     staged_mask,
+    staged_mask_template,
     train_stage_round,
 )
+from fedzo_flwr.progressive.zo.server import StageZOServer
+from fedzo_flwr.protocol.wire import decode_mask, encode_mask
 from fedzo_flwr.pruning import NTKSAPConfig, ntk_sap_mask
 from fedzo_flwr.sparse.mask import kept_target, prunable_parameters
 from fedzo_flwr.sparse.space import KeptSpace
@@ -320,3 +323,62 @@ def test_stage_step_flops():
     )
     assert all(total < full_step for total in totals)
     print({"full": full_step, "stages": totals})
+
+
+# ------------------------------------------------------------------ forward-only memory
+
+
+def test_forward_stage_memory_is_the_hand_count_for_lenet5():
+    """LeNet-5 at batch 32, every item counted by hand from the architecture.
+
+    The largest input + output of one leaf layer: stage 0 the ReLU after conv1 (6x28x28 in and
+    out); stage 1 the ReLU after conv2 (16x10x10); stage 2 fc1 (400 in, 120 out). The prefix's
+    peak is conv1's ReLU again; the features are pool1's output (6x14x14) and pool2's (400).
+    """
+    staged, _, mask = masked_staged()
+    batch = 32
+    floats = 4 * batch
+    relu1, relu2, fc1 = 2 * 6 * 28 * 28 * floats, 2 * 16 * 10 * 10 * floats, (400 + 120) * floats
+    expected = {
+        0: {"prefix": 0, "features": 0, "activations": relu1},
+        1: {"prefix": relu1, "features": 6 * 14 * 14 * floats, "activations": relu2},
+        2: {"prefix": relu1, "features": 400 * floats, "activations": fc1},
+    }
+    model_floats = sum(p.numel() for p in staged.model.parameters())
+    for t in range(staged.num_stages):
+        got = forward_stage_memory(staged, t, batch, mask)
+        output = staged.output_modules[t] if t < 2 else None
+        out_floats = 0 if output is None else sum(p.numel() for p in output.parameters())
+        assert got.weights == 4 * (model_floats + out_floats)
+        held = [n for n, _ in prunable_parameters(staged.model)]
+        if output is not None:
+            held += [f"output.{t}.{n}" for n, _ in prunable_parameters(output)]
+        assert got.mask == sum(mask[n].numel() for n in held)  # 1 B per torch.bool entry
+        assert got.batch == batch * 3 * 32 * 32 * 4
+        for item, value in expected[t].items():
+            assert getattr(got, item) == value, (t, item)
+        space = ActiveStage(staged, t, mask).space
+        index = sum(8 * int(i.numel()) for i in space.indices if i is not None)
+        assert got.perturbation == 2 * 4 * space.dim + index
+        assert got.overlap == min(4 * space.dim, got.activations)
+        step = max(got.prefix, got.features + got.activations + got.perturbation - got.overlap)
+        assert got.total_bytes == got.weights + got.mask + got.batch + step
+    # Dense: no mask bytes, every coordinate of the stage perturbed.
+    dense = forward_stage_memory(staged, 1, batch)
+    assert dense.mask == 0
+    assert dense.perturbation == 2 * 4 * sum(p.numel() for p in staged.stage_parameters(1).values())
+    # The flags of the staged model are restored.
+    active = ActiveStage(staged, 2, mask)
+    before = [p.requires_grad for p in staged.parameters()]
+    forward_stage_memory(staged, 0, batch, mask)
+    assert [p.requires_grad for p in staged.parameters()] == before and active.stage == 2
+
+
+def test_staged_mask_travels_in_the_template_order():
+    staged, _, mask = masked_staged()
+    template = staged_mask_template(staged)
+    assert list(mask) == list(template)
+    assert all(bool(m.all()) for m in template.values())
+    decoded = decode_mask(encode_mask(mask), staged_mask_template(build_staged("lenet5", seed=7)))
+    assert list(decoded) == list(mask)
+    assert all(torch.equal(decoded[n], mask[n]) for n in mask)

@@ -24,6 +24,35 @@ bound on the peak that ignores allocator slack and convolution workspaces, which
 process benchmarks measure). Full-model backprop is counted by the same method on the ordinary
 model. :func:`memory_plan` adds the **peak** over stages (ProFL's / NeuLite's figure) and the
 **time-weighted average** given the rounds of each stage (SmartFreeze's).
+
+**Forward-only stages** (``zo-progressive``, :func:`forward_stage_memory`): a zeroth-order client
+of stage ``t`` runs the frozen prefix once per batch, then K (+1) perturbed forward passes of
+block ``t`` and its output module (the ``lean`` engine's floor, as
+:func:`fedzo_flwr.measure.memory_model.zo_breakdown` counts it):
+
+=================  ============================================================================
+item               counted as
+=================  ============================================================================
+weights            every parameter of the ordinary model plus the stage's output module
+mask               1 B per prunable weight of the model and of the stage's output module
+                   (``torch.bool``; 0 when nothing is pruned)
+batch              the float32 input batch
+prefix             the largest ``input + output`` of one leaf layer of the frozen prefix in a
+                   no-grad forward pass (the prefix runs once, before the perturbed passes)
+features           the prefix's output, held through the K (+1) passes (0 at stage 0: the
+                   batch itself)
+activations        the largest ``input + output`` of one leaf layer of the active part in a
+                   no-grad forward pass
+perturbation       the saved kept values and one direction (4 B per coordinate of the stage's
+                   KeptSpace each) and the int64 index tables of its partly pruned tensors
+=================  ============================================================================
+
+``total_bytes = weights + mask + batch + max(prefix, features + activations + perturbation -
+overlap)``, ``overlap = min(direction, activations)`` (a direction is freed before its pass).
+Nothing is saved for backward, there are no gradients and no optimizer state (the server steps).
+The ``fused`` and ``batched`` engines evaluate several directions at once in a working set
+bounded by ``engine-memory-mb``; that workspace is not in this count (the ``lean`` engine runs in
+it), nor are the runtime and allocator slack.
 """
 
 from __future__ import annotations
@@ -34,9 +63,20 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from fedzo_flwr.progressive.staged import StagedModel
+from fedzo_flwr.measure.memory_model import activation_bytes
+from fedzo_flwr.progressive.staged import OUTPUT_PREFIX, StagedModel
+from fedzo_flwr.sparse.mask import Mask, kept_count, prunable_parameters
+from fedzo_flwr.sparse.space import KeptSpace
 
-__all__ = ["MemoryPlan", "StageMemory", "full_backprop_memory", "memory_plan", "stage_memory"]
+__all__ = [
+    "ForwardStageMemory",
+    "MemoryPlan",
+    "StageMemory",
+    "forward_stage_memory",
+    "full_backprop_memory",
+    "memory_plan",
+    "stage_memory",
+]
 
 _FLOAT = 4
 
@@ -147,6 +187,105 @@ def stage_memory(staged: StagedModel, stage: int, batch_size: int) -> StageMemor
         optimizer_state=_FLOAT * train_floats,
         saved=saved,
         transient=transient,
+    )
+
+
+@dataclass(frozen=True)
+class ForwardStageMemory:
+    """Bytes of each item of one forward-only (zeroth-order) step of a stage (module docstring)."""
+
+    label: str
+    weights: int
+    mask: int
+    batch: int
+    prefix: int
+    features: int
+    activations: int
+    perturbation: int
+    overlap: int
+
+    @property
+    def step_bytes(self) -> int:
+        """What the step adds to a client holding the weights, mask and batch."""
+        return max(self.prefix, self.features + self.activations + self.perturbation - self.overlap)
+
+    @property
+    def total_bytes(self) -> int:
+        """Everything the step needs: weights, mask and batch included (no runtime)."""
+        return self.weights + self.mask + self.batch + self.step_bytes
+
+    def as_dict(self) -> dict[str, int | str]:
+        """Plain dict with the two totals."""
+        return {**asdict(self), "step_bytes": self.step_bytes, "total_bytes": self.total_bytes}
+
+
+def _active_part(staged: StagedModel, stage: int) -> nn.Sequential:
+    last = stage == staged.num_stages - 1
+    return nn.Sequential(
+        staged.blocks[stage], staged.head if last else staged.output_modules[stage]
+    )
+
+
+@torch.no_grad()
+def forward_stage_memory(
+    staged: StagedModel, stage: int, batch_size: int, mask: Mask | None = None
+) -> ForwardStageMemory:
+    """Analytic memory of one forward-only step of stage ``stage`` at ``batch_size``.
+
+    Parameters
+    ----------
+    staged : StagedModel
+        The staged model (only shapes are read; ``requires_grad`` flags are restored).
+    stage : int
+        The stage.
+    batch_size : int
+        Examples per step.
+    mask : Mask, optional
+        The staged mask (the model's prunable weights under their keys, the output modules'
+        under ``output.<t>.<name>``; :func:`fedzo_flwr.progressive.zo.staged_mask`); ``None``
+        is dense.
+    """
+    x = _probe(batch_size)
+    flags = [(p, p.requires_grad) for p in staged.parameters()]
+    try:
+        trainable = staged.prepare_stage(stage)
+        active = _active_part(staged, stage)
+        by_id = {id(p): n for n, p in trainable.items()}
+        active_mask: Mask = {}
+        if mask is not None:
+            for name, param in prunable_parameters(active):
+                active_mask[name] = mask[by_id[id(param)]]
+        space = KeptSpace(active, active_mask or None)
+        prefix = nn.Sequential(*staged.blocks[:stage])
+        prefix_peak = activation_bytes(prefix, x)[1] if stage > 0 else 0
+        features = staged.features(x, stage)
+        _, active_peak = activation_bytes(active, features)
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+    weights = sum(_nbytes(p) for p in staged.model.parameters())
+    held = [n for n, _ in prunable_parameters(staged.model)]
+    if stage < staged.num_stages - 1:
+        output = staged.output_modules[stage]
+        weights += sum(_nbytes(p) for p in output.parameters())
+        held += [f"{OUTPUT_PREFIX}{stage}.{n}" for n, _ in prunable_parameters(output)]
+    mask_bytes = 0
+    if mask is not None:
+        held_mask = {n: mask[n] for n in held}
+        if kept_count(held_mask) < sum(m.numel() for m in held_mask.values()):
+            mask_bytes = sum(m.numel() for m in held_mask.values())
+    index_bytes = sum(8 * int(idx.numel()) for idx in space.indices if idx is not None)
+    direction = _FLOAT * space.dim
+    return ForwardStageMemory(
+        label=f"stage {stage}",
+        weights=weights,
+        mask=mask_bytes,
+        batch=_nbytes(x),
+        prefix=prefix_peak,
+        features=_nbytes(features) if stage > 0 else 0,
+        activations=active_peak,
+        perturbation=_FLOAT * space.dim + direction + index_bytes,
+        overlap=min(direction, active_peak),
     )
 
 

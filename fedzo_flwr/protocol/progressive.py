@@ -24,6 +24,16 @@ Train reply (client -> server)
     ``metrics``: ``num-examples``, ``train-loss``, ``train-examples``, ``steps``,
     ``client-seconds``, ``peak-mem-bytes``, ``extra-mem-bytes``, ``partition-id``, ``stage``,
     ``shrink`` (1 while shrinking, else 0) and, if declared, ``memory-budget-mb``.
+
+``zo-progressive`` (zeroth-order progressive training) uses the node-info query as above and
+the zeroth-order train messages (:mod:`fedzo_flwr.protocol.keys`): ``arrays`` holds ``kept``,
+the active stage's kept coordinates (its KeptSpace order); ``frozen`` the stage's frozen tensors
+(blocks ``0..t-1`` by name, dense with zeros at pruned entries) only when the node does not hold
+them; ``config`` adds ``stage`` and ``frozen-id`` = :func:`frozen_id` of those tensors (``""``
+at stage 0) to the zeroth-order keys (``mask-id`` names the staged mask, whose bitmap travels at
+first contact; ``fingerprint-seed`` travels at a node's first message of every stage). The reply
+is a zeroth-order reply whose ``zo`` record also carries ``stage``; its ``fingerprint`` is over
+the active stage's KeptSpace sizes.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from collections.abc import Mapping
 import numpy as np
 
 __all__ = [
+    "FROZEN_ID_KEY",
     "FROZEN_KEY",
     "LABEL_HISTOGRAM_KEY",
     "NODE_INFO_ACTION",
@@ -45,6 +56,7 @@ __all__ = [
 
 NODE_INFO_ACTION = "node_info"
 FROZEN_KEY = "frozen"
+FROZEN_ID_KEY = "frozen-id"
 PHASE_KEY = "phase"
 STAGE_KEY = "stage"
 SHRINK_KEY = "shrink"

@@ -5,8 +5,10 @@ training (:mod:`fedzo_flwr.zo`) estimates gradients from forward passes only, wi
 grows with the number of perturbed coordinates. Together: a client perturbs only the active
 block and its output module (:mod:`.active`), runs the frozen front of the network once per
 batch (:mod:`.client`), and uploads K loss differences; the server reconstructs the update over
-the stage's kept coordinates (:mod:`.server`). FLOPs per client step: :mod:`.flops`. See
-``docs/progressive.md``, section "Zeroth-order progressive training (ours)".
+the stage's kept coordinates (:mod:`.server`, imported from there: the package itself holds
+only what a client needs, so a ClientApp importing it never loads the server's modules). FLOPs
+per client step: :mod:`.flops`. See ``docs/progressive.md``, section "Zeroth-order progressive
+training (ours)".
 """
 
 from __future__ import annotations
@@ -18,15 +20,14 @@ from fedzo_flwr.progressive.zo.active import (
     output_mask_seed,
     output_masks,
     staged_mask,
+    staged_mask_template,
 )
 from fedzo_flwr.progressive.zo.client import stage_loss_differences, train_stage_round
 from fedzo_flwr.progressive.zo.flops import StageStepFlops, stage_step_flops
-from fedzo_flwr.progressive.zo.server import StageZOServer
 
 __all__ = [
     "ActiveStage",
     "StageStepFlops",
-    "StageZOServer",
     "apply_staged_mask_",
     "feature_shape",
     "output_mask_seed",
@@ -34,5 +35,6 @@ __all__ = [
     "stage_loss_differences",
     "stage_step_flops",
     "staged_mask",
+    "staged_mask_template",
     "train_stage_round",
 ]

@@ -43,6 +43,7 @@ __all__ = [
     "output_mask_seed",
     "output_masks",
     "staged_mask",
+    "staged_mask_template",
 ]
 
 _OUTPUT_MASK_STREAM = "progressive/output-mask"
@@ -99,9 +100,25 @@ def staged_mask(
     config: NTKSAPConfig | None = None,
     seed: int = 0,
 ) -> Mask:
-    """The model's mask (validated against ``staged.model``) plus :func:`output_masks`."""
+    """The model's mask (validated against ``staged.model``) plus :func:`output_masks`.
+
+    In the canonical order of :func:`staged_mask_template` (the order its bitmap travels in).
+    """
     validate_mask(staged.model, model_mask)
-    return {**model_mask, **output_masks(staged, model_name, density, config, seed)}
+    mask = {**model_mask, **output_masks(staged, model_name, density, config, seed)}
+    return {name: mask[name] for name in staged_mask_template(staged)}
+
+
+def staged_mask_template(staged: StagedModel) -> Mask:
+    """A dense staged mask: every prunable weight of the model, then of each output module.
+
+    Its keys and order are those of every staged mask (:func:`staged_mask`), so a client
+    decodes a received bitmap against it (:func:`fedzo_flwr.protocol.wire.decode_mask`).
+    """
+    return {
+        name: torch.ones_like(param, dtype=torch.bool)
+        for name, param in _staged_prunable(staged).items()
+    }
 
 
 def _staged_prunable(staged: StagedModel) -> dict[str, nn.Parameter]:
