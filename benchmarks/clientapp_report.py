@@ -70,11 +70,12 @@ def clientapp_lines(memory: dict[str, Any]) -> list[str]:
         f"ClientApp and handles one {settings['message']}; partition {settings['partition']}. "
         "**Process peak**: kernel VmHWM over the process's whole life; **above imports**: that "
         "peak minus the RSS after the imports (what the round adds: message, partition, model, "
-        "step); **held**: what the node keeps between rounds (weights + mask + index tables). "
-        f"Backprop: {settings['backprop']}.",
+        "step); **before the step**: the peak up to the train step (imports, message, "
+        "partition, the node's model); **held**: what the node keeps between rounds (weights + "
+        f"mask + index tables). Backprop: {settings['backprop']}.",
         "",
-        "| model | client | process peak | above imports | step peak | held (weights + mask "
-        "+ index) | backprop / this | fused / this | lean / this |",
+        "| model | client | process peak | above imports | before the step | held (weights + "
+        "mask + index) | backprop / this | fused / this | lean / this |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
@@ -88,7 +89,7 @@ def clientapp_lines(memory: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {row['model']} | {clientapp_label(row)} | {_mib(row['process_peak'])} "
             f"| {_mib(row['process_peak'] - row['rss_after_imports'])} "
-            f"| {_mib(row['step_peak_rss'])} "
+            f"| {_mib(row['hwm_before_step'])} "
             f"| {held['weights'] / MB:.2f} + {held['mask'] / MB:.2f} + {held['index'] / MB:.2f} "
             f"MiB | {ratio('backprop')} | {ratio('fused')} | {ratio('lean')} |"
         )
@@ -114,5 +115,41 @@ def clientapp_lines(memory: dict[str, Any]) -> list[str]:
             f"{_mib(best['process_peak'])} ({_mib(above)} above the imports), against "
             + "; ".join(parts)
             + (f". Above the imports: {vs}." if vs else ".")
+            + _setup_sentence(best, mine)
+            + _first_step_sentence(best, memory.get("rows", []))
         )
     return lines
+
+
+def _setup_sentence(best: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """What holding the model dense costs before the step: the lean node against the stream's."""
+    lean = next((r for r in rows if r.get("engine") == "lean"), None)
+    if lean is None:
+        return ""
+    return (
+        f" Before the step the stream node peaks at {_mib(best['hwm_before_step'])}, the lean "
+        f"node at {_mib(lean['hwm_before_step'])} (it builds the dense model, decodes the bool "
+        "mask and the KeptSpace's index tables)."
+    )
+
+
+def _first_step_sentence(best: dict[str, Any], step_rows: list[dict[str, Any]]) -> str:
+    """The ClientApp's step (first of a fresh process) against the isolated warm step."""
+    same = next(
+        (
+            r
+            for r in step_rows
+            if r.get("engine") == "stream"
+            and not r.get("sweep")
+            and (r["model"], r["batch"], r["density"], r.get("micro_batch"))
+            == (best["model"], best["batch"], best["density"], best.get("micro_batch"))
+        ),
+        None,
+    )
+    if same is None:
+        return ""
+    return (
+        f" Its step adds {_mib(best['step_extra'])} in the ClientApp, the first step of a fresh "
+        f"process, against {_mib(same['extra'])} in the isolated rows above, which measure a "
+        "step after a warm-up step (one-off kernel and thread-pool set-up excluded)."
+    )
