@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from isolated import first_contact_message
 from machine import data_dir, load_average, machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,31 +238,6 @@ def run_config(engine: str, data: Path, k: int, batch: int, threads: int) -> dic
     return config
 
 
-def first_contact_message(path: Path, density: float, seed: int) -> dict[str, int]:
-    """Write the kept weights and mask of a first-contact message to ``path``; its seeds."""
-    import numpy as np
-
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from fedzo_flwr import seeding
-    from fedzo_flwr.models import build_model
-    from fedzo_flwr.protocol.wire import encode_mask
-    from fedzo_flwr.pruning.baselines import random_mask
-    from fedzo_flwr.sparse.mask import apply_mask_
-    from fedzo_flwr.sparse.space import KeptSpace
-
-    model = build_model("lenet5", 10, seeding.model_seed(seed))
-    mask = random_mask(model, density, seed=0)
-    apply_mask_(model, mask)
-    kept = KeptSpace(model, mask).gather(model).numpy().astype(np.float32)
-    mask_bytes = np.frombuffer(encode_mask(mask), dtype=np.uint8)
-    np.savez(path, kept=kept, mask=mask_bytes)
-    return {
-        "round_seed": seeding.round_seed(seed, 1),
-        "fingerprint_seed": seeding.fingerprint_seed(seed),
-    }
-
-
 def measure_imports(repeats: int) -> list[dict[str, Any]]:
     """Median over ``repeats`` fresh processes of each import in :data:`IMPORTS`."""
     rows = []
@@ -282,7 +258,7 @@ def measure_imports(repeats: int) -> list[dict[str, Any]]:
 
 def measure_rounds(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
     """One first-contact train round per engine: cold (no partition cache) first, then cached."""
-    seeds = first_contact_message(workdir / "message.npz", args.density, 3407)
+    seeds = first_contact_message(workdir / "message.npz", "lenet5", args.density, 3407)
     cached_dir = workdir / "cache-shared"
     rows = []
     plan = [(e, "cold") for e in args.cold_engines] + [(e, "cached") for e in args.engines]

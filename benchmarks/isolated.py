@@ -13,6 +13,10 @@ training step with :func:`measure_step`:
    idle baseline, ``step_peak_rss`` the whole process's peak;
 4. optionally ``then`` (e.g. a second local step that finds the first step's optimizer state
    alive), measured the same way against the same idle baseline.
+
+:func:`first_contact_message` writes the kept weights and mask bitmap of a first-contact train
+message (what the ServerApp sends a node the first time) for the benchmarks that drive the real
+ClientApp in a fresh process (``client_imports.py``, ``client_memory.py --clientapp``).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +34,7 @@ from machine import trim_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 
-__all__ = ["cifar_batch", "measure_step", "run_worker", "status_bytes"]
+__all__ = ["cifar_batch", "first_contact_message", "measure_step", "run_worker", "status_bytes"]
 
 
 def status_bytes(field: str) -> int:
@@ -41,11 +45,17 @@ def status_bytes(field: str) -> int:
     return 0
 
 
-def run_worker(script: str, job: dict[str, Any]) -> dict[str, Any]:
-    """Run ``script --worker JOB`` in a fresh interpreter; return the JSON of its last line."""
+def run_worker(
+    script: str, job: dict[str, Any], env: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Run ``script --worker JOB`` in a fresh interpreter; return the JSON of its last line.
+
+    ``env``: variables added to this process's environment (e.g. ``GLIBC_TUNABLES``); the
+    repository is always importable (``PYTHONPATH``).
+    """
     cmd = [sys.executable, str(Path(script).resolve()), "--worker", json.dumps(job)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    full_env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=full_env, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"worker failed for {job}:\n{proc.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -116,3 +126,33 @@ def measure_step(
         out["then_extra"] = max(0, after.peak_bytes - rss_idle)
     reset()
     return out
+
+
+def first_contact_message(path: Path, model: str, density: float, seed: int) -> dict[str, int]:
+    """Write the kept weights and mask of a first-contact message for ``model`` to ``path``.
+
+    θ0 is the run's initial model (``model_seed(seed)``) under a random global mask at
+    ``density`` (which weights are kept does not change memory; density 1: the dense mask).
+    Returns the seeds the message carries (``round_seed``, ``fingerprint_seed``).
+    """
+    import numpy as np
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from fedzo_flwr import seeding
+    from fedzo_flwr.models import build_model
+    from fedzo_flwr.protocol.wire import encode_mask
+    from fedzo_flwr.pruning.baselines import random_mask
+    from fedzo_flwr.sparse.mask import apply_mask_, dense_mask
+    from fedzo_flwr.sparse.space import KeptSpace
+
+    net = build_model(model, 10, seeding.model_seed(seed))
+    mask = random_mask(net, density, seed=0) if density < 1 else dense_mask(net)
+    apply_mask_(net, mask)
+    kept = KeptSpace(net, mask).gather(net).numpy().astype(np.float32)
+    mask_bytes = np.frombuffer(encode_mask(mask), dtype=np.uint8)
+    np.savez(path, kept=kept, mask=mask_bytes)
+    return {
+        "round_seed": seeding.round_seed(seed, 1),
+        "fingerprint_seed": seeding.fingerprint_seed(seed),
+    }

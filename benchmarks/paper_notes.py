@@ -13,6 +13,7 @@ from typing import Any
 
 from paper_summary import (
     BUSY_LOAD,
+    MB,
     NOISE_PP,
     PAPER,
     Summary,
@@ -217,12 +218,24 @@ def notes(
         "* **FLOPs are counted, not realised.** Pruned weights are stored as zeros in dense "
         "tensors, so the pruned runs do the dense arithmetic (compare client seconds); the FLOPs "
         "column is what a sparse kernel would execute.",
-        "* **Memory.** For the same reason the weights of a pruned model take the dense space; "
-        "pruning only shrinks the zeroth-order perturbation buffers (saved kept values and one "
-        "direction). The measured step memory includes framework workspace (convolution "
-        "buffers, allocator slack) that the analytic breakdown leaves out; the *one forward* "
-        "column shows it.",
+        "* **Memory.** For the same reason the weights of a pruned model take the dense space "
+        "in the dense engines (`lean`, `fused`, `batched`); pruning only shrinks their "
+        "zeroth-order perturbation buffers (saved kept values and one direction). The measured "
+        "step memory includes framework workspace (convolution buffers, allocator slack) that "
+        "the analytic breakdown leaves out; the *one forward* column shows it.",
     ]
+    streamed = [r for r in (memory or {}).get("clientapp", []) if r.get("engine") == "stream"]
+    if streamed:
+        held = {r["model"]: r["held"] for r in streamed}
+        lines[-1] += (
+            " The `stream` ClientApp holds them sparse at rest instead (the kept values and a "
+            "bitmap per tensor, built from the message; no dense weights, no bool mask): "
+            + ", ".join(
+                f"{model} {(h['weights'] + h['mask'] + h['index']) / MB:.2f} MiB"
+                for model, h in held.items()
+            )
+            + " between rounds (the ClientApp table above)."
+        )
     if info.get("engine_note"):
         lines.append(
             f"* **Engine.** {info['engine_note']}; client memory is measured per engine separately."

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from clientapp_report import clientapp_lines
 from frontier_report import frontier_section
 from paper_notes import (
     NOT_RECORDED,
@@ -292,6 +293,7 @@ def render_report(
                 f"| {q['model_share_ratio']:.1f}x | {q['process_ratio']:.2f}x "
                 f"| {q['analytic_step_ratio']:.1f}x | {q['analytic_total_ratio']:.1f}x |"
             )
+        lines += clientapp_lines(memory)
     else:
         lines.append("Not measured in this run (run `benchmarks/client_memory.py` first).")
     lines += ["", *notes(summaries, memory, info), ""]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from clientapp_report import clientapp_label, least_memory_stream_rows
 from paper_summary import (
     ALPHAS,
     PAPER,
@@ -168,6 +169,7 @@ def verdicts(summaries: list[Summary], memory: dict[str, Any] | None) -> list[di
                 "paper": f"{PAPER['memory_ratio']:g}x",
                 "ours": f"backprop (SGD or Adam) / ZO {engine}, measured: "
                 + "; ".join(parts)
+                + _clientapp_note(memory)
                 + _memory_note(best_share, max(activation_ratios)),
                 "verdict": verdict,
             }
@@ -238,6 +240,23 @@ def _flops_note(summaries: list[Summary], dense: Summary, ntk: list[Summary]) ->
             )
         )
     return f" ({'; '.join(parts)})" if parts else ""
+
+
+def _clientapp_note(memory: dict[str, Any]) -> str:
+    """The whole ClientApp process ratios (backprop / least-memory ZO client), if measured."""
+    ratios = {(q["model"], q["zo"]): q for q in memory.get("clientapp_ratios", [])}
+    parts = []
+    for model, row in least_memory_stream_rows(memory).items():
+        label = f"ZO pruned d={row['density']:g} ({clientapp_label(row)})"
+        q = ratios.get((model, label), {})
+        if "process_vs_backprop" in q:
+            parts.append(
+                f"{model} {q['process_vs_backprop']:.2f}x ({clientapp_label(row)}; "
+                f"{q['above_imports_vs_backprop']:.1f}x above the imports)"
+            )
+    if not parts:
+        return ""
+    return "; whole ClientApp process, one train message (backprop / ZO): " + ", ".join(parts)
 
 
 def _memory_note(best_share: float, best_activations: float) -> str:

@@ -8,10 +8,17 @@ label histogram and memory budget; ``query.prune`` messages score pruning masks 
 (``snip``, ``ntk-local``).
 A node that does not hold the mask a train or evaluate message names answers with a ``status``
 record (code ``mask-missing``), not an error, so the server sends the mask again.
+
+With ``engine = "stream"`` (zeroth-order methods) the node holds its model sparse at rest: a
+:class:`~fedzo_flwr.zo.engines.stream_model.StreamModel` built straight from the mask bitmap
+(:func:`fedzo_flwr.zo.client.stream_model`), into whose kept-value vector every round's weights
+(sent or replayed) are loaded; no dense weight tensor and no bool mask exists in the process.
+Every other engine (and ``fedavg``) holds the dense masked model and its KeptSpace.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TypeVar
 
@@ -33,16 +40,22 @@ from fedzo_flwr.protocol.wire import decode_mask, encode_scalars
 from fedzo_flwr.pruning import client as cp
 from fedzo_flwr.run.evaluation import evaluate
 from fedzo_flwr.seeding import model_seed
+from fedzo_flwr.sparse.layout import PackedLayout
 from fedzo_flwr.sparse.mask import apply_mask_
 from fedzo_flwr.sparse.space import KeptSpace
-from fedzo_flwr.zo.client import ClientResult, train_round
+from fedzo_flwr.zo.client import ClientResult, stream_model, train_round
 from fedzo_flwr.zo.directions import fingerprint
+from fedzo_flwr.zo.engines import StreamModel, UnsupportedModel
 
 app = ClientApp()
+logger = logging.getLogger(__name__)
 
 STATE_KEY = "fedzo"
-# (model, dataset, mask-id) -> (model, space); survives across rounds inside a simulation actor.
-_MODELS: dict[tuple[str, str, str], tuple[torch.nn.Module, KeptSpace]] = {}
+ZO_METHODS = ("zo-pruned", "zo-dense")
+Layout = KeptSpace | PackedLayout
+# (model, dataset, mask-id, sparse) -> (model, space); survives across rounds inside a simulation
+# actor. sparse: a StreamModel and its PackedLayout; else the dense model and its KeptSpace.
+_MODELS: dict[tuple[str, str, str, bool], tuple[torch.nn.Module, Layout]] = {}
 
 T = TypeVar("T", int, float, str, bytes)
 
@@ -76,17 +89,26 @@ def node_partition(context: Context) -> tuple[int, int]:
         ) from None
 
 
+def sparse_at_rest(cfg: RunConfig) -> bool:
+    """Whether the node holds its model sparse at rest (``engine = "stream"``, zeroth-order)."""
+    return cfg.engine == "stream" and cfg.method in ZO_METHODS
+
+
 def masked_model(
     cfg: RunConfig, config: ConfigRecord, context: Context
-) -> tuple[torch.nn.Module, KeptSpace]:
-    """The model with this run's mask, from the message (first contact) or the node's state."""
+) -> tuple[torch.nn.Module, Layout]:
+    """The model with this run's mask, from the message (first contact) or the node's state.
+
+    A dense masked model and its KeptSpace, or, with :func:`sparse_at_rest`, a StreamModel and
+    its PackedLayout (a model the stream engine cannot run falls back to the dense pair).
+    """
     wanted = config_value(config, protocol.MASK_ID_KEY, str)
     if protocol.MASK_KEY in config:  # first contact: keep the mask in the node's state
         mask_bytes = config_value(config, protocol.MASK_KEY, bytes)
         context.state[STATE_KEY] = ConfigRecord(
             {protocol.MASK_ID_KEY: wanted, protocol.MASK_KEY: mask_bytes}
         )
-    key = (cfg.model, cfg.dataset, wanted)
+    key = (cfg.model, cfg.dataset, wanted, sparse_at_rest(cfg))
     if key in _MODELS:
         return _MODELS[key]
     state = context.state.config_records.get(STATE_KEY)
@@ -95,12 +117,21 @@ def masked_model(
     mask_bytes = config_value(state, protocol.MASK_KEY, bytes)
     if protocol.mask_id(mask_bytes) != wanted:
         raise MaskMissing(f"mask bytes do not match mask-id {wanted}")
-    model = build_model(cfg.model, NUM_CLASSES[cfg.dataset])
-    mask = decode_mask(mask_bytes, model)
-    apply_mask_(model, mask)
     _MODELS.clear()  # one run at a time per process
-    _MODELS[key] = (model, KeptSpace(model, mask))
-    return _MODELS[key]
+    built: tuple[torch.nn.Module, Layout] | None = None
+    if key[3]:
+        try:
+            sparse = stream_model(cfg.model, NUM_CLASSES[cfg.dataset], mask_bytes)
+            built = (sparse, sparse.layout)
+        except UnsupportedModel as err:
+            logger.warning("model %s held dense: %s", cfg.model, err)
+    if built is None:
+        model = build_model(cfg.model, NUM_CLASSES[cfg.dataset])
+        mask = decode_mask(mask_bytes, model)
+        apply_mask_(model, mask)
+        built = (model, KeptSpace(model, mask))
+    _MODELS[key] = built
+    return built
 
 
 def node_data(cfg: RunConfig, context: Context) -> tuple[np.ndarray, np.ndarray]:
@@ -125,13 +156,18 @@ def node_run_config(context: Context) -> RunConfig:
     return cfg
 
 
-def _setup(msg: Message, context: Context) -> tuple[RunConfig, torch.nn.Module, KeptSpace]:
+def _setup(msg: Message, context: Context) -> tuple[RunConfig, torch.nn.Module, Layout]:
     cfg = node_run_config(context)
     if cfg.client_threads:
         torch.set_num_threads(cfg.client_threads)
     config = msg.content.config_records[protocol.CONFIG_KEY]
     model, space = masked_model(cfg, config, context)
-    space.scatter_(model, received_weights(cfg, msg, context, space.sizes))
+    weights = received_weights(cfg, msg, context, space.sizes)
+    if isinstance(model, StreamModel):
+        model.load_values_(weights)  # into the kept-value vector: nothing dense
+    elif isinstance(space, KeptSpace):
+        space.scatter_(model, weights)
+    del weights
     return cfg, model, space
 
 
@@ -177,6 +213,8 @@ def train(msg: Message, context: Context) -> Message:
     except ReplayOutOfSync as err:
         return status_reply(msg, protocol.STATUS_REPLAY_MISMATCH, str(err))
     if cfg.method == "fedavg":
+        if not isinstance(space, KeptSpace):  # never: sparse_at_rest is zeroth-order only
+            raise ConfigError("method 'fedavg' needs the dense model")
         return train_fedavg(msg, context, cfg, model, space)
     config = msg.content.config_records[protocol.CONFIG_KEY]
     partition_id, _ = node_partition(context)
@@ -191,7 +229,7 @@ def zo_reply(
     context: Context,
     cfg: RunConfig,
     result: ClientResult,
-    space: KeptSpace,
+    space: Layout,
     zo_extra: dict[str, int] | None = None,
 ) -> Message:
     """A zeroth-order train reply: K float32 loss differences per local step and the metrics.

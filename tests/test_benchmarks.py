@@ -213,3 +213,36 @@ def test_client_memory_quick_measures_backprop_lean_and_stream(tmp_path, data_di
         "ZO pruned d=0.1 (stream)",
         "ZO pruned d=0.1 (stream, micro-batch 4)",
     }
+    # The whole ClientApp process, one first-contact message each (quick: lenet5).
+    app = {(r["method"], r.get("engine"), r.get("micro_batch")): r for r in result["clientapp"]}
+    streams = {("zo", "stream", m) for m in (0, 4, 1)}
+    assert set(app) == {("fedavg", None, None), ("zo", "lean", 0)} | streams
+    prunable = sum(p.numel() for _, p in prunable_parameters(model))
+    kept_prunable = sum(int(m.sum()) for m in mask.values())
+    params = sum(p.numel() for p in model.parameters())
+    for key, row in app.items():
+        assert row["process_peak"] >= row["step_peak_rss"] > row["rss_after_imports"] > 0, key
+        assert row["partition_examples"] > 0 and row["data_dir"] == result["rows"][0]["data_dir"]
+        if key in streams:  # sparse at rest: kept values and bitmaps, no index, nothing dense
+            assert row["held_class"] == "StreamModel"
+            assert row["held"] == {"weights": 4 * kept, "mask": bitmaps, "index": 0}
+        elif key[0] == "zo":  # dense weights, a bool mask and int64 indices of the kept entries
+            assert row["held"] == {
+                "weights": 4 * params,
+                "mask": prunable,
+                "index": 8 * kept_prunable,
+            }
+        else:  # backprop, dense: all kept, no index tables
+            assert row["held"] == {"weights": 4 * params, "mask": prunable, "index": 0}
+    assert {q["zo"] for q in result["clientapp_ratios"]} == {
+        "ZO pruned d=0.1 (lean)",
+        "ZO pruned d=0.1 (stream)",
+        "ZO pruned d=0.1 (stream, micro-batch 4)",
+        "ZO pruned d=0.1 (stream, micro-batch 1)",
+    }
+    backprop = app["fedavg", None, None]["process_peak"]
+    for q in result["clientapp_ratios"]:
+        engine = q["zo"].removeprefix("ZO pruned d=0.1 (").removesuffix(")").split(", micro-batch ")
+        own = app["zo", engine[0], int(engine[1]) if len(engine) > 1 else 0]["process_peak"]
+        assert q["process_vs_backprop"] == backprop / own
+    assert not Path(result["rows"][0]["data_dir"]).is_absolute()

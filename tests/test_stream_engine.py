@@ -17,7 +17,8 @@ from fedzo_flwr.sparse.space import KeptSpace
 from fedzo_flwr.zo.directions import DirectionGenerator
 from fedzo_flwr.zo.engines import stream
 from fedzo_flwr.zo.engines.base import batch_loss
-from fedzo_flwr.zo.engines.stream import StreamModel, micro_batch_loss, stream_workspace_bytes
+from fedzo_flwr.zo.engines.stream import micro_batch_loss, stream_workspace_bytes
+from fedzo_flwr.zo.engines.stream_model import StreamModel
 from fedzo_flwr.zo.estimator import loss_differences
 from fedzo_flwr.zo.settings import ZOSettings
 

@@ -22,6 +22,7 @@ __all__ = [
     "ModelSpec",
     "Redraw",
     "build_model",
+    "build_skeleton",
     "get_model_spec",
     "init_parameters_",
     "parameter_count",
@@ -104,6 +105,20 @@ def build_model(name: str, num_classes: int = 10, seed: int = 0) -> nn.Module:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
     model = spec.factory(num_classes)
     reinitialize_(model, name, torch.Generator().manual_seed(int(seed)))
+    return model.eval()
+
+
+def build_skeleton(name: str, num_classes: int = 10) -> nn.Module:
+    """Model ``name``'s structure on the ``meta`` device: its layers and shapes, no storage.
+
+    What a client that holds its weights sparse at rest builds instead of the dense model
+    (:func:`fedzo_flwr.zo.client.stream_model`): no weight is allocated, drawn or copied.
+    """
+    spec = get_model_spec(name)
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    with torch.device("meta"):
+        model = spec.factory(num_classes)
     return model.eval()
 
 

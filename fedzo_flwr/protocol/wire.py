@@ -8,7 +8,9 @@ layout from the model and the mask, so nothing redundant travels), and one size 
   entry is the most significant bit of the first byte) **per tensor**; the per-tensor byte
   strings are concatenated in mask order. A tensor of ``n`` entries takes ``ceil(n / 8)`` bytes,
   so the padding costs at most 7 bits per tensor; padding bits are zero and the decoder checks
-  it. Size: :func:`mask_nbytes` (7,722 bytes for LeNet-5).
+  it. Size: :func:`mask_nbytes` (7,722 bytes for LeNet-5). :func:`split_mask` cuts it into the
+  per-tensor bitmaps without unpacking (what a ``stream`` client holds:
+  :mod:`fedzo_flwr.sparse.packed` uses the same bit order).
 * **Scalars** (:func:`encode_scalars`): a vector of little-endian float32 values (projected
   gradients, losses, ...), ``4 * k`` bytes for ``k`` values (:func:`scalars_nbytes`).
 * **Sparse weights size** (:func:`sparse_weights_nbytes`): what the kept coordinates of a
@@ -38,6 +40,7 @@ __all__ = [
     "mask_nbytes",
     "scalars_nbytes",
     "sparse_weights_nbytes",
+    "split_mask",
 ]
 
 _F32_LE = np.dtype("<f4")
@@ -174,6 +177,55 @@ def decode_mask(data: BytesLike, template: Mask | nn.Module) -> Mask:
         if bits[n:].any():
             raise ValueError(f"data has non-zero padding bits after tensor {name!r}")
         out[name] = torch.from_numpy(bits[:n].astype(np.bool_)).reshape(shape)
+    return out
+
+
+def split_mask(data: BytesLike, template: Mask | nn.Module) -> dict[str, torch.Tensor]:
+    """Cut a bitmap produced by :func:`encode_mask` into its per-tensor bitmaps, still packed.
+
+    Validated exactly as :func:`decode_mask` (length, zero padding bits) but never unpacked:
+    the result holds one bit per weight (:mod:`fedzo_flwr.sparse.packed`'s format).
+
+    Parameters
+    ----------
+    data : bytes
+        The bitmap (``bytes``, ``bytearray`` or ``memoryview``).
+    template : Mask or nn.Module
+        Gives the tensor names, shapes and order (a model may live on the ``meta`` device).
+
+    Returns
+    -------
+    dict of str to Tensor
+        ``uint8`` tensors of ``ceil(n / 8)`` bytes each, in template order: views of one copy of
+        ``data``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`decode_mask`.
+
+    """
+    raw = _as_bytes(data, "data")
+    layout = _mask_layout(template, "template")
+    expected = _layout_nbytes(layout)
+    if len(raw) != expected:
+        raise ValueError(f"data has {len(raw)} bytes, expected {expected} for this mask layout")
+    buf = (
+        torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        if raw
+        else torch.empty(0, dtype=torch.uint8)
+    )
+    out: dict[str, torch.Tensor] = {}
+    offset = 0
+    for name, shape in layout:
+        n = shape.numel()
+        nbytes = math.ceil(n / 8)
+        chunk = buf[offset : offset + nbytes]
+        offset += nbytes
+        pad = 8 * nbytes - n  # the low bits of the last byte (big bit order)
+        if pad and int(chunk[-1]) & ((1 << pad) - 1):
+            raise ValueError(f"data has non-zero padding bits after tensor {name!r}")
+        out[name] = chunk
     return out
 
 

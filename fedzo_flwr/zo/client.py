@@ -1,4 +1,10 @@
-"""The client's side of a round, without Flower: weights and seeds in, loss differences out."""
+"""The client's side of a round, without Flower: weights and seeds in, loss differences out.
+
+A dense client holds the model with its pruned weights at zero and a
+:class:`~fedzo_flwr.sparse.space.KeptSpace`; a ``stream`` client holds a
+:class:`~fedzo_flwr.zo.engines.stream_model.StreamModel` built by :func:`stream_model` straight
+from the mask message (kept values and packed bitmaps: no dense weights, no bool mask).
+"""
 
 from __future__ import annotations
 
@@ -13,8 +19,12 @@ from torch import nn
 from fedzo_flwr.config import RunConfig
 from fedzo_flwr.data import batch_tensors, sample_batch
 from fedzo_flwr.measure.memory import PeakMemory
+from fedzo_flwr.models import build_skeleton
+from fedzo_flwr.protocol.wire import split_mask
 from fedzo_flwr.seeding import batch_seed, client_step_seeds
+from fedzo_flwr.sparse.layout import PackedLayout
 from fedzo_flwr.sparse.space import KeptSpace
+from fedzo_flwr.zo.engines import StreamModel
 from fedzo_flwr.zo.local import run_local_steps
 from fedzo_flwr.zo.reconstruct import ScalarStep
 from fedzo_flwr.zo.settings import zo_settings
@@ -32,10 +42,31 @@ class ClientResult:
     extra_mem_bytes: int
 
 
+def stream_model(model_name: str, num_classes: int, mask_bytes: bytes) -> StreamModel:
+    """The model of a ``stream`` client, from the mask message alone: sparse at rest.
+
+    The model's structure is built on the ``meta`` device (no storage), the mask bitmap is cut
+    into per-tensor bitmaps without unpacking (:func:`~fedzo_flwr.protocol.wire.split_mask`), and
+    the kept values start at zero: load the received weights with
+    :meth:`~fedzo_flwr.zo.engines.stream_model.StreamModel.load_values_`. No dense weight tensor,
+    bool mask or index table is ever allocated.
+
+    Raises
+    ------
+    ValueError
+        If ``mask_bytes`` is not a valid bitmap for the model (length, padding bits).
+    UnsupportedModel
+        If the stream engine cannot run the model (the caller falls back to a dense model).
+    """
+    skeleton = build_skeleton(model_name, num_classes)
+    layout = PackedLayout.from_bitmaps(skeleton, split_mask(mask_bytes, skeleton))
+    return StreamModel(skeleton, layout)
+
+
 def train_round(
     cfg: RunConfig,
     model: nn.Module,
-    space: KeptSpace,
+    space: KeptSpace | PackedLayout,
     x_uint8: np.ndarray,
     y: np.ndarray,
     seed_of_round: int,
@@ -50,9 +81,10 @@ def train_round(
     cfg : RunConfig
         Run configuration (K, σ, scheme, batch size, local steps...).
     model : nn.Module
-        The global model as received (masked); modified only between local steps.
-    space : KeptSpace
-        Kept coordinates of ``model``.
+        The global model as received (masked, or a StreamModel holding the received kept
+        values); modified only between local steps.
+    space : KeptSpace or PackedLayout
+        Kept coordinates of ``model`` (a PackedLayout: a StreamModel's ``layout``).
     x_uint8, y : np.ndarray
         The client's partition.
     seed_of_round : int

@@ -203,6 +203,11 @@ def fingerprint(
     digest = hashlib.sha256()
     header = f"fedzo-directions/v{PROTOCOL_VERSION}/{generator.kind}/"
     digest.update((header + ",".join(map(str, generator.sizes))).encode())
+    # A direction's bytes are its blocks' bytes in order: hash them block by block through one
+    # buffer (the largest block), so a client never holds a whole direction for this either.
+    buffer = torch.empty(max(generator.sizes), dtype=torch.float32)
     for k in ks:
-        digest.update(generator.direction(k).numpy().astype("<f4").tobytes())
+        for tensor, size in enumerate(generator.sizes):
+            block = generator.tensor_block(k, tensor, out=buffer[:size]).numpy()
+            digest.update(np.ascontiguousarray(block, dtype="<f4").data)
     return digest.hexdigest()

@@ -9,7 +9,9 @@ by name in :data:`~fedzo_flwr.zo.engines.ENGINES`):
   layer runs (the stored weights are never written), draws each direction layer by layer and
   can evaluate the batch in micro-batches (``micro_batch``). Extra memory: the largest layer's
   weights and one forward pass of a micro-batch — the least (see
-  :mod:`fedzo_flwr.zo.engines.stream`).
+  :mod:`fedzo_flwr.zo.engines.stream`). The only engine that runs a
+  :class:`~fedzo_flwr.zo.engines.stream_model.StreamModel` (a model sparse at rest, with its
+  :class:`~fedzo_flwr.sparse.layout.PackedLayout` as the space).
 * ``lean``: perturbs the model in place, one direction at a time, and restores the saved kept
   values by copy (bit-exact, no drift). Extra memory: one copy of the kept weights, one direction
   and one forward pass's activations. Runs any model.
@@ -32,12 +34,14 @@ import math
 import torch
 from torch import nn
 
+from fedzo_flwr.sparse.layout import PackedLayout
 from fedzo_flwr.sparse.space import KeptSpace
 from fedzo_flwr.zo.directions import DirectionGenerator
 from fedzo_flwr.zo.engines import (
     ENGINES,
     FALLBACK_ENGINE,
     LossDifferences,
+    StreamModel,
     UnsupportedModel,
     batch_loss,
 )
@@ -61,7 +65,7 @@ def _check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
 @torch.no_grad()
 def loss_differences(
     model: nn.Module,
-    space: KeptSpace,
+    space: KeptSpace | PackedLayout,
     x: torch.Tensor,
     y: torch.Tensor,
     seed: int,
@@ -77,9 +81,11 @@ def loss_differences(
     Parameters
     ----------
     model : nn.Module
-        The (masked) model, in eval mode; its pruned weights must be zero.
-    space : KeptSpace
-        The coordinates to perturb (kept weights and other trainable parameters).
+        The (masked) model, in eval mode; its pruned weights must be zero. A
+        :class:`~fedzo_flwr.zo.engines.stream_model.StreamModel` runs the ``stream`` engine only.
+    space : KeptSpace or PackedLayout
+        The coordinates to perturb (kept weights and other trainable parameters): a PackedLayout
+        (or a KeptSpace of the same layout) for a StreamModel, a KeptSpace otherwise.
     x, y : Tensor
         One mini-batch; the same batch is used for all passes.
     seed : int
@@ -125,6 +131,14 @@ def loss_differences(
     if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 0:
         raise ValueError(f"micro_batch must be an int >= 0, got {micro_batch!r}")
     generator = DirectionGenerator(space.sizes, seed, settings.directions)
+    if isinstance(model, StreamModel):  # sparse at rest: no dense weights to hand another engine
+        if engine != "stream":
+            raise ValueError(f"a StreamModel runs the stream engine only, not {engine!r}")
+        if tuple(space.sizes) != model.sizes:
+            raise ValueError("space does not match the StreamModel's layout")
+        return model.loss_differences(x, y, generator, settings, micro_batch)
+    if not isinstance(space, KeptSpace):
+        raise TypeError(f"a dense model needs a KeptSpace, got {type(space).__name__}")
 
     def run(name: str) -> LossDifferences:
         return ENGINES[name](

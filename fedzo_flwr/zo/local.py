@@ -7,8 +7,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from fedzo_flwr.sparse.layout import PackedLayout
 from fedzo_flwr.sparse.space import KeptSpace
-from fedzo_flwr.zo.engines import LossDifferences
+from fedzo_flwr.zo.engines import LossDifferences, StreamModel
 from fedzo_flwr.zo.estimator import loss_differences
 from fedzo_flwr.zo.reconstruct import ScalarStep, estimate_gradient, local_sgd_step
 from fedzo_flwr.zo.settings import ZOSettings
@@ -18,7 +19,7 @@ BatchFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 
 def run_local_steps(
     model: nn.Module,
-    space: KeptSpace,
+    space: KeptSpace | PackedLayout,
     batch_for_step: BatchFn,
     step_seeds: Sequence[int],
     settings: ZOSettings,
@@ -36,12 +37,17 @@ def run_local_steps(
     from the uploaded scalars alone. The last step's update is not applied (the server computes
     it); with one seed the model is left unchanged.
 
+    A :class:`~fedzo_flwr.zo.engines.stream_model.StreamModel` (``engine="stream"``, sparse at
+    rest) takes the same steps on its kept-value vector in place
+    (:meth:`~fedzo_flwr.zo.engines.stream_model.StreamModel.sgd_step_`, the same bits): no dense
+    tensor and no second copy of the kept values.
+
     Parameters
     ----------
     model : nn.Module
-        The masked model, modified in place between steps.
-    space : KeptSpace
-        Trainable, unpruned coordinates.
+        The masked model (or a StreamModel), modified in place between steps.
+    space : KeptSpace or PackedLayout
+        Trainable, unpruned coordinates (a PackedLayout only with a StreamModel).
     batch_for_step : callable
         ``batch_for_step(j) -> (x, y)``: the mini-batch of step ``j``.
     step_seeds : sequence of int
@@ -57,7 +63,11 @@ def run_local_steps(
         raise ValueError("step_seeds must hold at least one seed")
     steps: list[ScalarStep] = []
     results: list[LossDifferences] = []
-    theta = space.gather(model) if len(step_seeds) > 1 else None
+    theta = None  # a dense model's kept values between steps (a StreamModel holds its own)
+    if not isinstance(model, StreamModel):
+        if not isinstance(space, KeptSpace):
+            raise TypeError(f"a dense model needs a KeptSpace, got {type(space).__name__}")
+        theta = space.gather(model) if len(step_seeds) > 1 else None
     for j, seed in enumerate(step_seeds):
         x, y = batch_for_step(j)
         result = loss_differences(
@@ -75,7 +85,13 @@ def run_local_steps(
         step = ScalarStep(int(seed), result.deltas)
         steps.append(step)
         results.append(result)
-        if theta is not None and j < len(step_seeds) - 1:
-            theta = local_sgd_step(theta, estimate_gradient(space.sizes, step, settings), local_lr)
+        if j == len(step_seeds) - 1:
+            break
+        grad = estimate_gradient(space.sizes, step, settings)
+        if isinstance(model, StreamModel):
+            model.sgd_step_(grad, local_lr)  # in place on the kept values
+        elif theta is not None and isinstance(space, KeptSpace):
+            theta = local_sgd_step(theta, grad, local_lr)
             space.scatter_(model, theta)
+        del grad
     return steps, results

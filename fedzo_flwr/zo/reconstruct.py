@@ -152,6 +152,11 @@ def local_sgd_step(theta: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.
     return torch.add(theta, grad, alpha=-lr)
 
 
+def local_sgd_step_(theta: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
+    """:func:`local_sgd_step` in place (the same elementwise op, the same bits): no new vector."""
+    theta.add_(grad, alpha=-lr)
+
+
 def accumulate_steps(
     sizes: Sequence[int], steps: Sequence[ScalarStep], settings: ZOSettings
 ) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 * ``stream`` (:mod:`.stream`): each layer's weights materialised, perturbed, in one scratch
   buffer only while that layer runs; directions drawn per layer; optional micro-batches; the
-  model held sparse at rest (:class:`~.stream.StreamModel`). The least memory — for the
+  model held sparse at rest (:class:`~.stream_model.StreamModel`). The least memory — for the
   smallest boards.
 * ``lean`` (:mod:`.lean`): perturbs the model in place, one direction at a time, and restores
   the saved kept values by copy. Runs any model (the fallback).
@@ -25,7 +25,7 @@ from fedzo_flwr.zo.engines.base import Engine, LossDifferences, LossFn, batch_lo
 from fedzo_flwr.zo.engines.batched import batched_engine
 from fedzo_flwr.zo.engines.fused import UnsupportedModel, fused_engine
 from fedzo_flwr.zo.engines.lean import lean_engine
-from fedzo_flwr.zo.engines.stream import StreamModel, stream_engine
+from fedzo_flwr.zo.engines.stream_model import StreamModel, stream_engine
 
 __all__ = [
     "ENGINES",

@@ -12,17 +12,26 @@ a direction is never held whole. The perturbed values are computed exactly as th
 
 The weights at rest come from one of two places:
 
-* a plain model (what the ClientApp holds; :func:`stream_engine` with any ``nn.Module``): its
-  own parameters, read only, with the KeptSpace's index tables. The step adds the scratch
-  buffer, one direction block and one layer's kept values, and the activations;
-* a :class:`StreamModel`: the model held **sparse at rest**, the kept coordinates as one flat
-  float32 vector (what the wire carries) and each partly pruned tensor's mask as a packed
-  bitmap (1 bit per weight, :mod:`fedzo_flwr.sparse.packed`); no dense weight tensor exists
-  between layers, in inference as in training.
+* a plain model (what a dense client holds; :func:`~.stream_model.stream_engine` with any
+  ``nn.Module``): its own parameters, read only, with the KeptSpace's index tables. The step adds
+  the scratch buffer, one direction block and one layer's kept values, and the activations;
+* a :class:`~.stream_model.StreamModel`: the model held **sparse at rest**, the kept coordinates
+  as one flat float32 vector (what the wire carries) and each partly pruned tensor's mask as a
+  packed bitmap (1 bit per weight, :mod:`fedzo_flwr.sparse.packed`); no dense weight tensor
+  exists between layers, in inference as in training. A ``stream`` ClientApp builds one straight
+  from the received kept values and mask bitmap (:func:`fedzo_flwr.zo.client.stream_model`).
 
 The batch can be evaluated in **micro-batches** (``micro_batch`` examples per forward pass) to
 cap the activations: see :func:`stream_loss_differences`. Each forward pass regenerates the
 blocks it needs, so micro-batching multiplies the direction draws (not the memory).
+
+The scalars equal the ``lean`` engine's within float rounding: on the whole batch the perturbed
+weights are bit-identical and only the convolution kernels' blocking (a weight in a scratch
+view instead of a parameter) can move the float32 logits by a few ulps; micro-batches add the
+rounding of a sum of partial means (:func:`micro_batch_loss`). The documented tolerance, held by
+``tests/test_stream_engine.py`` and ``tests/test_stream_client.py`` (through the ClientApp):
+``|Δ_stream - Δ_lean| <= 1e-6 + 1e-4 |Δ_lean|`` per direction (:data:`DELTA_RTOL`,
+:data:`DELTA_ATOL`), far below the differences themselves (``~σ|∇L·u|``).
 
 Supported: models whose perturbed parameters all belong to leaf layers of
 :data:`STREAM_LAYERS` that use them only inside their own call, each parameter owned by one
@@ -41,7 +50,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedzo_flwr.sparse.packed import bitmap_bytes, pack_bits, unpack_bits
+from fedzo_flwr.sparse.layout import PackedLayout
+from fedzo_flwr.sparse.packed import bitmap_bytes, unpack_bits
 from fedzo_flwr.sparse.space import KeptSpace
 from fedzo_flwr.zo.directions import DirectionGenerator
 from fedzo_flwr.zo.engines.base import LossDifferences, batch_loss
@@ -49,14 +59,20 @@ from fedzo_flwr.zo.engines.fused.stacked import UnsupportedModel
 from fedzo_flwr.zo.settings import ZOSettings
 
 __all__ = [
+    "DELTA_ATOL",
+    "DELTA_RTOL",
     "STREAM_LAYERS",
     "UNPACK_BYTES",
-    "StreamModel",
     "micro_batch_loss",
-    "stream_engine",
     "stream_loss_differences",
     "stream_workspace_bytes",
 ]
+
+DELTA_RTOL = 1e-4
+"""Relative tolerance of a stream loss difference against the lean engine's (module docstring)."""
+
+DELTA_ATOL = 1e-6
+"""Absolute tolerance of a stream loss difference against the lean engine's."""
 
 STREAM_LAYERS: tuple[type[nn.Module], ...] = (
     nn.Conv1d,
@@ -90,8 +106,16 @@ class _Slot:
     bitmap: torch.Tensor | None = None  # StreamModel source: packed mask (None = all kept)
 
 
-def _slots(model: nn.Module, space: KeptSpace) -> list[_Slot]:
-    """The perturbed tensors of ``model``, or :class:`UnsupportedModel`."""
+def _slots(
+    model: nn.Module,
+    layout: KeptSpace | PackedLayout,
+    indices: list[torch.Tensor | None] | None = None,
+) -> list[_Slot]:
+    """The perturbed tensors of ``model`` in ``layout``'s order, or :class:`UnsupportedModel`.
+
+    ``indices``: the plain-model source's kept flat indices per tensor (``None``: a
+    StreamModel, which reads bitmaps instead).
+    """
     modules = dict(model.named_modules())
     owners: dict[int, int] = {}
     for owner in model.modules():
@@ -100,8 +124,9 @@ def _slots(model: nn.Module, space: KeptSpace) -> list[_Slot]:
                 owners[id(p)] = owners.get(id(p), 0) + 1
     slots = []
     offset = 0
-    for t, (name, shape, idx, size) in enumerate(
-        zip(space.names, space.shapes, space.indices, space.sizes, strict=True)
+    idx = indices if indices is not None else [None] * len(layout.names)
+    for t, (name, shape, index, size) in enumerate(
+        zip(layout.names, layout.shapes, idx, layout.sizes, strict=True)
     ):
         path, _, attr = name.rpartition(".")
         module = modules.get(path)
@@ -111,7 +136,9 @@ def _slots(model: nn.Module, space: KeptSpace) -> list[_Slot]:
         param = module._parameters.get(attr)
         if param is None or owners.get(id(param), 0) != 1:
             raise UnsupportedModel(f"the stream engine needs {name!r} owned by one layer")
-        slots.append(_Slot(t, module, attr, shape, shape.numel(), size, offset, idx))
+        if param.shape != shape:
+            raise UnsupportedModel(f"{name!r} has shape {tuple(param.shape)}, not {tuple(shape)}")
+        slots.append(_Slot(t, module, attr, shape, shape.numel(), size, offset, index))
         offset += size
     return slots
 
@@ -308,130 +335,16 @@ def stream_loss_differences(
     return LossDifferences(deltas.astype(np.float32), base, settings.forward_passes)
 
 
-class StreamModel(nn.Module):
-    """A model held sparse at rest: the kept coordinates and packed bitmaps, no dense weights.
-
-    Built from a model and its KeptSpace, it **takes the model over**: every perturbed
-    parameter is removed from it (only frozen parameters and buffers stay), its kept
-    coordinates are kept as one flat float32 vector in KeptSpace order (:attr:`values`, what
-    the wire carries) and the mask of each partly pruned tensor as a packed bitmap (1 bit per
-    weight). Calling it runs sparse inference; :meth:`loss_differences` a stream step. Both
-    materialise one layer at a time into a scratch buffer that exists only during the call.
-
-    Parameters
-    ----------
-    model : nn.Module
-        The masked model (its pruned weights 0); emptied of its perturbed parameters.
-    space : KeptSpace
-        Its coordinates; not referenced afterwards (the client can drop it).
-
-    Raises
-    ------
-    UnsupportedModel
-        If a perturbed parameter is not owned by one layer of :data:`STREAM_LAYERS`.
-    """
-
-    values: torch.Tensor
-
-    def __init__(self, model: nn.Module, space: KeptSpace) -> None:
-        super().__init__()
-        slots = _slots(model, space)
-        values = space.gather(model)
-        for slot, idx in zip(slots, space.indices, strict=True):
-            name = space.names[slot.tensor]
-            slot.bitmap = None if idx is None else pack_bits(space.mask[name])
-            slot.index = None
-            del slot.module._parameters[slot.attr]
-            slot.module.__dict__[slot.attr] = None  # set by the hook during a forward pass
-        self.module = model
-        self.sizes: tuple[int, ...] = tuple(space.sizes)
-        self.names: tuple[str, ...] = tuple(space.names)
-        self.register_buffer("values", values)
-        self._streamer = _Streamer(slots, values)
-        for m in self._streamer.modules.values():
-            m.register_forward_pre_hook(self._streamer.hook)
-
-    @property
-    def dim(self) -> int:
-        """Number of kept coordinates."""
-        return sum(self.sizes)
-
-    def at_rest_bytes(self) -> dict[str, int]:
-        """Bytes held between steps: kept values, bitmaps, and frozen parameters and buffers."""
-        bitmaps = sum(int(s.bitmap.numel()) for s in self._streamer.slots if s.bitmap is not None)
-        others = sum(t.numel() * t.element_size() for t in self.module.parameters())
-        others += sum(
-            t.numel() * t.element_size() for n, t in self.named_buffers() if n != "values"
-        )
-        return {"values": 4 * self.dim, "bitmaps": bitmaps, "other": others}
-
-    @torch.no_grad()
-    def load_values_(self, values: torch.Tensor) -> None:
-        """Take new kept coordinates (a round's global weights, ``(dim,)`` float32)."""
-        if values.shape != (self.dim,):
-            raise ValueError(f"values must have shape ({self.dim},), got {tuple(values.shape)}")
-        self.values.copy_(values)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Sparse inference: the model's output under the stored weights."""
-        with self._streamer.buffers():
-            out: torch.Tensor = self.module(x)
-        return out
-
-    def loss_differences(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        generator: DirectionGenerator,
-        settings: ZOSettings,
-        micro_batch: int = 0,
-    ) -> LossDifferences:
-        """One stream step (see :func:`stream_loss_differences`)."""
-        if generator.sizes != self.sizes:
-            raise ValueError("the generator's layout is not this model's (use model.sizes)")
-        with torch.no_grad():
-            return stream_loss_differences(
-                self.module, self._streamer, x, y, generator, settings, micro_batch
-            )
-
-
 def stream_workspace_bytes(model: nn.Module, space: KeptSpace, packed: bool) -> int:
     """Bytes of the buffers a stream step allocates (scratch, block, kept values, bitmap piece).
 
-    ``packed``: the model is a :class:`StreamModel` (unpacks bitmaps); else a plain model.
+    ``packed``: the model is a :class:`~.stream_model.StreamModel` (unpacks bitmaps); else a
+    plain model.
     """
-    slots = _slots(model, space)
+    slots = _slots(model, space, None if packed else space.indices)
     if packed:
-        for slot in slots:
-            if slot.index is not None:
+        for slot, idx in zip(slots, space.indices, strict=True):
+            if idx is not None:
                 slot.bitmap = torch.empty(0, dtype=torch.uint8)
     scratch, block, values, bits = _Streamer(slots, None if not packed else torch.empty(0)).sizes()
     return 4 * (scratch + block + values) + bits
-
-
-@torch.no_grad()
-def stream_engine(
-    model: nn.Module,
-    space: KeptSpace,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    generator: DirectionGenerator,
-    settings: ZOSettings,
-    *,
-    chunk_size: int | None = None,
-    memory_budget_mb: float | None = None,
-    micro_batch: int = 0,
-) -> LossDifferences:
-    """The K loss differences, one layer's weights at a time (``chunk_size``, budget: unused).
-
-    ``model`` is a plain model (its parameters are read, never written) or a
-    :class:`StreamModel`. ``micro_batch`` examples per forward pass (0: the whole batch).
-    """
-    del chunk_size, memory_budget_mb  # one direction, one layer at a time: nothing to size
-    if isinstance(model, StreamModel):
-        if tuple(space.sizes) != model.sizes:
-            raise ValueError("space does not match the StreamModel's layout")
-        return model.loss_differences(x, y, generator, settings, micro_batch)
-    streamer = _Streamer(_slots(model, space))
-    with streamer.attached(detach_parameters=True):
-        return stream_loss_differences(model, streamer, x, y, generator, settings, micro_batch)
