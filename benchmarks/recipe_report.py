@@ -63,16 +63,25 @@ def cost_ratio(summary: dict[str, Any], cand: dict[str, Any]) -> float:
     """A candidate's time per round over the default's.
 
     1 when it runs the default's model and K (the same forward passes per round: the other
-    keys change only the server's step); otherwise its screen run's in-process time per round
-    over the baseline's screen run (the two ran in the same stage).
+    keys change only the server's step); otherwise the ratio of the median seconds per round
+    of its timing run and of the baseline's run beside it (the timing stage: both at once,
+    under the same load).
     """
-    if not {"k", "model", "batch-size", "fd"} & set(cand["keys"]):
+    changed = {"k", "model"} & set(cand["keys"])
+    if not changed:
         return 1.0
-    screen = {r["name"]: r for r in summary["stages"].get("screen", [])}
-    own = screen.get(cand["name"])
-    if own is None or "baseline" not in screen:
-        raise ValueError(f"no screen timing for {cand['name']}")
-    return float(own["round_seconds_mean"] / screen["baseline"]["round_seconds_mean"])
+    timing = {r["name"]: r for r in summary["stages"].get("timing", [])}
+    # The timing run of the screen candidate with the same work per round.
+    same = [
+        r
+        for r in timing.values()
+        if r.get("timing_of") != "baseline"
+        and all(r["keys"].get(k) == cand["keys"].get(k) for k in changed)
+    ]
+    if not same or f"baseline-vs-{same[0]['name']}" not in timing:
+        raise ValueError(f"no timing run for {cand['name']} ({', '.join(sorted(changed))})")
+    base = timing[f"baseline-vs-{same[0]['name']}"]
+    return float(same[0]["round_seconds_median"] / base["round_seconds_median"])
 
 
 def decide(summary: dict[str, Any]) -> dict[str, Any] | None:
@@ -160,16 +169,27 @@ def _screen_section(summary: dict[str, Any]) -> list[str]:
         out.append(f"* {len(group)} of {len(singles)} single changes {label}: {names or 'none'}.")
     for row in screen:
         if "fixed_rounds" in row:
-            ratio = row["round_seconds_mean"] / base["round_seconds_mean"]
-            fit = int(info["screen_rounds"] / ratio)
+            try:
+                ratio = cost_ratio(summary, row)
+            except ValueError:
+                continue
+            fit, _ = budget_rounds(summary, row)
             out.append(
-                f"* {row['name']} ran {row['rounds']} rounds to time it: a round costs "
-                f"{ratio:.1f}x the baseline's ({row['round_seconds_mean']:.1f} s against "
-                f"{base['round_seconds_mean']:.1f} s, measured side by side), so in the time the "
-                f"baseline takes for {info['screen_rounds']} rounds it would run {fit}; it is "
-                "not combined or run at full length."
+                f"* {row['name']} ran {row['rounds']} rounds only: a round costs {ratio:.1f}x "
+                f"the baseline's (timing stage), so in the time the baseline takes for "
+                f"{info['screen_rounds']} rounds it would run {int(info['screen_rounds'] / ratio)}"
+                f", and about {fit} rounds fit the {info['time_budget_s'] / 60:.0f}-minute "
+                "budget end to end; it is not combined or run at full length."
             )
-    ran = {r["name"] for r in screen}
+    recipe = info.get("baseline_recipe", {})
+    if recipe.get("optimizer") == "adam":
+        out.append(
+            f"* The baseline's Adam already has beta2 = {recipe.get('adam-beta2')} "
+            f"(beta1 {recipe.get('adam-beta1')}); BAFFLE uses 0.99, so that part of its recipe "
+            "is not a change here."
+        )
+    timed = {r["name"] for r in summary["stages"].get("timing", [])}
+    ran = {r["name"] for r in screen} | timed
     missing = [n for n in info.get("screen_candidates", []) if n not in ran]
     if missing:
         out.append(f"* Not run for lack of CPU time on the shared machine: {', '.join(missing)}.")
@@ -214,6 +234,35 @@ def _combos_section(summary: dict[str, Any]) -> list[str]:
     return out
 
 
+def _timing_section(summary: dict[str, Any]) -> list[str]:
+    timing = summary["stages"].get("timing", [])
+    pairs = [r for r in timing if r.get("timing_of") != "baseline"]
+    if not pairs:
+        return []
+    by_name = {r["name"]: r for r in timing}
+    out = [
+        "## Time per round",
+        "",
+        f"Candidates that change the work of a round (K, the model) ran "
+        f"{summary['info'].get('timing_rounds', '?')} rounds side by side with the baseline, "
+        "so both saw the same load; *ratio*: median seconds per round over the baseline's.",
+        "",
+        "| candidate | keys | its s / round | baseline beside it | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for row in pairs:
+        base = by_name.get(f"baseline-vs-{row['name']}")
+        if base is None:
+            continue
+        ratio = row["round_seconds_median"] / base["round_seconds_median"]
+        out.append(
+            f"| {row['name']} | {keys_text(row['keys'])} | {row['round_seconds_median']:.2f} | "
+            f"{base['round_seconds_median']:.2f} | {ratio:.2f} |"
+        )
+    out.append("")
+    return out
+
+
 def _full_section(summary: dict[str, Any]) -> list[str]:
     info = summary["info"]
     full = summary["stages"].get("full", [])
@@ -222,6 +271,9 @@ def _full_section(summary: dict[str, Any]) -> list[str]:
     budget = info["time_budget_s"]
     out = [
         f"## 3. Full length: {info['full_rounds']} rounds",
+        "",
+        f"Run at full length: the baseline and {info.get('full_choice', '?')} (a candidate with "
+        "K directions again runs 200 / K times the rounds).",
         "",
         f"The time budget is {budget / 60:.0f} minutes end to end (`flwr run`, "
         f"{info.get('e2e_clients', 10)} simulated clients, this 2-core machine). *Rounds in "
@@ -338,6 +390,7 @@ def write_report(path: Path, summary: dict[str, Any], json_path: Path) -> None:
         "",
         *_screen_section(summary),
         *_combos_section(summary),
+        *_timing_section(summary),
     ]
     lines += _full_section(summary)
     lines += _decision(summary)

@@ -196,6 +196,24 @@ def full_candidates(ranked: list[Candidate], top: int) -> list[Candidate]:
     return chosen
 
 
+def timing_pairs(screen: list[Candidate]) -> list[list[Candidate]]:
+    """Pairs run side by side to time a candidate that changes the work of a round.
+
+    ``[baseline, candidate]`` for every screen candidate that changes the model or K, so the
+    ratio of their seconds per round is taken under the same load.
+    """
+    pairs = []
+    for cand in screen:
+        if {"k", "model"} & set(cand["keys"]):
+            pairs.append(
+                [
+                    {"name": f"baseline-vs-{cand['name']}", "keys": {}, "timing_of": "baseline"},
+                    {"name": cand["name"], "keys": dict(cand["keys"]), "timing_of": cand["name"]},
+                ]
+            )
+    return pairs
+
+
 def rounds_of(cand: Candidate, scale: int) -> int:
     """Rounds of a candidate at ``scale``: its ``fixed_rounds``, else ``scale * BASE_K / K``."""
     if "fixed_rounds" in cand:
@@ -283,7 +301,9 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     """What the sweep keeps of a run's ``results.json``."""
     curve = [[r["round"], r["accuracy"]] for r in results["rounds"] if "accuracy" in r]
     round_s = [r["round_seconds"] for r in results["rounds"] if "round_seconds" in r]
+    ordered = sorted(round_s)
     return {
+        "round_seconds_median": ordered[len(ordered) // 2],
         "curve": curve,
         "final_acc": curve[-1][1],
         "best_acc": max(acc for _, acc in curve),
@@ -445,9 +465,33 @@ def baseline_text() -> str:
     )
 
 
+def merge_summaries(disk: dict[str, Any], mine: dict[str, Any]) -> dict[str, Any]:
+    """``mine`` merged into ``disk`` (two sweeps, e.g. two stages, may share one JSON file).
+
+    A run's row never changes once written, so rows are united by name per stage (``mine``
+    wins on a tie); ``info`` is merged key by key, its ``load`` record stage by stage.
+    """
+    stages: dict[str, list[Candidate]] = {}
+    for stage in {*disk.get("stages", {}), *mine.get("stages", {})}:
+        rows = {r["name"]: r for r in disk.get("stages", {}).get(stage, [])}
+        rows.update({r["name"]: r for r in mine.get("stages", {}).get(stage, [])})
+        stages[stage] = list(rows.values())
+    info = {**disk.get("info", {}), **mine.get("info", {})}
+    info["load"] = {**disk.get("info", {}).get("load", {}), **mine.get("info", {}).get("load", {})}
+    e2e = {e["name"]: e for e in disk.get("e2e", [])}
+    e2e.update({e["name"]: e for e in mine.get("e2e", [])})
+    return {"info": info, "stages": stages, "e2e": list(e2e.values())}
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", choices=("screen", "combos", "full", "all"), default="all")
+    parser.add_argument(
+        "--stage", choices=("screen", "combos", "full", "timing", "all"), default="all"
+    )
+    parser.add_argument("--timing-rounds", type=int, default=8)
+    parser.add_argument(
+        "--full", nargs="+", default=None, help="screen or combo candidates for the full stage"
+    )
     parser.add_argument("--screen-rounds", type=int, default=100)
     parser.add_argument("--full-rounds", type=int, default=450)
     parser.add_argument("--gn-rounds", type=int, default=3, help="lenet-gn: timing only")
@@ -500,9 +544,22 @@ def main() -> int:
     )
 
     def save() -> None:
+        merged = merge_summaries(
+            json.loads(args.json.read_text()) if args.json.is_file() else {}, summary
+        )
+        summary.update(merged)
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2))
+        partial = args.json.with_suffix(".json.partial")
+        partial.write_text(json.dumps(summary, indent=2))
+        os.replace(partial, args.json)
 
+    # What the report names: the candidate list and the baseline it changes (code, not runs).
+    summary.setdefault("info", {}).update(
+        {
+            "screen_candidates": [c["name"] for c in screen_candidates(args.gn_rounds)],
+            "baseline_recipe": BASELINE_RECIPE,
+        }
+    )
     if args.report_only:
         write_report(args.report, summary, args.json)
         print(f"# rebuilt {args.report} from {args.json}")
@@ -543,11 +600,10 @@ def main() -> int:
             },
         }
     )
-    if args.stage in ("screen", "all"):
-        info["screen_candidates"] = [c["name"] for c in screen_candidates(args.gn_rounds)]
-    info.setdefault("load", {})[args.stage] = {"before": load_average()}
+    load_key = f"{args.stage}: {', '.join(args.only)}" if args.only else args.stage
+    info.setdefault("load", {})[load_key] = {"before": load_average()}
     started = time.perf_counter()
-    stages = ("screen", "combos", "full") if args.stage == "all" else (args.stage,)
+    stages = ("screen", "combos", "full", "timing") if args.stage == "all" else (args.stage,)
     if "screen" in stages:
         run_stage(
             "screen", screen_candidates(args.gn_rounds), args.screen_rounds, args, summary, save
@@ -561,8 +617,20 @@ def main() -> int:
         run_stage("dense", dense_candidates(best), args.screen_rounds, args, summary, save)
     if "full" in stages:
         ranked = summary["stages"]["screen"] + summary["stages"].get("combos", [])
-        run_stage("full", full_candidates(ranked, args.top), args.full_rounds, args, summary, save)
-    info["load"][args.stage].update(
+        if args.full:
+            ranked = [c for c in ranked if c["name"] in args.full]
+            info["full_choice"] = f"named: {', '.join(args.full)}"
+        else:
+            info["full_choice"] = f"the {args.top} best scores"
+        top = len(ranked) if args.full else args.top
+        run_stage("full", full_candidates(ranked, top), args.full_rounds, args, summary, save)
+    if args.stage in ("timing", "all"):
+        info["timing_rounds"] = args.timing_rounds
+        for pair in timing_pairs(screen_candidates(args.gn_rounds)):
+            for cand in pair:
+                cand["fixed_rounds"] = args.timing_rounds
+            run_stage("timing", pair, args.timing_rounds, args, summary, save)
+    info["load"][load_key].update(
         {"after": load_average(), "seconds": time.perf_counter() - started}
     )
     save()

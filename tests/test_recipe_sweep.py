@@ -139,7 +139,21 @@ def test_budget_rounds_from_the_reference_run_and_the_cost_ratio():
         518,
         "extrapolated",
     )
-    assert cost_ratio(summary, {"name": "k-100", "keys": {"k": 100}}) == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="no timing run"):
+        cost_ratio(summary, {"name": "k-100", "keys": {"k": 100}})
+    summary["stages"]["timing"] = [
+        {
+            "name": "baseline-vs-k-100",
+            "keys": {},
+            "timing_of": "baseline",
+            "round_seconds_median": 2.0,
+        },
+        {"name": "k-100", "keys": {"k": 100}, "timing_of": "k-100", "round_seconds_median": 1.2},
+    ]
+    # Another candidate with the same K (a combination) is timed by the k-100 pair.
+    combo = {"name": "k-100+ema", "keys": {"k": 100, "ema": 0.9}}
+    assert cost_ratio(summary, combo) == pytest.approx(0.6)
+    assert budget_rounds(summary, combo) == (863, "extrapolated")  # 570 / (1.1 * 0.6)
     summary["e2e"] = [
         {"name": "ema-0.95", "wall_seconds": 500.0, "startup_seconds": 50.0, "rounds": 450}
     ]
