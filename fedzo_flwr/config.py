@@ -133,9 +133,14 @@ class RunConfig(BaseModel):
     optimizer: Literal["sgd", "momentum", "adam"] = "adam"
     lr: float = Field(0.01, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.99, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     clip: float = Field(0.0, ge=0)
+    clip_scope: Literal["round", "client"] = "round"
     ema: float = Field(0.0, ge=0, lt=1)
+    warmup_rounds: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     # Pruning before round 1: on the server (data-free) or federated (ntk-local, snip).
     prune_method: Literal["ntk", "ntk-local", "snip", "synflow", "magnitude", "random"] = "ntk"
     density: float = Field(0.1, gt=0, le=1)
@@ -273,6 +278,29 @@ class RunConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _client_clip_needs_mean_aggregation(self) -> RunConfig:
+        # Robust aggregation combines the clients' scalars direction by direction before any
+        # estimate exists, so there is no per-client estimate left to clip.
+        if self.clip_scope == "client" and self.aggregation != "mean":
+            raise ValueError(
+                f"keys 'clip-scope' and 'aggregation': clip-scope='client' clips each client's "
+                f"estimate, and aggregation={self.aggregation!r} merges the clients' scalars "
+                "before any estimate exists; use aggregation='mean' or clip-scope='round'"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _cosine_needs_rounds_after_warmup(self) -> RunConfig:
+        if self.lr_schedule == "cosine" and self.warmup_rounds >= self.num_server_rounds:
+            raise ValueError(
+                f"keys 'lr-schedule', 'warmup-rounds' and 'num-server-rounds': the cosine decay "
+                f"runs after the warm-up, and warmup-rounds={self.warmup_rounds} leaves none of "
+                f"the {self.num_server_rounds} rounds; lower warmup-rounds or use "
+                "lr-schedule='constant'"
+            )
+        return self
+
     @property
     def progressive(self) -> bool:
         """Whether the method is backprop progressive training (``smartfreeze`` or ``profl``)."""
@@ -333,9 +361,14 @@ class RunConfig(BaseModel):
 
         Bookkeeping keys (rounds, evaluation, paths, threads, timeouts) may differ between a
         checkpointed run and its resumption; every other key must match for a bit-exact resume.
+        Under ``lr-schedule = cosine`` the number of rounds is the schedule's horizon, so
+        ``num-server-rounds`` must match too.
         """
         mine, theirs = self.to_run_config(), other.to_run_config()
-        return sorted(k for k in mine if k not in BOOKKEEPING_KEYS and mine[k] != theirs.get(k))
+        free = BOOKKEEPING_KEYS
+        if "cosine" in (self.lr_schedule, other.lr_schedule):
+            free = free - {"num-server-rounds"}
+        return sorted(k for k in mine if k not in free and mine[k] != theirs.get(k))
 
     def to_run_config(self) -> dict[str, Any]:
         """The kebab-case dict form (what ``results.json`` records)."""

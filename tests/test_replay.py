@@ -52,8 +52,34 @@ def fake_updates(server: ZOServer, server_round: int, clients: int) -> list[Clie
         {"optimizer": "momentum", "lr": 0.05, "weight-decay": 5e-4},
         {"optimizer": "adam", "clip": 0.3, "ema": 0.99},
         {"optimizer": "adam", "seed-mode": "per-client", "local-steps": 2},
+        {
+            "optimizer": "adam",
+            "adam-beta1": 0.8,
+            "adam-beta2": 0.95,
+            "weight-decay": 5e-4,
+            "warmup-rounds": 8,
+            "lr-schedule": "cosine",
+            "num-server-rounds": 30,
+        },
+        {"optimizer": "adam", "clip": 0.05, "clip-scope": "client", "ema": 0.99},
+        {
+            "optimizer": "momentum",
+            "clip": 0.05,
+            "clip-scope": "client",
+            "seed-mode": "per-client",
+            "local-steps": 2,
+            "warmup-rounds": 5,
+        },
     ],
-    ids=["sgd", "momentum-wd", "adam-clip-ema", "adam-per-client-2-steps"],
+    ids=[
+        "sgd",
+        "momentum-wd",
+        "adam-clip-ema",
+        "adam-per-client-2-steps",
+        "adam-betas-warmup-cosine",
+        "adam-client-clip-ema",
+        "momentum-client-clip-per-client-warmup",
+    ],
 )
 def test_replaying_client_stays_bit_identical_over_30_rounds(overrides):
     server = make_server(**overrides)
@@ -65,6 +91,8 @@ def test_replaying_client_stays_bit_identical_over_30_rounds(overrides):
         server.apply_round(fake_updates(server, server_round, clients=4), server_round)
         update = server.last_update
         assert update is not None and update.server_round == server_round
+        if server.cfg.clip_scope == "client":  # every client's estimate clipped on its own
+            assert len(update.groups) == 4
         assert client.apply(update), f"hash mismatch in round {server_round}"
         assert torch.equal(client.weights, server.kept_values()), server_round
     assert update.kept_hash == kept_hash(server.kept_values())

@@ -80,8 +80,19 @@ def trajectory(results):
         {"optimizer": "sgd", "lr": 0.05},
         {"optimizer": "momentum", "lr": 0.02},
         {"optimizer": "adam"},
+        {
+            "optimizer": "adam",
+            "adam-beta1": 0.8,
+            "adam-beta2": 0.95,
+            "weight-decay": 5e-4,
+            "clip": 0.05,
+            "clip-scope": "client",
+            "ema": 0.9,
+            "warmup-rounds": 5,
+            "lr-schedule": "cosine",
+        },
     ],
-    ids=["sgd", "momentum", "adam"],
+    ids=["sgd", "momentum", "adam", "adam-recipe-knobs"],
 )
 def test_every_node_holds_the_servers_weights_after_every_round(tmp_path, data_dir, optimizer):
     rounds = {"num-server-rounds": 32, **optimizer}

@@ -95,6 +95,36 @@ def gradient_from_coefficients(
     return grad.to(torch.float32)
 
 
+def gradients_from_coefficients(
+    sizes: Sequence[int],
+    seed: int,
+    coefficients: np.ndarray,
+    directions: str,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> torch.Tensor:
+    """``Σ_k C[i, k] u_k`` for every row ``i`` of ``coefficients`` (shape ``(rows, K)``).
+
+    Several clients' estimates over the same directions (per-client clipping): the directions
+    of ``seed`` are generated once for all rows. Returns float32 ``(rows, sum(sizes))``,
+    accumulated in float64 over blocks like :func:`gradient_from_coefficients` (whose single
+    row it matches up to float32 rounding: a matrix product may sum in another order).
+    """
+    coeffs32 = torch.from_numpy(np.ascontiguousarray(coefficients, dtype=np.float32))
+    if coeffs32.ndim != 2:
+        raise ValueError(f"coefficients must be 2-d (rows, K), got shape {tuple(coeffs32.shape)}")
+    k = int(coeffs32.shape[1])
+    generator = DirectionGenerator(sizes, seed, directions)
+    dim = generator.dim
+    rows = max(1, min(k, block_bytes // (4 * dim)))
+    buffer = torch.empty(rows, dim, dtype=torch.float32)
+    grads = torch.zeros(coeffs32.shape[0], dim, dtype=torch.float64)
+    for start in range(0, k, rows):
+        stop = min(start + rows, k)
+        block = generator.block(start, stop, out=buffer)
+        grads += (coeffs32[:, start:stop] @ block).to(torch.float64)
+    return grads.to(torch.float32)
+
+
 AGGREGATIONS: tuple[str, ...] = ("mean", "trimmed-mean", "median")
 
 

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedzo_flwr.zo.reconstruct import gradient_from_coefficients
-from fedzo_flwr.zo.server_optimizer import OptimizerSettings, ServerOptimizer
+from fedzo_flwr.zo.reconstruct import gradient_from_coefficients, gradients_from_coefficients
+from fedzo_flwr.zo.server_optimizer import OptimizerSettings, ServerOptimizer, clip_
 from fedzo_flwr.zo.settings import ZOSettings
 
 HASH_HEX_DIGITS = 16
@@ -82,13 +82,21 @@ class RoundUpdate:
 
 
 def round_gradient(
-    sizes: Sequence[int], groups: Sequence[SeedGroup], settings: ZOSettings
+    sizes: Sequence[int],
+    groups: Sequence[SeedGroup],
+    settings: ZOSettings,
+    clip: float = 0.0,
+    clip_norm: str = "inf",
 ) -> torch.Tensor:
     """The round's gradient estimate: ``Σ_groups share · Σ_steps Σ_k c_k u_k`` (float32).
 
-    ``sizes`` is the direction layout (``KeptSpace.sizes``). The one implementation both the
-    server's step and a replaying client use.
+    ``sizes`` is the direction layout (``KeptSpace.sizes``). With ``clip > 0`` every group's
+    estimate (one client's, under ``clip-scope = client``) is rescaled to ``clip_norm`` norm at
+    most ``clip`` before it is weighted by its share (:func:`clipped_round_gradient`). The one
+    implementation both the server's step and a replaying client use.
     """
+    if clip > 0:
+        return clipped_round_gradient(sizes, groups, settings, clip, clip_norm)
     dim = sum(sizes)
     grad = torch.zeros(dim, dtype=torch.float32)
     for group in groups:
@@ -96,6 +104,38 @@ def round_gradient(
         for seed, coefficients in zip(group.seeds, group.coefficients, strict=True):
             total += gradient_from_coefficients(sizes, seed, coefficients, settings.directions)
         grad += group.share * total
+    return grad
+
+
+def clipped_round_gradient(
+    sizes: Sequence[int],
+    groups: Sequence[SeedGroup],
+    settings: ZOSettings,
+    clip: float,
+    clip_norm: str = "inf",
+) -> torch.Tensor:
+    """``Σ_groups share · clip(Σ_steps Σ_k c_k u_k)`` (float32), each group clipped alone.
+
+    Groups with the same seeds (clients of ``seed-mode = shared``) are reconstructed together,
+    so each step's directions are generated once per round, not once per client
+    (:func:`~fedzo_flwr.zo.reconstruct.gradients_from_coefficients`). The shares are then added
+    in the groups' order.
+    """
+    dim = sum(sizes)
+    by_seeds: dict[tuple[int, ...], list[int]] = {}
+    for index, group in enumerate(groups):
+        by_seeds.setdefault(group.seeds, []).append(index)
+    totals: dict[int, torch.Tensor] = {}
+    for seeds, members in by_seeds.items():
+        block = torch.zeros(len(members), dim, dtype=torch.float32)
+        for step, seed in enumerate(seeds):
+            rows = np.stack([groups[i].coefficients[step] for i in members])
+            block += gradients_from_coefficients(sizes, seed, rows, settings.directions)
+        for row, index in enumerate(members):
+            totals[index] = clip_(block[row], clip, clip_norm)
+    grad = torch.zeros(dim, dtype=torch.float32)
+    for index, group in enumerate(groups):
+        grad += group.share * totals[index]
     return grad
 
 
@@ -182,7 +222,10 @@ class ReplayState:
 
     def apply(self, update: RoundUpdate) -> bool:
         """Take ``update``'s step; return whether the result matches the server's hash."""
-        grad = round_gradient(self.sizes, update.groups, self.settings)
+        opt = self.optimizer.settings
+        grad = round_gradient(
+            self.sizes, update.groups, self.settings, opt.group_clip, opt.clip_norm
+        )
         self.optimizer.step(grad)
         return kept_hash(self.weights) == update.kept_hash
 

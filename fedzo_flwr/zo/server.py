@@ -104,7 +104,9 @@ class ZOServer:
         step (:class:`fedzo_flwr.zo.replay.ReplayState`).
 
         Updates are processed in partition order so the floating-point sums do not depend on
-        arrival order. Clients with identical seeds are merged before reconstruction.
+        arrival order. Clients with identical seeds are merged before reconstruction, unless
+        each client's estimate is clipped (``clip-scope = client``): then every client is its
+        own group, and the replay downlink carries every client's coefficients.
         """
         if not updates:
             raise ValueError("updates must hold at least one client update")
@@ -122,6 +124,35 @@ class ZOServer:
             )
         )
         total_weight = sum(weight_of.values())
+        opt = self.optimizer.settings
+        seed_groups = (
+            self._client_groups(updates, weight_of, total_weight)
+            if opt.group_clip > 0
+            else self._merged_groups(groups, weight_of, total_weight)
+        )
+        grad = round_gradient(
+            self.space.sizes, seed_groups, self.settings, opt.group_clip, opt.clip_norm
+        )
+        grad_norm = float(torch.linalg.vector_norm(grad))
+        self.optimizer.step(grad)
+        self.space.scatter_(self.model, self.optimizer.weights)
+        self.last_update = RoundUpdate(
+            server_round, tuple(seed_groups), kept_hash(self.optimizer.weights)
+        )
+        if self.cfg.downlink == "replay":
+            self.history.append(self.last_update)
+        train_loss = float(
+            np.average([u.base_loss for u in updates], weights=[u.num_examples for u in updates])
+        )
+        return RoundSummary(len(updates), len(groups), grad_norm, train_loss)
+
+    def _merged_groups(
+        self,
+        groups: dict[tuple[int, ...], list[ClientUpdate]],
+        weight_of: dict[int, float],
+        total_weight: float,
+    ) -> list[SeedGroup]:
+        """One group per distinct seeds: the members' scalars aggregated before reconstruction."""
         seed_groups = []
         for seeds, members in groups.items():
             weights = [weight_of[m.partition_id] for m in members]
@@ -141,19 +172,20 @@ class ZOServer:
                 ]
             )
             seed_groups.append(SeedGroup(sum(weights) / total_weight, seeds, coefficients))
-        grad = round_gradient(self.space.sizes, seed_groups, self.settings)
-        grad_norm = float(torch.linalg.vector_norm(grad))
-        self.optimizer.step(grad)
-        self.space.scatter_(self.model, self.optimizer.weights)
-        self.last_update = RoundUpdate(
-            server_round, tuple(seed_groups), kept_hash(self.optimizer.weights)
-        )
-        if self.cfg.downlink == "replay":
-            self.history.append(self.last_update)
-        train_loss = float(
-            np.average([u.base_loss for u in updates], weights=[u.num_examples for u in updates])
-        )
-        return RoundSummary(len(updates), len(groups), grad_norm, train_loss)
+        return seed_groups
+
+    def _client_groups(
+        self, updates: Sequence[ClientUpdate], weight_of: dict[int, float], total_weight: float
+    ) -> list[SeedGroup]:
+        """One group per client (``clip-scope = client``: each estimate is clipped alone)."""
+        return [
+            SeedGroup(
+                weight_of[u.partition_id] / total_weight,
+                tuple(step.seed for step in u.steps),
+                np.stack([step_coefficients(step.deltas, self.settings) for step in u.steps]),
+            )
+            for u in updates
+        ]
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer state (kept weights, moments, EMA, step count) and the replay history."""

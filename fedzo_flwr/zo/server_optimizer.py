@@ -1,4 +1,11 @@
-"""Server-side optimizer over the kept coordinates: SGD, momentum, Adam, clipping and EMA."""
+"""Server-side optimizer over the kept coordinates: SGD, momentum, Adam, clipping, EMA, schedule.
+
+The learning rate of step ``t`` (1-based, counting optimizer steps, i.e. rounds that produced an
+update) is :meth:`OptimizerSettings.lr_at`: a linear warm-up over the first ``warmup_rounds``
+steps, then constant or a cosine decay to 0 at step ``total_steps``. It is a function of the step
+count alone, which checkpoints and replaying nodes keep, so a resumed run and a replaying node
+take the very same steps.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,8 @@ import torch
 OptimizerName = Literal["sgd", "momentum", "adam"]
 OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "adam")
 CLIP_NORMS: tuple[str, ...] = ("inf", "l2")
+CLIP_SCOPES: tuple[str, ...] = ("round", "client")
+LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -35,9 +44,21 @@ class OptimizerSettings:
         (BAFFLE: inf-norm 0.3). 0 disables clipping.
     clip_norm : {"inf", "l2"}
         Norm used by ``clip``.
+    clip_scope : {"round", "client"}
+        ``round``: :meth:`ServerOptimizer.step` clips the round's aggregated estimate.
+        ``client``: each client's estimate is clipped before aggregation (BAFFLE), by
+        :func:`fedzo_flwr.zo.replay.round_gradient` with :attr:`group_clip`; the optimizer
+        then does not clip again.
     ema_decay : float
         If > 0, keep an exponential moving average of the weights with this decay, updated each
         step, and evaluate with it. 0 disables the EMA.
+    warmup_rounds : int
+        Linear warm-up: step ``t <= warmup_rounds`` uses ``lr * t / warmup_rounds``. 0: none.
+    lr_schedule : {"constant", "cosine"}
+        After the warm-up: ``lr`` throughout, or ``lr * (1 + cos(pi * p)) / 2`` with ``p`` the
+        fraction of the post-warm-up steps done, reaching 0 at step ``total_steps``.
+    total_steps : int
+        The cosine schedule's horizon (the run's rounds); unused by ``constant``.
     """
 
     name: OptimizerName = "adam"
@@ -47,7 +68,11 @@ class OptimizerSettings:
     weight_decay: float = 0.0
     clip: float = 0.0
     clip_norm: str = "inf"
+    clip_scope: str = "round"
     ema_decay: float = 0.0
+    warmup_rounds: int = 0
+    lr_schedule: str = "constant"
+    total_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -66,8 +91,44 @@ class OptimizerSettings:
             raise ValueError(
                 f"clip_norm must be one of {', '.join(CLIP_NORMS)}; got {self.clip_norm!r}"
             )
+        if self.clip_scope not in CLIP_SCOPES:
+            raise ValueError(
+                f"clip_scope must be one of {', '.join(CLIP_SCOPES)}; got {self.clip_scope!r}"
+            )
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1) (0 disables it), got {self.ema_decay}")
+        if self.warmup_rounds < 0:
+            raise ValueError(f"warmup_rounds must be >= 0, got {self.warmup_rounds}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}; got {self.lr_schedule!r}"
+            )
+        if self.lr_schedule == "cosine" and self.total_steps <= self.warmup_rounds:
+            raise ValueError(
+                f"a cosine schedule needs total_steps ({self.total_steps}) > warmup_rounds "
+                f"({self.warmup_rounds})"
+            )
+
+    @property
+    def round_clip(self) -> float:
+        """The clip the optimizer applies to the aggregated estimate (0: none)."""
+        return self.clip if self.clip_scope == "round" else 0.0
+
+    @property
+    def group_clip(self) -> float:
+        """The clip applied to each client's estimate before aggregation (0: none)."""
+        return self.clip if self.clip_scope == "client" else 0.0
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step ``step`` (1-based): warm-up, then the schedule."""
+        if step < 1:
+            raise ValueError(f"step must be >= 1, got {step}")
+        if step <= self.warmup_rounds:
+            return self.lr * step / self.warmup_rounds
+        if self.lr_schedule == "constant":
+            return self.lr
+        progress = min(1.0, (step - self.warmup_rounds) / (self.total_steps - self.warmup_rounds))
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def clip_(grad: torch.Tensor, max_norm: float, norm: str = "inf") -> torch.Tensor:
@@ -121,15 +182,22 @@ class ServerOptimizer:
 
     @torch.no_grad()
     def step(self, grad: torch.Tensor) -> None:
-        """Apply one update with gradient estimate ``grad`` (clipped first if configured)."""
+        """Apply one update with gradient estimate ``grad`` (clipped first if configured).
+
+        The step's learning rate is ``settings.lr_at(steps + 1)``.
+        """
         if grad.shape != self.theta.shape:
             raise ValueError(
                 f"grad has shape {tuple(grad.shape)}, expected {tuple(self.theta.shape)}"
             )
         grad = clip_(
-            grad.detach().clone().to(torch.float32), self.settings.clip, self.settings.clip_norm
+            grad.detach().clone().to(torch.float32),
+            self.settings.round_clip,
+            self.settings.clip_norm,
         )
         self.theta.grad = grad
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.settings.lr_at(self.steps + 1)
         self.optimizer.step()
         self.theta.grad = None
         if self.ema is not None:

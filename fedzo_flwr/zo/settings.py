@@ -86,7 +86,12 @@ def optimizer_settings(cfg: RunConfig) -> OptimizerSettings:
         name=cfg.optimizer,
         lr=cfg.lr,
         momentum=cfg.momentum,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
         weight_decay=cfg.weight_decay,
         clip=cfg.clip,
+        clip_scope=cfg.clip_scope,
         ema_decay=cfg.ema,
+        warmup_rounds=cfg.warmup_rounds,
+        lr_schedule=cfg.lr_schedule,
+        total_steps=cfg.num_server_rounds,
     )

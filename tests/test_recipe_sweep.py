@@ -1,0 +1,176 @@
+"""The recipe sweep's choices and its report, on synthetic results (no runs).
+
+What is checked is the logic the sweep's verdicts rest on: which single changes win and how
+they are combined, the rounds of each candidate, the rounds that fit the time budget, and the
+adoption rule of the default.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+
+from recipe_report import budget_rounds, cost_ratio, decide, write_report  # noqa: E402
+from recipe_sweep import (  # noqa: E402
+    BASELINE_RECIPE,
+    combo_candidates,
+    full_candidates,
+    rounds_of,
+    score,
+    screen_candidates,
+    winners,
+)
+
+
+def row(name, keys, acc, round_s=1.0, **extra):
+    curve = [[r, acc - 0.01 * (100 - r) / 10] for r in range(0, 101, 10)]
+    return {
+        "name": name,
+        "keys": keys,
+        "rounds": 100,
+        "curve": curve,
+        "final_acc": curve[-1][1],
+        "best_acc": max(a for _, a in curve),
+        "score": score(curve),
+        "round_seconds_mean": round_s,
+        "wall_seconds": 100.0,
+        **extra,
+    }
+
+
+SCREEN = [
+    row("baseline", {}, 0.30),
+    row("ema-0.95", {"ema": 0.95}, 0.33),
+    row("lr-0.02", {"lr": 0.02}, 0.32),
+    row("lr-0.005", {"lr": 0.005}, 0.31),  # wins, but the better lr wins the key
+    row("cosine", {"lr-schedule": "cosine"}, 0.302),  # within the margin: not a winner
+    row("sigma-1e-4", {"sigma": 1e-4}, 0.25),
+    row("k-100", {"k": 100}, 0.34, round_s=0.6),
+    row("lenet-gn", {"model": "lenet-gn"}, 0.9, round_s=7.0, fixed_rounds=3),
+]
+
+
+def test_score_is_the_mean_of_the_last_three_evaluations():
+    assert score([[0, 0.1], [10, 0.2], [20, 0.3], [30, 0.4]]) == pytest.approx(0.3)
+
+
+def test_winners_beat_the_margin_keep_one_value_per_key_and_skip_other_scales():
+    names = [c["name"] for c in winners(SCREEN)]
+    assert names == ["k-100", "ema-0.95", "lr-0.02"]  # best first; lr-0.005 lost its key
+
+
+def test_combos_join_all_winners_and_the_best_two():
+    combos = combo_candidates(SCREEN)
+    assert [c["name"] for c in combos] == ["k-100+ema-0.95+lr-0.02", "k-100+ema-0.95"]
+    assert combos[0]["keys"] == {"k": 100, "ema": 0.95, "lr": 0.02}
+    assert combo_candidates(SCREEN[:2]) == []  # one winner: nothing to combine
+
+
+def test_rounds_keep_the_forward_passes_of_the_default():
+    assert rounds_of({"keys": {}}, 150) == 150
+    assert rounds_of({"keys": {"k": 100}}, 150) == 300
+    assert rounds_of({"keys": {"k": 400}}, 150) == 75
+    assert rounds_of({"keys": {"model": "lenet-gn"}, "fixed_rounds": 3}, 150) == 3
+
+
+def test_full_length_takes_the_baseline_and_the_best_pruned_recipes():
+    ranked = [*SCREEN, row("dense-x", {"method": "zo-dense"}, 0.5)]
+    chosen = full_candidates(ranked, top=2)
+    assert [c["name"] for c in chosen] == ["baseline", "k-100", "ema-0.95"]
+
+
+def test_screen_candidates_change_one_thing_from_a_pinned_baseline():
+    cands = screen_candidates(3)
+    assert cands[0] == {"name": "baseline", "keys": {}}
+    assert len({c["name"] for c in cands}) == len(cands)
+    # The baseline is pinned to the pre-sweep default recipe.
+    assert BASELINE_RECIPE["lr"] == 0.01 and BASELINE_RECIPE["lr-schedule"] == "constant"
+
+
+def summary_with_full(base_acc, best_acc):
+    info = {
+        "time_budget_s": 600.0,
+        "reference": {
+            "source": "ref",
+            "wall_seconds": 360.0,
+            "strategy_seconds": 330.0,
+            "rounds": 300,
+        },
+        "screen_rounds": 100,
+        "full_rounds": 450,
+        "eval_every": 10,
+        "score_evals": 3,
+        "win_margin": 0.005,
+    }
+
+    def full_row(name, keys, acc):
+        curve = [[r, acc * r / 450] for r in range(0, 451, 50)]
+        return {
+            **row(name, keys, acc),
+            "rounds": 450,
+            "curve": curve,
+            "final_acc": acc,
+            "best_acc": acc,
+            "score": acc,
+        }
+
+    return {
+        "info": info,
+        "stages": {
+            "screen": SCREEN,
+            "full": [
+                full_row("baseline", {}, base_acc),
+                full_row("ema-0.95", {"ema": 0.95}, best_acc),
+            ],
+        },
+    }
+
+
+def test_budget_rounds_from_the_reference_run_and_the_cost_ratio():
+    summary = summary_with_full(0.36, 0.39)
+    # (600 - 30 s start) / 1.1 s a round = 518 rounds for the default's K.
+    assert budget_rounds(summary, {"name": "ema-0.95", "keys": {"ema": 0.95}}) == (
+        518,
+        "extrapolated",
+    )
+    with pytest.raises(ValueError, match="no timing run"):
+        cost_ratio(summary, {"name": "k-100", "keys": {"k": 100}})
+    summary["stages"]["timing"] = [
+        {
+            "name": "baseline-vs-k-100",
+            "keys": {},
+            "timing_of": "baseline",
+            "round_seconds_median": 2.0,
+        },
+        {"name": "k-100", "keys": {"k": 100}, "timing_of": "k-100", "round_seconds_median": 1.2},
+    ]
+    # Another candidate with the same K (a combination) is timed by the k-100 pair.
+    combo = {"name": "k-100+ema", "keys": {"k": 100, "ema": 0.9}}
+    assert cost_ratio(summary, combo) == pytest.approx(0.6)
+    assert budget_rounds(summary, combo) == (863, "extrapolated")  # 570 / (1.1 * 0.6)
+    summary["e2e"] = [
+        {"name": "ema-0.95", "wall_seconds": 500.0, "startup_seconds": 50.0, "rounds": 450}
+    ]
+    assert budget_rounds(summary, {"name": "ema-0.95", "keys": {}}) == (550, "measured end to end")
+
+
+@pytest.mark.parametrize(
+    ("base", "best", "adopted"),
+    [(0.36, 0.41, True), (0.30, 0.33, True), (0.36, 0.375, False)],
+    ids=["target", "plus-2pp", "too-small"],
+)
+def test_the_default_is_adopted_on_the_target_or_two_points(base, best, adopted, tmp_path):
+    summary = summary_with_full(base, best)
+    decision = decide(summary)
+    assert decision is not None and decision["name"] == "ema-0.95"
+    assert decision["adopted"] is adopted
+    write_report(tmp_path / "recipe.md", summary, tmp_path / "recipe_sweep.json")
+    text = (tmp_path / "recipe.md").read_text()
+    assert ("The default becomes **ema-0.95**" in text) is adopted
+    assert ("Target reached: ema-0.95" in text) is (best >= 0.40)
