@@ -45,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from machine import cpu_model, load_average
+from machine import cpu_model, load_average, machine_info
 from recipe_report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -576,6 +576,7 @@ def main() -> int:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "cpu": cpu_model(),
             "cores": os.cpu_count(),
+            "machine": machine_info(RUN_THREADS),
             "torch_threads": RUN_THREADS,
             "workers": args.workers,
             "clients": args.clients,
