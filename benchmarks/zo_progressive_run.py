@@ -55,12 +55,21 @@ COMMON: dict[str, object] = {
     "checkpoint-every": 0,
     "client-threads": 1,
 }
-ZO: dict[str, object] = {"k": 200, "sigma": 1e-3, "fd": "forward", "local-steps": 1}
-METHODS: dict[str, dict[str, object]] = {
-    "zo-progressive": {"method": "zo-progressive", **ZO, "pace": "fixed"},
-    "zo-pruned": {"method": "zo-pruned", **ZO},
-    "smartfreeze": {"method": "smartfreeze", "pace": "fixed", "local-batches": 1},
-}
+DEFAULT_K = 200
+ZO: dict[str, object] = {"sigma": 1e-3, "fd": "forward", "local-steps": 1}
+"""The zeroth-order keys both ZO rows share (``k`` comes from ``--k``)."""
+METHOD_NAMES: tuple[str, ...] = ("zo-progressive", "zo-pruned", "smartfreeze")
+
+
+def method_keys(name: str, k: int, stage_rounds: int) -> dict[str, object]:
+    """The run-config keys that make method ``name``, with ``k`` directions per ZO step."""
+    zo = {**ZO, "k": k}
+    staged = {"pace": "fixed", "stage-rounds": str(stage_rounds)}
+    return {
+        "zo-progressive": {"method": "zo-progressive", **zo, **staged},
+        "zo-pruned": {"method": "zo-pruned", **zo},
+        "smartfreeze": {"method": "smartfreeze", **staged, "local-batches": 1},
+    }[name]
 
 
 def _mean(values: list[float]) -> float | None:
@@ -76,9 +85,11 @@ def per_stage(trained: list[dict[str, Any]], key: str, stat: str = "mean") -> di
     return {stage: statistics.fmean(v) for stage, v in sorted(out.items())}
 
 
-def run_method(name: str, settings: dict[str, object], nodes: int, out: Path) -> dict[str, Any]:
-    """One method's run, reduced to what the comparison needs."""
-    config = app_config(**{**COMMON, **METHODS[name], **settings, "run-name": name})
+def run_method(
+    name: str, keys: dict[str, object], settings: dict[str, object], nodes: int, out: Path
+) -> dict[str, Any]:
+    """One method's run (``keys``: :func:`method_keys`), reduced to what the comparison needs."""
+    config = app_config(**{**COMMON, **keys, **settings, "run-name": name})
     config["output-dir"] = str(out)
     started = time.perf_counter()
     server_app(InProcessGrid(client_app, nodes, config), server_context(config))
@@ -127,7 +138,8 @@ def run_method(name: str, settings: dict[str, object], nodes: int, out: Path) ->
 
 def zo_pruned_memory() -> dict[str, int | str]:
     """Analytic memory of one zo-pruned client step (lean engine floor, as for the stages)."""
-    cfg = RunConfig.from_run_config({**COMMON, **METHODS["zo-pruned"], "data-dir": "unused"})
+    keys = method_keys("zo-pruned", DEFAULT_K, 1)
+    cfg = RunConfig.from_run_config({**COMMON, **keys, "data-dir": "unused"})
     init = initial_model(cfg)
     x = torch.zeros(cfg.batch_size, 3, 32, 32)
     return zo_breakdown(init.model, init.mask, x).as_dict()
@@ -138,9 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--rounds", type=int, default=150)
     parser.add_argument("--nodes", type=int, default=10)
-    parser.add_argument("--k", type=int, default=200)
+    parser.add_argument("--k", type=int, default=DEFAULT_K)
     parser.add_argument("--eval-every", type=int, default=10)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHOD_NAMES))
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--quick", action="store_true", help="CI: 3 rounds, 3 nodes, K = 8")
@@ -151,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("flwr").setLevel(logging.WARNING)
     torch.set_num_threads(1)
     folder = data_dir(args.data_dir).resolve()
-    ZO["k"] = args.k
-    METHODS["zo-progressive"]["stage-rounds"] = str(max(1, args.rounds // 3))
-    METHODS["smartfreeze"]["stage-rounds"] = str(max(1, args.rounds // 3))
+    stage_rounds = max(1, args.rounds // 3)
+    unknown = sorted(set(args.methods.split(",")) - set(METHOD_NAMES))
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(METHOD_NAMES)}")
     settings: dict[str, object] = {
         "num-server-rounds": args.rounds,
         "eval-every": args.eval_every,
@@ -166,10 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             **COMMON,
             **ZO,
+            "k": args.k,
             "rounds": args.rounds,
             "nodes": args.nodes,
             "eval-every": args.eval_every,
-            "stage-rounds": METHODS["zo-progressive"]["stage-rounds"],
+            "stage-rounds": str(stage_rounds),
             "data-dir": os.path.relpath(folder, ROOT),
             "test-examples": len(load_dataset("cifar10", folder).y_test),
         },
@@ -186,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.methods.split(","):
-            report["runs"][name] = run_method(name, settings, args.nodes, Path(tmp))
+            keys = method_keys(name, args.k, stage_rounds)
+            report["runs"][name] = run_method(name, keys, settings, args.nodes, Path(tmp))
             run = report["runs"][name]
             print(f"{name}: final accuracy {run['final_accuracy']:.4f}, {run['seconds']:.0f} s")
     machine["load_after"] = load_average()

@@ -153,6 +153,7 @@ def test_zo_progressive_run_quick_compares_at_equal_rounds(tmp_path, data_dir):
     # Equal recipe: the same K, seeds, mask; the FLOPs per stage are the stage's prefix + passes.
     for key in ("k", "sigma", "seed", "batch-size", "optimizer", "lr", "density"):
         assert zp["config"][key] == base["config"][key], key
+    assert zp["config"]["k"] == result["settings"]["k"] == 8  # --quick's K reaches the runs
     assert zp["kept_coordinates"] == base["kept_coordinates"] == 6413
     flops = list(zp["per_stage"]["client_flops"].values())
     assert flops[0] > flops[1] > flops[2] and max(flops) < base["client_flops_per_round"]

@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
-from frontier import eligible_count, summarize  # noqa: E402
+from frontier import METHODS, eligible_count, full_config, method_keys, summarize  # noqa: E402
 from frontier_report import pareto, render_frontier  # noqa: E402
 
 MIB = 2**20
@@ -192,6 +192,7 @@ def _results(memory_profile: str) -> dict[str, Any]:
             "batch-size": 32,
             "engine": "stream",
             "micro-batch": 4,
+            "downlink": "replay",
             "density": 0.1,
             "k": 200,
             "stage-split": "stage",
@@ -244,6 +245,7 @@ def test_a_runs_row_is_computed_from_its_results():
     assert row["rounds_trained"] == 2 and row["rounds_skipped"] == 1
     assert row["clients_per_round"] == 1.5 and row["round_seconds_mean"] == 4.0
     assert row["probe_bytes"] == {"downlink": 50, "uplink": 500}
+    assert row["downlink"] == "replay"  # the run's own downlink, not the benchmark's default
     assert row["curve"] == [[0, 0.1], [3, 0.2]]
     # No measured row given: the analytic need the run's gate recorded, labelled as such.
     assert row["peak_memory"] == {
@@ -304,3 +306,27 @@ def test_frontier_quick_admits_exactly_the_devices_that_fit(tmp_path, data_dir):
     )
     assert (tmp_path / "frontier.png").stat().st_size > 0
     assert not data["settings"]["data_dir"].startswith("/")
+
+
+def test_every_method_of_the_matrix_validates_with_its_own_downlink(tmp_path):
+    """No silent fallback: each method's keys pass RunConfig as written (replay where it can)."""
+    import argparse
+
+    args = argparse.Namespace(
+        rounds=20, k=4, eval_every=1, local_batches=2, engine="stream", micro_batch=4,
+        data_dir=tmp_path, out_dir=tmp_path / "runs",
+    )  # fmt: skip
+    downlinks = {}
+    for key in METHODS:
+        keys = method_keys(key, "profl-uniform", args)
+        assert keys is not None, key
+        downlinks[key] = full_config(keys, args, key)["downlink"]  # raises on a refused config
+    assert downlinks == {
+        "fedavg-all": "weights",
+        "fedavg-fit": "weights",
+        "smartfreeze": "weights",
+        "profl": "weights",
+        "zo-dense": "replay",
+        "zo-pruned": "replay",
+        "zo-progressive": "weights",
+    }

@@ -39,13 +39,27 @@ def test_linear_warmup_lr_sequence_is_exact():
 
 def test_cosine_schedule_after_warmup_matches_the_formula():
     settings = OptimizerSettings(lr=0.02, warmup_rounds=2, lr_schedule="cosine", total_steps=6)
-    # Steps 3..6 are 1/4, 2/4, 3/4 and 4/4 of the way through the decay.
-    expected = [0.01, 0.02] + [0.02 * (1 + math.cos(math.pi * p)) / 2 for p in (0.25, 0.5, 0.75)]
+    # Steps 3..6 start 0/4, 1/4, 2/4 and 3/4 of the way through the decay (CosineAnnealingLR).
+    decay = [0.02 * (1 + math.cos(math.pi * p)) / 2 for p in (0.0, 0.25, 0.5, 0.75)]
     got = [settings.lr_at(t) for t in range(1, 7)]
-    assert got[:5] == pytest.approx(expected, rel=1e-15, abs=0)
-    assert got[3] == pytest.approx(0.01, rel=1e-15)  # half way: half the lr
-    assert got[5] == pytest.approx(0.0, abs=1e-18)  # the last round: 0
-    assert settings.lr_at(9) == pytest.approx(0.0, abs=1e-18)  # past the horizon it stays 0
+    assert got == pytest.approx([0.01, 0.02, *decay], rel=1e-15, abs=0)
+    assert got[2] == 0.02  # the first step after the warm-up: the full lr
+    assert got[4] == pytest.approx(0.01, rel=1e-15)  # half way: half the lr
+    assert got[5] > 0  # the last round still learns
+    assert settings.lr_at(7) == pytest.approx(0.0, abs=1e-18)  # past the horizon: 0
+    assert settings.lr_at(9) == pytest.approx(0.0, abs=1e-18)
+
+
+def test_cosine_schedule_equals_torch_cosine_annealing_lr():
+    """Without a warm-up the sequence is ``CosineAnnealingLR(T_max=total_steps)``'s."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=0.03)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=9)
+    settings = OptimizerSettings(lr=0.03, lr_schedule="cosine", total_steps=9)
+    for t in range(1, 10):
+        assert settings.lr_at(t) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12, abs=1e-15)
+        opt.step()
+        sched.step()
 
 
 def test_sgd_steps_follow_the_warmup_sequence():
@@ -75,7 +89,7 @@ def test_adam_with_betas_warmup_and_cosine_matches_torch_adam():
     ref_opt = torch.optim.Adam([reference], lr=0.05, betas=(0.8, 0.95), weight_decay=5e-4)
     ours = ServerOptimizer(theta, settings)
     for t in range(1, 11):
-        lr = 0.05 * t / 3 if t <= 3 else 0.05 * (1 + math.cos(math.pi * (t - 3) / 7)) / 2
+        lr = 0.05 * t / 3 if t <= 3 else 0.05 * (1 + math.cos(math.pi * (t - 4) / 7)) / 2
         for group in ref_opt.param_groups:
             group["lr"] = lr
         g = torch.randn(40, generator=gen)

@@ -2,7 +2,9 @@
 
 The learning rate of step ``t`` (1-based, counting optimizer steps, i.e. rounds that produced an
 update) is :meth:`OptimizerSettings.lr_at`: a linear warm-up over the first ``warmup_rounds``
-steps, then constant or a cosine decay to 0 at step ``total_steps``. It is a function of the step
+steps, then constant or a cosine decay (``torch.optim.lr_scheduler.CosineAnnealingLR``'s curve:
+the full ``lr`` at the first post-warm-up step, towards 0 at step ``total_steps``, so no round is
+spent at lr 0). It is a function of the step
 count alone, which checkpoints and replaying nodes keep, so a resumed run and a replaying node
 take the very same steps.
 """
@@ -55,8 +57,11 @@ class OptimizerSettings:
     warmup_rounds : int
         Linear warm-up: step ``t <= warmup_rounds`` uses ``lr * t / warmup_rounds``. 0: none.
     lr_schedule : {"constant", "cosine"}
-        After the warm-up: ``lr`` throughout, or ``lr * (1 + cos(pi * p)) / 2`` with ``p`` the
-        fraction of the post-warm-up steps done, reaching 0 at step ``total_steps``.
+        After the warm-up: ``lr`` throughout, or ``lr * (1 + cos(pi * p)) / 2`` with
+        ``p = (t - warmup_rounds - 1) / (total_steps - warmup_rounds)`` the fraction of the
+        post-warm-up steps done *before* step ``t`` (as ``CosineAnnealingLR`` with
+        ``T_max = total_steps - warmup_rounds``): the full ``lr`` at the first post-warm-up
+        step, a small positive lr at step ``total_steps``, 0 beyond it.
     total_steps : int
         The cosine schedule's horizon (the run's rounds); unused by ``constant``.
     """
@@ -127,7 +132,8 @@ class OptimizerSettings:
             return self.lr * step / self.warmup_rounds
         if self.lr_schedule == "constant":
             return self.lr
-        progress = min(1.0, (step - self.warmup_rounds) / (self.total_steps - self.warmup_rounds))
+        done = step - self.warmup_rounds - 1  # post-warm-up steps taken before this one
+        progress = min(1.0, done / (self.total_steps - self.warmup_rounds))
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
