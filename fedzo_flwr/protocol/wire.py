@@ -22,7 +22,6 @@ argument with the expected and received sizes; wrong argument types raise :class
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from fedzo_flwr.sparse.mask import Mask, prunable_parameters
+from fedzo_flwr.sparse.packed import bitmap_bytes, pack_bits
 from fedzo_flwr.sparse.space import KeptSpace
 
 __all__ = [
@@ -86,7 +86,7 @@ def _mask_layout(template: object, name: str) -> list[tuple[str, torch.Size]]:
 
 
 def _layout_nbytes(layout: list[tuple[str, torch.Size]]) -> int:
-    return sum(math.ceil(shape.numel() / 8) for _, shape in layout)
+    return sum(bitmap_bytes(shape.numel()) for _, shape in layout)
 
 
 def mask_nbytes(mask_or_model: Mask | nn.Module) -> int:
@@ -131,8 +131,7 @@ def encode_mask(mask: Mask) -> bytes:
     for name, m in mask.items():
         if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
             raise TypeError(f"mask[{name!r}] must be a torch.bool tensor")
-        bits = m.detach().to("cpu").reshape(-1).numpy()
-        chunks.append(np.packbits(bits, bitorder="big").tobytes())
+        chunks.append(pack_bits(m.detach().to("cpu")).numpy().tobytes())
     return b"".join(chunks)
 
 
@@ -161,22 +160,11 @@ def decode_mask(data: BytesLike, template: Mask | nn.Module) -> Mask:
         set.
 
     """
-    raw = _as_bytes(data, "data")
-    layout = _mask_layout(template, "template")
-    expected = _layout_nbytes(layout)
-    if len(raw) != expected:
-        raise ValueError(f"data has {len(raw)} bytes, expected {expected} for this mask layout")
-    buf = np.frombuffer(raw, dtype=np.uint8)
+    packed = split_mask(data, template)  # validates the length and the padding bits
     out: Mask = {}
-    offset = 0
-    for name, shape in layout:
-        n = shape.numel()
-        nbytes = math.ceil(n / 8)
-        bits = np.unpackbits(buf[offset : offset + nbytes], bitorder="big")
-        offset += nbytes
-        if bits[n:].any():
-            raise ValueError(f"data has non-zero padding bits after tensor {name!r}")
-        out[name] = torch.from_numpy(bits[:n].astype(np.bool_)).reshape(shape)
+    for name, shape in _mask_layout(template, "template"):
+        bits = np.unpackbits(packed[name].numpy(), bitorder="big")[: shape.numel()]
+        out[name] = torch.from_numpy(bits.astype(np.bool_)).reshape(shape)
     return out
 
 
@@ -219,7 +207,7 @@ def split_mask(data: BytesLike, template: Mask | nn.Module) -> dict[str, torch.T
     offset = 0
     for name, shape in layout:
         n = shape.numel()
-        nbytes = math.ceil(n / 8)
+        nbytes = bitmap_bytes(n)
         chunk = buf[offset : offset + nbytes]
         offset += nbytes
         pad = 8 * nbytes - n  # the low bits of the last byte (big bit order)
