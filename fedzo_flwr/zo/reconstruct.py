@@ -14,7 +14,7 @@ makes server-side replay bit-exact.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +69,27 @@ def step_coefficients(deltas: np.ndarray | Sequence[float], settings: ZOSettings
     return coeffs.astype(np.float32)
 
 
+def _direction_blocks(
+    sizes: Sequence[int], seed: int, directions: str, k: int, block_bytes: int
+) -> tuple[int, Iterator[tuple[slice, torch.Tensor]]]:
+    """The dimension and the blocks ``(rows, u_rows)`` of the ``k`` directions of ``seed``.
+
+    Each block holds at most ``block_bytes`` of directions, generated into one reused buffer
+    (a block is valid until the next one is drawn).
+    """
+    generator = DirectionGenerator(sizes, seed, directions)
+    dim = generator.dim
+    rows = max(1, min(k, block_bytes // (4 * dim)))
+    buffer = torch.empty(rows, dim, dtype=torch.float32)
+
+    def blocks() -> Iterator[tuple[slice, torch.Tensor]]:
+        for start in range(0, k, rows):
+            stop = min(start + rows, k)
+            yield slice(start, stop), generator.block(start, stop, out=buffer)
+
+    return dim, blocks()
+
+
 def gradient_from_coefficients(
     sizes: Sequence[int],
     seed: int,
@@ -82,16 +103,10 @@ def gradient_from_coefficients(
     blocks of at most ``block_bytes`` of directions.
     """
     coeffs32 = torch.from_numpy(np.ascontiguousarray(coefficients, dtype=np.float32))
-    k = int(coeffs32.numel())
-    generator = DirectionGenerator(sizes, seed, directions)
-    dim = generator.dim
-    rows = max(1, min(k, block_bytes // (4 * dim)))
-    buffer = torch.empty(rows, dim, dtype=torch.float32)
+    dim, blocks = _direction_blocks(sizes, seed, directions, int(coeffs32.numel()), block_bytes)
     grad = torch.zeros(dim, dtype=torch.float64)
-    for start in range(0, k, rows):
-        stop = min(start + rows, k)
-        block = generator.block(start, stop, out=buffer)
-        grad += (coeffs32[start:stop] @ block).to(torch.float64)
+    for rows, block in blocks:
+        grad += (coeffs32[rows] @ block).to(torch.float64)
     return grad.to(torch.float32)
 
 
@@ -112,16 +127,10 @@ def gradients_from_coefficients(
     coeffs32 = torch.from_numpy(np.ascontiguousarray(coefficients, dtype=np.float32))
     if coeffs32.ndim != 2:
         raise ValueError(f"coefficients must be 2-d (rows, K), got shape {tuple(coeffs32.shape)}")
-    k = int(coeffs32.shape[1])
-    generator = DirectionGenerator(sizes, seed, directions)
-    dim = generator.dim
-    rows = max(1, min(k, block_bytes // (4 * dim)))
-    buffer = torch.empty(rows, dim, dtype=torch.float32)
+    dim, blocks = _direction_blocks(sizes, seed, directions, int(coeffs32.shape[1]), block_bytes)
     grads = torch.zeros(coeffs32.shape[0], dim, dtype=torch.float64)
-    for start in range(0, k, rows):
-        stop = min(start + rows, k)
-        block = generator.block(start, stop, out=buffer)
-        grads += (coeffs32[:, start:stop] @ block).to(torch.float64)
+    for rows, block in blocks:
+        grads += (coeffs32[:, rows] @ block).to(torch.float64)
     return grads.to(torch.float32)
 
 
