@@ -179,8 +179,18 @@ def dense_candidates(best: Candidate) -> list[Candidate]:
     return out
 
 
+HORIZON_KEYS = frozenset({"lr-schedule"})
+"""Keys whose effect depends on the run's length: a cosine decay over 100 rounds anneals long
+before one over 450 does, so the screen cannot rank it; such a candidate always runs at full
+length."""
+
+
 def full_candidates(ranked: list[Candidate], top: int) -> list[Candidate]:
-    """The baseline and the ``top`` best-scoring pruned recipes, for the full length."""
+    """The baseline, the ``top`` best-scoring pruned recipes and every horizon candidate.
+
+    A single change of a :data:`HORIZON_KEYS` key (the cosine schedule) runs at full length
+    whatever its screen score, after the ``top`` best.
+    """
     pool = sorted(
         (
             c
@@ -191,8 +201,11 @@ def full_candidates(ranked: list[Candidate], top: int) -> list[Candidate]:
         ),
         key=lambda c: -c["score"],
     )
-    chosen = [{"name": "baseline", "keys": {}}]
+    chosen: list[Candidate] = [{"name": "baseline", "keys": {}}]
     chosen += [{"name": c["name"], "keys": dict(c["keys"])} for c in pool[:top]]
+    for cand in pool[top:]:
+        if HORIZON_KEYS & set(cand["keys"]) and "members" not in cand:
+            chosen.append({"name": cand["name"], "keys": dict(cand["keys"]), "horizon": True})
     return chosen
 
 
@@ -622,7 +635,11 @@ def main() -> int:
             ranked = [c for c in ranked if c["name"] in args.full]
             info["full_choice"] = f"named: {', '.join(args.full)}"
         else:
-            info["full_choice"] = f"the {args.top} best scores"
+            info["full_choice"] = (
+                f"the {args.top} best scores and every change of "
+                f"{', '.join(sorted(HORIZON_KEYS))} (its effect depends on the run's length, "
+                "which the screen does not have)"
+            )
         top = len(ranked) if args.full else args.top
         run_stage("full", full_candidates(ranked, top), args.full_rounds, args, summary, save)
     if args.stage in ("timing", "all"):

@@ -82,7 +82,28 @@ def test_rounds_keep_the_forward_passes_of_the_default():
 def test_full_length_takes_the_baseline_and_the_best_pruned_recipes():
     ranked = [*SCREEN, row("dense-x", {"method": "zo-dense"}, 0.5)]
     chosen = full_candidates(ranked, top=2)
-    assert [c["name"] for c in chosen] == ["baseline", "k-100", "ema-0.95"]
+    # The two best, then cosine: a schedule change always runs at full length.
+    assert [c["name"] for c in chosen] == ["baseline", "k-100", "ema-0.95", "cosine"]
+    no_schedule = [c for c in SCREEN if c["name"] != "cosine"]
+    assert [c["name"] for c in full_candidates(no_schedule, top=2)] == [
+        "baseline",
+        "k-100",
+        "ema-0.95",
+    ]
+
+
+def test_a_schedule_change_runs_at_full_length_whatever_its_screen_score():
+    """Cosine over 100 rounds anneals early: the screen cannot rank it, so it always runs."""
+    others = [c for c in SCREEN if c["name"] != "cosine"]
+    cosine = row("cosine", {"lr-schedule": "cosine"}, 0.01)  # the worst screen score
+    combo = {**row("a+cosine", {"k": 100, "lr-schedule": "cosine"}, 0.02), "members": ["a"]}
+    chosen = full_candidates([*others, cosine, combo], top=2)
+    assert [c["name"] for c in chosen] == ["baseline", "k-100", "ema-0.95", "cosine"]
+    assert chosen[-1]["horizon"] is True and chosen[-1]["keys"] == {"lr-schedule": "cosine"}
+    # Among the top it is not added twice.
+    best = row("cosine", {"lr-schedule": "cosine"}, 0.99)
+    names = [c["name"] for c in full_candidates([*others, best], top=2)]
+    assert names == ["baseline", "cosine", "k-100"]
 
 
 def test_screen_candidates_change_one_thing_from_a_pinned_baseline():
