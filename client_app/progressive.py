@@ -108,6 +108,20 @@ def frozen_from(msg: Message, context: Context, wanted: str) -> ArrayRecord | No
     return cached
 
 
+def load_frozen(
+    msg: Message, context: Context, staged: StagedModel, names: tuple[str, ...], wanted: str
+) -> str | None:
+    """Load the frozen tensors ``names`` (id ``wanted``, :func:`frozen_from`) into ``staged``.
+
+    Returns ``None`` once they are loaded, else why not (the node answers ``mask-missing``).
+    """
+    record = frozen_from(msg, context, wanted)
+    if record is None:
+        return f"no frozen tensors {wanted} cached on this node"
+    load_tensors(staged, record, names)
+    return None
+
+
 def train_progressive(msg: Message, context: Context) -> Message:
     """One round of the step the message names; reply with exactly the trained tensors."""
     cfg = node_run_config(context)
@@ -119,12 +133,9 @@ def train_progressive(msg: Message, context: Context) -> Message:
     frozen = frozen_names(staged, step)
     if frozen:
         wanted = config_value(config, protocol.MASK_ID_KEY, str)
-        record = frozen_from(msg, context, wanted)
-        if record is None:
-            return status_reply(
-                msg, protocol.STATUS_MASK_MISSING, f"no frozen tensors {wanted} cached on this node"
-            )
-        load_tensors(staged, record, frozen)
+        missing = load_frozen(msg, context, staged, frozen, wanted)
+        if missing is not None:
+            return status_reply(msg, protocol.STATUS_MASK_MISSING, missing)
     trainable = msg.content.array_records[protocol.ARRAYS_KEY]
     load_tensors(staged, trainable, trainable_names(staged, step))
     partition_id, num_partitions = node_partition(context)

@@ -3,7 +3,7 @@
 A train message names the stage ``t``. The node holds the run's staged model structure and the
 staged mask (its bitmap from the first message, then from ``context.state``, as every
 zeroth-order node holds its mask), loads blocks ``0..t-1`` from the message's ``frozen`` tensors
-(once per stage, then from ``context.state``; :func:`client_app.progressive.frozen_from`) and the
+(once per stage, then from ``context.state``; :func:`client_app.progressive.load_frozen`) and the
 active stage's kept coordinates from ``arrays``, rebuilds the
 :class:`~fedzo_flwr.progressive.zo.ActiveStage` and runs
 :func:`~fedzo_flwr.progressive.zo.train_stage_round`: the frozen prefix once per batch, then the
@@ -28,7 +28,7 @@ from client_app.client_app import (
     status_reply,
     zo_reply,
 )
-from client_app.progressive import frozen_from, load_tensors, staged_model
+from client_app.progressive import load_frozen, staged_model
 from client_app.replay import received_weights
 from fedzo_flwr import protocol
 from fedzo_flwr.config import RunConfig
@@ -102,12 +102,9 @@ def train_zo_progressive(msg: Message, context: Context) -> Message:
     frozen = frozen_names(staged, Step("grow", stage))
     if frozen:
         wanted = config_value(config, keys.FROZEN_ID_KEY, str)
-        record = frozen_from(msg, context, wanted)
-        if record is None:
-            return status_reply(
-                msg, protocol.STATUS_MASK_MISSING, f"no frozen tensors {wanted} cached on this node"
-            )
-        load_tensors(staged, record, frozen)
+        missing = load_frozen(msg, context, staged, frozen, wanted)
+        if missing is not None:
+            return status_reply(msg, protocol.STATUS_MASK_MISSING, missing)
     apply_staged_mask_(staged, mask)  # pruned entries are zero everywhere, whatever was loaded
     active = ActiveStage(staged, stage, mask)
     active.space.scatter_(active.module, received_weights(cfg, msg, context, active.space.sizes))

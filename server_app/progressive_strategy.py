@@ -69,6 +69,7 @@ from server_app.masked_rounds import MaskedRounds, RoundUpdate
 from server_app.message_size import SizeCache, message_nbytes
 from server_app.staged_rounds import (
     FrozenTensors,
+    PacedStages,
     StageParticipants,
     StageView,
     save_staged_model,
@@ -111,7 +112,7 @@ def _step_dict(step: Step | None) -> dict[str, object] | None:
     return None if step is None else {"phase": step.phase, "stage": step.stage}
 
 
-class ProgressiveRounds(MaskedRounds[StageReply]):
+class ProgressiveRounds(PacedStages, MaskedRounds[StageReply]):
     """SmartFreeze (and ProFL with its shrinking phase) over Flower (see the module docstring).
 
     Parameters
@@ -195,11 +196,6 @@ class ProgressiveRounds(MaskedRounds[StageReply]):
         )
 
     # ------------------------------------------------------------------------- stepping
-
-    @property
-    def last_stage(self) -> int:
-        """Index of the last stage (trained with the model's own head)."""
-        return self.staged.num_stages - 1
 
     def need(self, step: Step) -> int:
         """Analytic need of ``step``: stage ``t``'s (a shrink step trains a subset of it)."""
@@ -384,29 +380,7 @@ class ProgressiveRounds(MaskedRounds[StageReply]):
         self.trained_step = self.step
         fields: dict[str, object] = {"round_in_stage": self.step_rounds}
         if self.step.phase == "grow":
-            pace = self.pace.step(self.staged.block_vector(self.step.stage))
-            fields.update(pace_metric=pace.metric, pace_settled=pace.settled)
-            log(
-                INFO,
-                "Round %d: stage %d round %d, pace %s %s%s",
-                server_round,
-                self.step.stage,
-                self.step_rounds,
-                self.cfg.pace,
-                "n/a" if pace.metric is None else f"{pace.metric:.4f}",
-                " (settled)" if pace.settled else "",
-            )
-            if pace.freeze and self.step.stage < self.last_stage:
-                fields["stage_change"] = self._advance(server_round, pace.reason)
-            elif pace.freeze and not self.last_stage_settled:
-                self.last_stage_settled = True
-                fields["last_stage_settled"] = pace.reason
-                log(
-                    INFO,
-                    "Round %d: the last stage is settled (%s); it trains on to the end",
-                    server_round,
-                    pace.reason,
-                )
+            fields.update(self.pace_round(server_round, self.step.stage, self.step_rounds))
         elif self.step_rounds >= self.cfg.profl_shrink_rounds:
             fields["stage_change"] = self._advance(server_round, "shrink-rounds")
         fields["local_steps"] = per_client_summary({pid: r.steps for pid, r in replies.items()})
@@ -502,12 +476,7 @@ class ProgressiveRounds(MaskedRounds[StageReply]):
     ) -> Path:
         """As the base, then the stage changes and never-eligible nodes in ``final``."""
         checkpoint = super().run(grid, prune_seconds, registry)
-        rounds = self.recorder.data["rounds"]
-        self.recorder.set_final(
-            stage_changes=[r["stage_change"] for r in rounds if "stage_change" in r],
-            never_eligible=sorted(self.participants.reported_never),
-            step=_step_dict(self.step),
-        )
+        self.record_stage_final(_step_dict(self.step))
         return checkpoint
 
     # ----------------------------------------------------------------- checkpoints

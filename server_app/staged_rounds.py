@@ -30,6 +30,7 @@ from torch import nn
 from fedzo_flwr.config import RunConfig
 from fedzo_flwr.data import NUM_CLASSES
 from fedzo_flwr.files import atomic_write_bytes
+from fedzo_flwr.progressive.pace import PaceController
 from fedzo_flwr.progressive.selector import Selector, SpeedTracker, eligibility_report
 from fedzo_flwr.progressive.staged import StagedModel
 from fedzo_flwr.protocol import progressive as keys
@@ -38,6 +39,66 @@ from fedzo_flwr.sparse.mask import Mask
 from server_app.logs import log
 from server_app.node_info import NodeRegistry
 from server_app.nodes import wait_for_nodes
+
+
+class PacedStages:
+    """The pace controller's part of a staged strategy (SmartFreeze / ProFL and zo-progressive).
+
+    After each trained round of a growing stage the controller looks at the active block; when
+    it says freeze, the strategy moves to the next stage (:meth:`_advance`, the strategy's own),
+    or, on the last stage, records once that the stage has settled and trains on to the end.
+    """
+
+    cfg: RunConfig
+    staged: StagedModel
+    pace: PaceController
+    participants: StageParticipants
+    recorder: RunRecorder
+    last_stage_settled: bool
+
+    @property
+    def last_stage(self) -> int:
+        """Index of the last stage (trained with the model's own head)."""
+        return self.staged.num_stages - 1
+
+    def _advance(self, server_round: int, reason: str) -> dict[str, object]:
+        raise NotImplementedError
+
+    def pace_round(self, server_round: int, stage: int, round_in_stage: int) -> dict[str, object]:
+        """Step the controller on ``stage``'s block; the round's pace fields (and stage change)."""
+        pace = self.pace.step(self.staged.block_vector(stage))
+        fields: dict[str, object] = {"pace_metric": pace.metric, "pace_settled": pace.settled}
+        log(
+            INFO,
+            "Round %d: stage %d round %d, pace %s %s%s",
+            server_round,
+            stage,
+            round_in_stage,
+            self.cfg.pace,
+            "n/a" if pace.metric is None else f"{pace.metric:.4f}",
+            " (settled)" if pace.settled else "",
+        )
+        if pace.freeze and stage < self.last_stage:
+            fields["stage_change"] = self._advance(server_round, pace.reason)
+        elif pace.freeze and not self.last_stage_settled:
+            self.last_stage_settled = True
+            fields["last_stage_settled"] = pace.reason
+            log(
+                INFO,
+                "Round %d: the last stage is settled (%s); it trains on to the end",
+                server_round,
+                pace.reason,
+            )
+        return fields
+
+    def record_stage_final(self, step: dict[str, object] | None) -> None:
+        """``final``: the stage changes, the nodes never eligible, the step the run ended on."""
+        rounds = self.recorder.data["rounds"]
+        self.recorder.set_final(
+            stage_changes=[r["stage_change"] for r in rounds if "stage_change" in r],
+            never_eligible=sorted(self.participants.reported_never),
+            step=step,
+        )
 
 
 class StageView(nn.Module):

@@ -66,6 +66,7 @@ from server_app.logs import log
 from server_app.masked_rounds import RoundUpdate
 from server_app.staged_rounds import (
     FrozenTensors,
+    PacedStages,
     StageParticipants,
     StageView,
     save_staged_model,
@@ -77,7 +78,7 @@ def _stage_dict(stage: int) -> dict[str, object]:
     return {"phase": "grow", "stage": stage}
 
 
-class ZOProgressiveRounds(FedZO):
+class ZOProgressiveRounds(PacedStages, FedZO):
     """``zo-progressive`` over Flower (see the module docstring).
 
     Parameters
@@ -180,11 +181,6 @@ class ZOProgressiveRounds(FedZO):
     def stage(self) -> int:
         """The active stage."""
         return self.stages.stage
-
-    @property
-    def last_stage(self) -> int:
-        """Index of the last stage (trained with the model's own head)."""
-        return self.staged.num_stages - 1
 
     def summary(self) -> None:
         """Log the strategy's configuration."""
@@ -322,24 +318,7 @@ class ZOProgressiveRounds(FedZO):
         self.stage_rounds += 1
         self.trained_stage = self.stage
         fields = {**update.fields, "round_in_stage": self.stage_rounds}
-        pace = self.pace.step(self.staged.block_vector(self.stage))
-        fields.update(pace_metric=pace.metric, pace_settled=pace.settled)
-        log(
-            INFO,
-            "Round %d: zo stage %d round %d, pace %s %s%s",
-            server_round,
-            self.stage,
-            self.stage_rounds,
-            self.cfg.pace,
-            "n/a" if pace.metric is None else f"{pace.metric:.4f}",
-            " (settled)" if pace.settled else "",
-        )
-        if pace.freeze and self.stage < self.last_stage:
-            fields["stage_change"] = self._advance(server_round, pace.reason)
-        elif pace.freeze and not self.last_stage_settled:
-            self.last_stage_settled = True
-            fields["last_stage_settled"] = pace.reason
-            log(INFO, "Round %d: the last stage is settled (%s)", server_round, pace.reason)
+        fields.update(self.pace_round(server_round, self.stage, self.stage_rounds))
         return RoundUpdate(update.train_loss, fields)
 
     def _advance(self, server_round: int, reason: str) -> dict[str, object]:
@@ -444,10 +423,5 @@ class ZOProgressiveRounds(FedZO):
     ) -> Path:
         """As the base, then the stage changes and never-eligible nodes in ``final``."""
         path = super().run(grid, prune_seconds, registry)
-        rounds = self.recorder.data["rounds"]
-        self.recorder.set_final(
-            stage_changes=[r["stage_change"] for r in rounds if "stage_change" in r],
-            never_eligible=sorted(self.participants.reported_never),
-            step=_stage_dict(self.stage),
-        )
+        self.record_stage_final(_stage_dict(self.stage))
         return path
