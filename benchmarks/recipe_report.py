@@ -384,7 +384,9 @@ def write_report(path: Path, summary: dict[str, Any], json_path: Path) -> None:
         f"ServerApp and ClientApps in one process (`tests/inprocess_grid.py`), one torch thread, "
         f"{info.get('workers')} runs at a time. Machine: {info.get('cpu')}, {info.get('cores')} "
         f"cores, shared with other jobs; load average (1, 5, 15 min) {loads}. Versions: "
-        + ", ".join(f"{k} {v}" for k, v in versions.items())
+        + ", ".join(
+            f"{k} {str(v)[:16] if k.endswith('sha256') else v}" for k, v in versions.items()
+        )
         + f". Data folder: `{info.get('data_dir_rel')}`. Seconds per round are in-process and "
         "depend on that load: compare them within a stage only.",
         "",

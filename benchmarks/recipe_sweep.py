@@ -33,7 +33,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -45,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from machine import cpu_model, load_average, machine_info
+from machine import cpu_model, data_dir, load_average, machine_info
 from recipe_report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -447,19 +446,14 @@ def run_e2e(name: str, args: argparse.Namespace, summary: dict[str, Any]) -> dic
 # ------------------------------------------------------------------------------------ main
 
 
-def versions() -> dict[str, str]:
-    """Library versions and the hash of the pinned constraints (the lock file)."""
-    import flwr
-    import numpy
-    import torch
+def versions() -> dict[str, str | None]:
+    """Library versions and the lock file's hash (:mod:`fedzo_flwr.environment`'s record)."""
+    from fedzo_flwr.environment import library_versions, lock_file_sha256
 
-    constraints = ROOT / "scripts" / "constraints.txt"
     return {
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "flwr": flwr.__version__,
-        "constraints_sha256": hashlib.sha256(constraints.read_bytes()).hexdigest()[:16],
+        **library_versions(),
+        "lock_sha256": lock_file_sha256(ROOT),
     }
 
 
@@ -530,8 +524,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ref-rounds", type=int, default=300, help="its rounds")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    env_data = os.environ.get("FEDZO_DATA_DIR")
-    args.data_dir = (args.data_dir or Path(env_data or ROOT.parent / "shared" / "data")).resolve()
+    args.data_dir = data_dir(str(args.data_dir) if args.data_dir else None).resolve()
     base = ROOT / "outputs" / ("recipe_sweep_quick" if args.quick else "recipe_sweep")
     args.out_dir = (args.out_dir or base).resolve()
     args.flwr_home = args.out_dir / "flwr-home"
