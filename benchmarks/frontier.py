@@ -52,7 +52,6 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -436,6 +435,8 @@ def main() -> int:
         return 0
     import torch
 
+    from fedzo_flwr.environment import library_versions
+
     torch.set_num_threads(RUN_THREADS)
     args.data_dir = data_dir(args.data_dir).resolve()
     args.out_dir = args.out_dir.resolve()
@@ -488,12 +489,7 @@ def main() -> int:
             "out_dir": os.path.relpath(args.out_dir, ROOT),
         },
         "machine": machine,
-        "versions": {
-            "torch": torch.__version__,
-            "flwr": metadata.version("flwr"),
-            "numpy": metadata.version("numpy"),
-            "python": machine["python"],
-        },
+        "versions": {"python": machine["python"], **library_versions()},
         "commands": [
             "FEDZO_DATA_DIR=../shared/data PYTHONPATH=.:tests nice -n 10 python "
             "benchmarks/frontier.py " + " ".join(map(_relative, sys.argv[1:]))
