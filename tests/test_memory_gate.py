@@ -134,6 +134,8 @@ def test_memory_margin_scales_the_need(tmp_path, data_dir):
     need = zo_breakdown(build_model("lenet5", seed=0), None, torch.zeros(32, 3, 32, 32))
     budget = budgets(grid)
     fits = sorted(n for n in grid.node_ids if budget[n] >= need.total_bytes * (1 + margin))
+    bare = [n for n in grid.node_ids if budget[n] >= need.total_bytes]
+    assert 0 < len(fits) < len(bare), "the margin must set aside a node that fits the bare need"
     sent = sorted(m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "train")
     assert sent == fits
     assert results["rounds"][-1]["ineligible"] == sorted(set(grid.node_ids) - set(fits))

@@ -62,7 +62,10 @@ def paper_scale(out: Path, data: Path, *extra: str) -> subprocess.CompletedProce
 def _trajectory(results: dict[str, Any]) -> list[tuple]:
     """Everything a round computes (no wall times, memory or first-contact bytes)."""
     keys = ("train_loss", "grad_norm", "accuracy", "loss", "clients")
-    return [(r["round"], *(r.get(k) for k in keys)) for r in results["rounds"]]
+    rows = [(r["round"], *(r.get(k) for k in keys)) for r in results["rounds"]]
+    trained = [row for row in rows if row[0] > 0]
+    assert trained and all(row[1] is not None for row in trained)  # not None == None
+    return rows
 
 
 @pytest.mark.slow

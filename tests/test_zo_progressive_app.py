@@ -23,6 +23,7 @@ from client_app.progressive import FROZEN_ID_STATE_KEY, FROZEN_STATE_KEY
 from fedzo_flwr.aggregation import client_weights
 from fedzo_flwr.config import RunConfig
 from fedzo_flwr.errors import ConfigError
+from fedzo_flwr.measure.memory_model import zo_breakdown
 from fedzo_flwr.progressive import build_staged, device_budget
 from fedzo_flwr.progressive.memory import forward_stage_memory, full_backprop_memory
 from fedzo_flwr.protocol.wire import encode_scalars
@@ -311,6 +312,12 @@ def test_a_node_below_a_stages_forward_only_need_is_never_selected(tmp_path, dat
         assert rounds[rnd]["eligible"] == len(fits[stage]) == rounds[rnd]["clients"]
         assert set(rounds[rnd]["ineligible"]) == set(grid.node_ids) - fits[stage]
         assert rounds[rnd]["stage_need_bytes"] == needs[stage]
+    # Every stage needs less than a zo-pruned client step (lean engine, the same forward-only
+    # accounting) on the same θ0 and mask; on LeNet-5 only a little (the input batch and the
+    # first block's activations dominate both).
+    init = initial_model(cfg)
+    whole = zo_breakdown(init.model, init.mask, torch.zeros(32, 3, 32, 32)).total_bytes
+    assert all(need < whole for need in needs) and max(needs) > 0.9 * whole
 
 
 @pytest.mark.parametrize(
