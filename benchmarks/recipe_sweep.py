@@ -188,7 +188,8 @@ def full_candidates(ranked: list[Candidate], top: int) -> list[Candidate]:
     """The baseline, the ``top`` best-scoring pruned recipes and every horizon candidate.
 
     A single change of a :data:`HORIZON_KEYS` key (the cosine schedule) runs at full length
-    whatever its screen score, after the ``top`` best.
+    whatever its screen score, after the ``top`` best: on the baseline, and on top of the best
+    recipe when that one changes other keys.
     """
     pool = sorted(
         (
@@ -202,9 +203,19 @@ def full_candidates(ranked: list[Candidate], top: int) -> list[Candidate]:
     )
     chosen: list[Candidate] = [{"name": "baseline", "keys": {}}]
     chosen += [{"name": c["name"], "keys": dict(c["keys"])} for c in pool[:top]]
+    best = pool[0] if pool and top else None
     for cand in pool[top:]:
-        if HORIZON_KEYS & set(cand["keys"]) and "members" not in cand:
-            chosen.append({"name": cand["name"], "keys": dict(cand["keys"]), "horizon": True})
+        if not HORIZON_KEYS & set(cand["keys"]) or "members" in cand:
+            continue
+        chosen.append({"name": cand["name"], "keys": dict(cand["keys"]), "horizon": True})
+        if best is not None and not set(best["keys"]) & set(cand["keys"]):
+            chosen.append(
+                {
+                    "name": f"{best['name']}+{cand['name']}",
+                    "keys": {**best["keys"], **cand["keys"]},
+                    "horizon": True,
+                }
+            )
     return chosen
 
 
@@ -630,8 +641,8 @@ def main() -> int:
         else:
             info["full_choice"] = (
                 f"the {args.top} best scores and every change of "
-                f"{', '.join(sorted(HORIZON_KEYS))} (its effect depends on the run's length, "
-                "which the screen does not have)"
+                f"{', '.join(sorted(HORIZON_KEYS))}, alone and on top of the best (its effect "
+                "depends on the run's length, which the screen does not have)"
             )
         top = len(ranked) if args.full else args.top
         run_stage("full", full_candidates(ranked, top), args.full_rounds, args, summary, save)

@@ -82,8 +82,10 @@ def test_rounds_keep_the_forward_passes_of_the_default():
 def test_full_length_takes_the_baseline_and_the_best_pruned_recipes():
     ranked = [*SCREEN, row("dense-x", {"method": "zo-dense"}, 0.5)]
     chosen = full_candidates(ranked, top=2)
-    # The two best, then cosine: a schedule change always runs at full length.
-    assert [c["name"] for c in chosen] == ["baseline", "k-100", "ema-0.95", "cosine"]
+    # The two best, then cosine alone and on the best: a schedule always runs at full length.
+    names = [c["name"] for c in chosen]
+    assert names == ["baseline", "k-100", "ema-0.95", "cosine", "k-100+cosine"]
+    assert chosen[-1]["keys"] == {"k": 100, "lr-schedule": "cosine"}
     no_schedule = [c for c in SCREEN if c["name"] != "cosine"]
     assert [c["name"] for c in full_candidates(no_schedule, top=2)] == [
         "baseline",
@@ -97,9 +99,9 @@ def test_a_schedule_change_runs_at_full_length_whatever_its_screen_score():
     others = [c for c in SCREEN if c["name"] != "cosine"]
     cosine = row("cosine", {"lr-schedule": "cosine"}, 0.01)  # the worst screen score
     combo = {**row("a+cosine", {"k": 100, "lr-schedule": "cosine"}, 0.02), "members": ["a"]}
-    chosen = full_candidates([*others, cosine, combo], top=2)
-    assert [c["name"] for c in chosen] == ["baseline", "k-100", "ema-0.95", "cosine"]
-    assert chosen[-1]["horizon"] is True and chosen[-1]["keys"] == {"lr-schedule": "cosine"}
+    chosen = full_candidates([*others, cosine, combo], top=1)
+    assert [c["name"] for c in chosen] == ["baseline", "k-100", "cosine", "k-100+cosine"]
+    assert chosen[2]["horizon"] is True and chosen[2]["keys"] == {"lr-schedule": "cosine"}
     # Among the top it is not added twice.
     best = row("cosine", {"lr-schedule": "cosine"}, 0.99)
     names = [c["name"] for c in full_candidates([*others, best], top=2)]
