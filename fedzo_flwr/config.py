@@ -141,6 +141,7 @@ class RunConfig(BaseModel):
     ema: float = Field(0.0, ge=0, lt=1)
     warmup_rounds: int = Field(0, ge=0)
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_schedule_rounds: int = Field(0, ge=0)
     # Pruning before round 1: on the server (data-free) or federated (ntk-local, snip).
     prune_method: Literal["ntk", "ntk-local", "snip", "synflow", "magnitude", "random"] = "ntk"
     density: float = Field(0.1, gt=0, le=1)
@@ -292,14 +293,20 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _cosine_needs_rounds_after_warmup(self) -> RunConfig:
-        if self.lr_schedule == "cosine" and self.warmup_rounds >= self.num_server_rounds:
+        if self.lr_schedule == "cosine" and self.warmup_rounds >= self.schedule_rounds:
+            horizon = "lr-schedule-rounds" if self.lr_schedule_rounds else "num-server-rounds"
             raise ValueError(
-                f"keys 'lr-schedule', 'warmup-rounds' and 'num-server-rounds': the cosine decay "
+                f"keys 'lr-schedule', 'warmup-rounds' and '{horizon}': the cosine decay "
                 f"runs after the warm-up, and warmup-rounds={self.warmup_rounds} leaves none of "
-                f"the {self.num_server_rounds} rounds; lower warmup-rounds or use "
+                f"the schedule's {self.schedule_rounds} rounds; lower warmup-rounds or use "
                 "lr-schedule='constant'"
             )
         return self
+
+    @property
+    def schedule_rounds(self) -> int:
+        """The cosine schedule's horizon: ``lr-schedule-rounds``, else ``num-server-rounds``."""
+        return self.lr_schedule_rounds or self.num_server_rounds
 
     @property
     def progressive(self) -> bool:
@@ -361,14 +368,17 @@ class RunConfig(BaseModel):
 
         Bookkeeping keys (rounds, evaluation, paths, threads, timeouts) may differ between a
         checkpointed run and its resumption; every other key must match for a bit-exact resume.
-        Under ``lr-schedule = cosine`` the number of rounds is the schedule's horizon, so
-        ``num-server-rounds`` must match too.
+        Under ``lr-schedule = cosine`` the schedule's horizon (:attr:`schedule_rounds`:
+        ``lr-schedule-rounds``, else ``num-server-rounds``) must match too.
         """
         mine, theirs = self.to_run_config(), other.to_run_config()
-        free = BOOKKEEPING_KEYS
-        if "cosine" in (self.lr_schedule, other.lr_schedule):
-            free = free - {"num-server-rounds"}
-        return sorted(k for k in mine if k not in free and mine[k] != theirs.get(k))
+        free = BOOKKEEPING_KEYS | {"lr-schedule-rounds"}
+        keys = {k for k in mine if k not in free and mine[k] != theirs.get(k)}
+        cosine = self.lr_schedule == other.lr_schedule == "cosine"
+        if cosine and self.schedule_rounds != other.schedule_rounds:
+            both_default = not (self.lr_schedule_rounds or other.lr_schedule_rounds)
+            keys.add("num-server-rounds" if both_default else "lr-schedule-rounds")
+        return sorted(keys)
 
     def to_run_config(self) -> dict[str, Any]:
         """The kebab-case dict form (what ``results.json`` records)."""

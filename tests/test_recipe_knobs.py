@@ -263,7 +263,12 @@ def test_config_keys_reach_the_optimizer_settings():
         ({"lr-schedule": "step"}, "lr-schedule"),
         ({"clip-scope": "layer"}, "clip-scope"),
         ({"clip-scope": "client", "aggregation": "median"}, "clip-scope"),
-        ({"lr-schedule": "cosine", "warmup-rounds": 300}, "warmup-rounds"),
+        ({"lr-schedule": "cosine", "warmup-rounds": 5000}, "warmup-rounds"),
+        (
+            {"lr-schedule": "cosine", "warmup-rounds": 20, "lr-schedule-rounds": 20},
+            "lr-schedule-rounds",
+        ),
+        ({"lr-schedule-rounds": -1}, "lr-schedule-rounds"),
     ],
 )
 def test_bad_recipe_keys_are_refused_by_name(keys, named):
@@ -278,3 +283,28 @@ def test_cosine_makes_the_number_of_rounds_part_of_the_trajectory():
     c = RunConfig.from_run_config({"num-server-rounds": 100, "lr-schedule": "cosine"})
     d = RunConfig.from_run_config({"num-server-rounds": 200, "lr-schedule": "cosine"})
     assert c.trajectory_differences(d) == ["num-server-rounds"]
+
+
+def test_lr_schedule_rounds_sets_the_cosine_horizon_apart_from_the_run_length():
+    """20 rounds of a 450-round schedule take exactly the first 20 steps of the long run."""
+    short = RunConfig.from_run_config(
+        {"num-server-rounds": 20, "lr-schedule": "cosine", "lr-schedule-rounds": 450}
+    )
+    long = RunConfig.from_run_config({"num-server-rounds": 450, "lr-schedule": "cosine"})
+    a, b = optimizer_settings(short), optimizer_settings(long)
+    assert a.total_steps == b.total_steps == 450 and short.schedule_rounds == 450
+    assert [a.lr_at(t) for t in range(1, 21)] == [b.lr_at(t) for t in range(1, 21)]
+    assert a.lr_at(20) > 0.99 * a.lr  # 20 of 450 steps: still near the full lr
+    # The same horizon, named either way, is the same trajectory; another one is not.
+    assert short.trajectory_differences(long) == []
+    other = RunConfig.from_run_config(
+        {"num-server-rounds": 20, "lr-schedule": "cosine", "lr-schedule-rounds": 300}
+    )
+    assert short.trajectory_differences(other) == ["lr-schedule-rounds"]
+    # Under a constant lr the horizon is irrelevant.
+    assert (
+        RunConfig.from_run_config({"lr-schedule-rounds": 5}).trajectory_differences(
+            RunConfig.from_run_config({})
+        )
+        == []
+    )

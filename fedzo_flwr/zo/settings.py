@@ -93,5 +93,5 @@ def optimizer_settings(cfg: RunConfig) -> OptimizerSettings:
         ema_decay=cfg.ema,
         warmup_rounds=cfg.warmup_rounds,
         lr_schedule=cfg.lr_schedule,
-        total_steps=cfg.num_server_rounds,
+        total_steps=cfg.schedule_rounds,
     )
