@@ -28,6 +28,7 @@ from fedzo_flwr.environment import cpu_model
 from server_app.server_app import app as server_app
 
 GOLDEN = Path(__file__).parent / "golden" / "default-20-rounds.json"
+DEFAULTS = app_config()
 ROUNDS = 20
 NODES = 10
 ROUND_FIELDS = ("train_loss", "grad_norm", "accuracy", "loss", "clients", "reconstructions")
@@ -75,6 +76,8 @@ def test_default_run_first_rounds_unchanged(tmp_path, data_dir):
             "output-dir": str(tmp_path),
             "run-name": "golden",
             "num-server-rounds": ROUNDS,
+            # The first ROUNDS steps of the default run's own lr schedule (its horizon).
+            "lr-schedule-rounds": DEFAULTS["lr-schedule-rounds"] or DEFAULTS["num-server-rounds"],
             "eval-every": 10,
         }
     )
