@@ -8,6 +8,7 @@ scores (the mean accuracy of a run's last evaluations) in percentage points.
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -340,15 +341,29 @@ def _rounds_needed(row: dict[str, Any]) -> str:
     return f"its curve never reaches it in {row['rounds']} rounds."
 
 
+def pyproject_defaults() -> dict[str, Any]:
+    """The run config's defaults, ``[tool.flwr.app.config]`` of ``pyproject.toml``."""
+    with open(ROOT / "pyproject.toml", "rb") as handle:
+        config: dict[str, Any] = tomllib.load(handle)["tool"]["flwr"]["app"]["config"]
+    return config
+
+
 def _decision(summary: dict[str, Any]) -> list[str]:
     decision = decide(summary)
     if not decision:
         return []
     lines = ["## Decision", ""]
     if decision["adopted"]:
+        defaults = pyproject_defaults()
+        unset = sorted(k for k, v in decision["keys"].items() if defaults.get(k) != v)
+        where = (
+            "`pyproject.toml`'s run config now sets it"
+            if not unset
+            else f"`pyproject.toml` does not set it yet ({', '.join(unset)} differ)"
+        )
         lines.append(
-            f"The default becomes **{decision['name']}** ({keys_text(decision['keys'])}), "
-            f"set in `fedzo_flwr/config.py` and `pyproject.toml`: {decision['reason']}."
+            f"The sweep adopts **{decision['name']}** ({keys_text(decision['keys'])}); "
+            f"{where}: {decision['reason']}."
         )
     else:
         lines.append(f"The default stays as it was: {decision['reason']}.")
@@ -374,8 +389,8 @@ def write_report(path: Path, summary: dict[str, Any], json_path: Path) -> None:
         f"{info.get('date', '?')}); every number below comes from that file.",
         "",
         "```bash",
-        "FEDZO_DATA_DIR=../shared/data PYTHONPATH=.:tests nice -n 10 "
-        "python benchmarks/recipe_sweep.py --stage all",
+        "# FEDZO_DATA_DIR=../shared/data; the commands that wrote the JSON, in order:",
+        *info.get("commands", ["python benchmarks/recipe_sweep.py --stage all"]),
         "python benchmarks/recipe_sweep.py --report-only   # this page, from the JSON",
         "```",
         "",

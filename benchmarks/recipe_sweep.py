@@ -496,6 +496,9 @@ def merge_summaries(disk: dict[str, Any], mine: dict[str, Any]) -> dict[str, Any
         stages[stage] = list(rows.values())
     info = {**disk.get("info", {}), **mine.get("info", {})}
     info["load"] = {**disk.get("info", {}).get("load", {}), **mine.get("info", {}).get("load", {})}
+    commands = [*disk.get("info", {}).get("commands", [])]
+    commands += [c for c in mine.get("info", {}).get("commands", []) if c not in commands]
+    info["commands"] = commands
     e2e = {e["name"]: e for e in disk.get("e2e", [])}
     e2e.update({e["name"]: e for e in mine.get("e2e", [])})
     return {"info": info, "stages": stages, "e2e": list(e2e.values())}
@@ -618,6 +621,10 @@ def main() -> int:
             },
         }
     )
+    argv = [os.path.relpath(a, ROOT) if a.startswith("/") else a for a in sys.argv[1:]]
+    command = " ".join(["python benchmarks/recipe_sweep.py", *argv])
+    if command not in info.setdefault("commands", []):
+        info["commands"].append(command)
     load_key = f"{args.stage}: {', '.join(args.only)}" if args.only else args.stage
     info.setdefault("load", {})[load_key] = {"before": load_average()}
     started = time.perf_counter()

@@ -21,6 +21,7 @@ from recipe_sweep import (  # noqa: E402
     BASELINE_RECIPE,
     combo_candidates,
     full_candidates,
+    merge_summaries,
     rounds_of,
     score,
     screen_candidates,
@@ -195,5 +196,25 @@ def test_the_default_is_adopted_on_the_target_or_two_points(base, best, adopted,
     assert decision["adopted"] is adopted
     write_report(tmp_path / "recipe.md", summary, tmp_path / "recipe_sweep.json")
     text = (tmp_path / "recipe.md").read_text()
-    assert ("The default becomes **ema-0.95**" in text) is adopted
+    assert ("The sweep adopts **ema-0.95**" in text) is adopted
+    # The page says whether pyproject.toml carries the recipe (ema is not a default here).
+    assert ("`pyproject.toml` does not set it yet (ema differ)" in text) is adopted
     assert ("Target reached: ema-0.95" in text) is (best >= 0.40)
+
+
+def test_two_sweeps_sharing_one_json_keep_every_row_load_and_command():
+    first = {
+        "info": {"load": {"all": {"before": 1}}, "commands": ["sweep --stage all"]},
+        "stages": {"screen": [row("baseline", {}, 0.3)]},
+    }
+    second = {
+        "info": {"load": {"full": {"before": 2}}, "commands": ["sweep --stage full --top 1"]},
+        "stages": {"full": [row("cosine", {"lr-schedule": "cosine"}, 0.4)]},
+    }
+    merged = merge_summaries(first, second)
+    assert merged["info"]["commands"] == ["sweep --stage all", "sweep --stage full --top 1"]
+    assert set(merged["info"]["load"]) == {"all", "full"}
+    assert [r["name"] for r in merged["stages"]["screen"]] == ["baseline"]
+    assert [r["name"] for r in merged["stages"]["full"]] == ["cosine"]
+    again = merge_summaries(merged, second)  # the same command twice is listed once
+    assert again["info"]["commands"] == merged["info"]["commands"]
