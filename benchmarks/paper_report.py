@@ -42,6 +42,7 @@ from paper_summary import (
 )
 from paper_verdicts import verdicts
 from progressive_report import render_progressive
+from recipe_report import recipe_section
 from zo_progressive_report import render_zo_progressive
 
 
@@ -103,11 +104,14 @@ def write_report(
 
 def results_appendix(docs: Path) -> str:
     """Sections from other benchmarks' JSON in ``docs/results/`` (each computed from its data):
-    progressive training (``progressive_run.json``), zeroth-order progressive training
-    (``zo_progressive_run.json``), the paper's scale (``paper_scale.json``), then the frontier,
-    last (``frontier_report.refresh_results_md`` replaces it alone; it says it was not run when
-    its JSON is absent)."""
+    the recipe sweep (``recipe_sweep.json``), progressive training (``progressive_run.json``),
+    zeroth-order progressive training (``zo_progressive_run.json``), the paper's scale
+    (``paper_scale.json``), then the frontier, last (``frontier_report.refresh_results_md``
+    replaces it alone; it says it was not run when its JSON is absent)."""
     sections = []
+    recipe = docs / "results" / "recipe_sweep.json"
+    if recipe.is_file():
+        sections.append(recipe_section(json.loads(recipe.read_text())))
     progressive = docs / "results" / "progressive_run.json"
     if progressive.is_file():
         sections.append(render_progressive(json.loads(progressive.read_text())))

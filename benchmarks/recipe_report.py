@@ -414,3 +414,55 @@ def write_report(path: Path, summary: dict[str, Any], json_path: Path) -> None:
     text = "\n".join(lines).rstrip() + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def recipe_section(summary: dict[str, Any]) -> str:
+    """``docs/results.md``'s short account of the recipe sweep (the page is ``docs/recipe.md``)."""
+    info, stages = summary["info"], summary["stages"]
+    screen, full = stages.get("screen", []), stages.get("full", [])
+    lines = ["## The default recipe", ""]
+    if not screen:
+        lines += ["Not run: `docs/results/recipe_sweep.json` holds no screen.", ""]
+        return "\n".join(lines) + "\n"
+    base = next((r for r in screen if r["name"] == "baseline"), None)
+    margin = info.get("win_margin", 0.0)
+    won = sorted(
+        (
+            r
+            for r in screen
+            if base is not None
+            and r is not base
+            and "fixed_rounds" not in r
+            and r["score"] > base["score"] + margin
+        ),
+        key=lambda r: -r["score"],
+    )
+    lines.append(
+        f"The recipe sweep ([recipe.md](recipe.md), from `docs/results/recipe_sweep.json`, "
+        f"one seed) screened {len(screen) - 1} single changes of the default for "
+        f"{info.get('screen_rounds')} rounds; "
+        + (
+            f"{len(won)} beat it by more than {100 * margin:.1f} pp in score "
+            f"({', '.join(w['name'] for w in won)})."
+            if won
+            else "none beat it."
+        )
+    )
+    if full:
+        best = max(full, key=lambda r: r["score"])
+        at_base = next((r for r in full if r["name"] == "baseline"), None)
+        versus = (
+            f", the baseline {pct(at_base['final_acc'])} after {at_base['rounds']}"
+            if at_base is not None and best is not at_base
+            else ""
+        )
+        lines.append(
+            f"At full length the best is {best['name']} ({keys_text(best['keys'])}): "
+            f"{pct(best['final_acc'])} after {best['rounds']} rounds{versus}."
+        )
+    decision = decide(summary)
+    if decision is not None:
+        verb = "adopted" if decision["adopted"] else "not adopted"
+        lines.append(f"Decision: {decision['name']} {verb}; {decision['reason']}.")
+    lines.append("")
+    return "\n".join(lines) + "\n"

@@ -16,7 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
-from recipe_report import budget_rounds, cost_ratio, decide, write_report  # noqa: E402
+from recipe_report import (  # noqa: E402
+    budget_rounds,
+    cost_ratio,
+    decide,
+    recipe_section,
+    write_report,
+)
 from recipe_sweep import (  # noqa: E402
     BASELINE_RECIPE,
     combo_candidates,
@@ -218,3 +224,16 @@ def test_two_sweeps_sharing_one_json_keep_every_row_load_and_command():
     assert [r["name"] for r in merged["stages"]["full"]] == ["cosine"]
     again = merge_summaries(merged, second)  # the same command twice is listed once
     assert again["info"]["commands"] == merged["info"]["commands"]
+
+
+@pytest.mark.parametrize(("best", "verb"), [(0.41, "adopted"), (0.365, "not adopted")])
+def test_the_results_page_section_follows_the_sweep(best, verb):
+    text = recipe_section(summary_with_full(0.36, best))
+    assert text.startswith("## The default recipe\n")
+    # SCREEN: 7 single changes of which 4 beat the baseline's 0.30 by > 0.5 pp (lenet-gn is
+    # at another scale and cosine is within the margin).
+    assert "screened 7 single changes of the default for 100 rounds" in text
+    assert "4 beat it by more than 0.5 pp in score (k-100, ema-0.95, lr-0.02, lr-0.005)" in text
+    assert f"At full length the best is ema-0.95 (`ema=0.95`): {100 * best:.1f} %" in text
+    assert f"Decision: ema-0.95 {verb};" in text
+    assert "Not run" in recipe_section({"info": {}, "stages": {}})
