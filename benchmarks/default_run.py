@@ -21,7 +21,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -67,26 +66,35 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", type=Path, default=ROOT / "docs/results/default_run.json")
     parser.add_argument("--figure", type=Path, default=ROOT / "docs/default-run.png")
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=ROOT / "outputs" / "default_run",
+        help="the run's outputs (emptied first; kept for recipe_sweep.py --e2e-from)",
+    )
     parser.add_argument("overrides", nargs="*", help="run-config overrides for scripts/run.sh")
     args = parser.parse_args()
     machine = machine_info(None)
-    with tempfile.TemporaryDirectory(prefix="fedzo-default-run-") as out:
-        env = {**os.environ, "FEDZO_OUTPUT_DIR": out}
-        started = time.perf_counter()
-        subprocess.run(["bash", "scripts/run.sh", *args.overrides], cwd=ROOT, env=env, check=True)
-        wall = time.perf_counter() - started
-        found = sorted(Path(out).glob("**/results.json"), key=lambda p: p.stat().st_mtime)
-        if not found:
-            print(f"no results.json under {out}", file=sys.stderr)
-            return 1
-        results = json.loads(found[-1].read_text())
-        figure = found[-1].with_name("results.png")
-        if figure.is_file():
-            shutil.copyfile(figure, args.figure)
+    out = args.out_dir.resolve()
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    env = {**os.environ, "FEDZO_OUTPUT_DIR": str(out)}
+    started = time.perf_counter()
+    subprocess.run(["bash", "scripts/run.sh", *args.overrides], cwd=ROOT, env=env, check=True)
+    wall = time.perf_counter() - started
+    found = sorted(out.glob("**/results.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        print(f"no results.json under {out}", file=sys.stderr)
+        return 1
+    results = json.loads(found[-1].read_text())
+    figure = found[-1].with_name("results.png")
+    if figure.is_file():
+        shutil.copyfile(figure, args.figure)
     machine["load_after"] = load_average()
     record = {
         "machine": machine,
-        "command": "bash scripts/run.sh " + " ".join(args.overrides),
+        "command": " ".join(["bash scripts/run.sh", *args.overrides]),
+        "results_json": os.path.relpath(found[-1], ROOT),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         **summarize(results, wall),
     }

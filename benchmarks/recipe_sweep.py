@@ -436,22 +436,65 @@ def run_e2e(name: str, args: argparse.Namespace, summary: dict[str, Any]) -> dic
     if proc.returncode != 0:
         raise SystemExit(f"flwr run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     results = json.loads((out_dir / f"e2e-{name}" / "results.json").read_text())
+    command = (
+        "flwr run . --stream --federation-config "
+        f"'num-supernodes={E2E_CLIENTS} client-resources-num-cpus=1' --run-config "
+        f"'{' '.join(f'{k}={json.dumps(v)}' for k, v in cand['keys'].items())}'"
+    )
+    row = e2e_row(cand, results, wall, command, load_before, load_average())
+    summary["e2e"] = [e for e in summary.get("e2e", []) if e["name"] != name] + [row]
+    return row
+
+
+def e2e_from_default_run(name: str, record_path: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """The e2e row of ``name`` from ``benchmarks/default_run.py``'s record of ``scripts/run.sh``.
+
+    Once a candidate is the default, the README's timed default run *is* its end-to-end run;
+    the run's config must hold the candidate's keys and rounds (else ``SystemExit`` naming
+    the keys that differ).
+    """
+    cand = next(c for c in summary["stages"]["full"] if c["name"] == name)
+    record = json.loads(record_path.read_text())
+    results = json.loads((ROOT / record["results_json"]).read_text())
+    wanted = {**cand["keys"], "num-server-rounds": cand["rounds"]}
+    differ = sorted(k for k, v in wanted.items() if results["config"].get(k) != v)
+    if differ:
+        raise SystemExit(f"{record_path}: the default run differs from {name} in {differ}")
+    machine = record["machine"]
+    row = e2e_row(
+        cand,
+        results,
+        record["wall_seconds"],
+        record["command"],
+        machine.get("load_before"),
+        machine.get("load_after"),
+    )
+    row["source"] = os.path.relpath(record_path.resolve(), ROOT)
+    summary["e2e"] = [e for e in summary.get("e2e", []) if e["name"] != name] + [row]
+    return row
+
+
+def e2e_row(
+    cand: Candidate,
+    results: dict[str, Any],
+    wall: float,
+    command: str,
+    load_before: object,
+    load_after: object,
+) -> dict[str, Any]:
+    """An end-to-end run's row: wall time, its start-up (wall minus the rounds), the curve."""
     in_rounds = sum(r["round_seconds"] for r in results["rounds"] if "round_seconds" in r)
-    row = {
-        "name": name,
+    return {
+        "name": cand["name"],
         "keys": cand["keys"],
         "rounds": cand["rounds"],
-        "command": "flwr run . --stream --federation-config "
-        f"'num-supernodes={E2E_CLIENTS} client-resources-num-cpus=1' --run-config "
-        f"'{' '.join(f'{k}={json.dumps(v)}' for k, v in cand['keys'].items())}'",
+        "command": command,
         "wall_seconds": wall,
         "startup_seconds": wall - in_rounds,
         "load_before": load_before,
-        "load_after": load_average(),
+        "load_after": load_after,
         **summarize(results),
     }
-    summary["e2e"] = [e for e in summary.get("e2e", []) if e["name"] != name] + [row]
-    return row
 
 
 # ------------------------------------------------------------------------------------ main
@@ -523,6 +566,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="CI: 4 clients, K = 10, 4 rounds")
     parser.add_argument("--only", nargs="+", default=None, help="candidate names to run")
     parser.add_argument("--e2e", default=None, help="full-stage candidate to run with flwr run")
+    parser.add_argument(
+        "--e2e-from",
+        type=Path,
+        default=None,
+        help="with --e2e: take the run from this default_run.py record instead of running it",
+    )
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--out-dir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
@@ -585,7 +634,11 @@ def main() -> int:
         print(f"# rebuilt {args.report} from {args.json}")
         return 0
     if args.e2e:
-        row = run_e2e(args.e2e, args, summary)
+        row = (
+            e2e_from_default_run(args.e2e, args.e2e_from, summary)
+            if args.e2e_from
+            else run_e2e(args.e2e, args, summary)
+        )
         save()
         write_report(args.report, summary, args.json)
         print(f"# e2e {args.e2e}: {row['final_acc']:.4f} in {row['wall_seconds']:.0f} s")

@@ -26,6 +26,7 @@ from recipe_report import (  # noqa: E402
 from recipe_sweep import (  # noqa: E402
     BASELINE_RECIPE,
     combo_candidates,
+    e2e_from_default_run,
     full_candidates,
     merge_summaries,
     rounds_of,
@@ -237,3 +238,37 @@ def test_the_results_page_section_follows_the_sweep(best, verb):
     assert f"At full length the best is ema-0.95 (`ema=0.95`): {100 * best:.1f} %" in text
     assert f"Decision: ema-0.95 {verb};" in text
     assert "Not run" in recipe_section({"info": {}, "stages": {}})
+
+
+def test_the_timed_default_run_serves_as_the_candidates_end_to_end_run(tmp_path):
+    import json
+    import os
+
+    summary = summary_with_full(0.36, 0.41)
+    rounds = [
+        {"round": 0, "accuracy": 0.1},
+        *({"round": r, "round_seconds": 1.0, "accuracy": 0.3} for r in range(1, 451)),
+    ]
+    results = {
+        "config": {"ema": 0.95, "num-server-rounds": 450, "k": 200},
+        "rounds": rounds,
+        "final": {"rounds": 450},
+        "setup": {"kept_coordinates": 6413},
+    }
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    record = {
+        "wall_seconds": 500.0,
+        "command": "bash scripts/run.sh",
+        "results_json": os.path.relpath(tmp_path / "results.json", ROOT),
+        "machine": {"load_before": [0.1, 0.1, 0.1], "load_after": [1.9, 1.5, 1.0]},
+    }
+    (tmp_path / "default_run.json").write_text(json.dumps(record))
+    row = e2e_from_default_run("ema-0.95", tmp_path / "default_run.json", summary)
+    assert row["wall_seconds"] == 500.0 and row["startup_seconds"] == 50.0  # 450 x 1 s rounds
+    assert row["command"] == "bash scripts/run.sh" and row["rounds"] == 450
+    assert summary["e2e"] == [row]
+    assert budget_rounds(summary, {"name": "ema-0.95", "keys": {}}) == (550, "measured end to end")
+    results["config"]["ema"] = 0.9  # another recipe ran: refused, naming the key
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    with pytest.raises(SystemExit, match="ema"):
+        e2e_from_default_run("ema-0.95", tmp_path / "default_run.json", summary)
