@@ -5,6 +5,7 @@ Relies on Flower 1.41 private API (``TaskIdentity``), kept in this one helper.
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -134,3 +135,26 @@ def superlink_error(message: Message, reason: str) -> Message:
 def server_context(run_config: UserConfig) -> Context:
     """Context for the ServerApp."""
     return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def run_server_logged(grid: Grid, run_config: UserConfig) -> list[str]:
+    """Run the real ServerApp over ``grid``; the ``flwr`` logger's lines (INFO and up)."""
+    from server_app.server_app import app as server_app
+
+    capture = _Lines()
+    logger = logging.getLogger("flwr")
+    logger.addHandler(capture)
+    try:
+        server_app(grid, server_context(run_config))
+    finally:
+        logger.removeHandler(capture)
+    return capture.lines

@@ -8,11 +8,10 @@ must be the memory model's own number for the configured engine.
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 import torch
-from inprocess_grid import InProcessGrid, app_config, server_context
+from inprocess_grid import InProcessGrid, app_config, run_server_logged
 
 from client_app.client_app import app as client_app
 from fedzo_flwr.config import RunConfig
@@ -24,7 +23,6 @@ from fedzo_flwr.run.setup import initial_model
 from fedzo_flwr.sparse.space import KeptSpace
 from fedzo_flwr.zo.client_need import per_copy_bytes, zo_client_need
 from fedzo_flwr.zo.engines.fused import chunk_for_budget
-from server_app.server_app import app as server_app
 
 NODES = 8
 BASE = {
@@ -38,30 +36,15 @@ BASE = {
 }
 
 
-class Capture(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
 def run(tmp_path, data_dir, name, **overrides):
     config = app_config(
         **{"data-dir": str(data_dir), "output-dir": str(tmp_path), "run-name": name},
         **{**BASE, **overrides},
     )
     grid = InProcessGrid(client_app, NODES, config, message_ids=True)
-    capture = Capture()
-    logger = logging.getLogger("flwr")
-    logger.addHandler(capture)
-    try:
-        server_app(grid, server_context(config))
-    finally:
-        logger.removeHandler(capture)
+    lines = run_server_logged(grid, config)
     results = json.loads((tmp_path / name / "results.json").read_text())
-    return grid, RunConfig.from_run_config(config), results, capture.lines
+    return grid, RunConfig.from_run_config(config), results, lines
 
 
 def budgets(grid):

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import Array
-from inprocess_grid import InProcessGrid, app_config, server_context
+from inprocess_grid import InProcessGrid, app_config, run_server_logged
 
 from client_app.client_app import app as client_app
 from fedzo_flwr.aggregation import client_weights
@@ -20,7 +19,6 @@ from fedzo_flwr.progressive.memory import full_backprop_memory, stage_memory
 from fedzo_flwr.run.evaluation import evaluate
 from fedzo_flwr.seeding import model_seed
 from server_app.message_size import message_nbytes
-from server_app.server_app import app as server_app
 
 # LeNet-5, stage split: what each step trains (travels every round) and keeps frozen.
 GROW = {
@@ -34,15 +32,6 @@ SHRINK_FROZEN = {
     1: [*GROW[0][:2], *GROW[1][:2], *GROW[2]],
     0: [*GROW[0][:2], *GROW[1][:2], *SHRINK[1]],
 }
-
-
-class Capture(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
 
 
 def run(tmp_path, data_dir, name, num_nodes=4, intercept=None, **overrides):
@@ -62,15 +51,9 @@ def run(tmp_path, data_dir, name, num_nodes=4, intercept=None, **overrides):
         }
     )
     grid = InProcessGrid(client_app, num_nodes, config, intercept=intercept, message_ids=True)
-    capture = Capture()
-    logger = logging.getLogger("flwr")
-    logger.addHandler(capture)
-    try:
-        server_app(grid, server_context(config))
-    finally:
-        logger.removeHandler(capture)
+    lines = run_server_logged(grid, config)
     results = json.loads((tmp_path / name / "results.json").read_text())
-    return grid, results, capture.lines
+    return grid, results, lines
 
 
 def train_messages(grid):

@@ -10,13 +10,12 @@ rejections; a node's budget must cover the stage's forward-only need.
 from __future__ import annotations
 
 import json
-import logging
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord
-from inprocess_grid import InProcessGrid, app_config, server_context
+from inprocess_grid import InProcessGrid, app_config, run_server_logged
 
 from client_app.client_app import app as client_app
 from client_app.progressive import FROZEN_ID_STATE_KEY, FROZEN_STATE_KEY
@@ -30,7 +29,6 @@ from fedzo_flwr.protocol.wire import encode_scalars
 from fedzo_flwr.run.setup import initial_model
 from fedzo_flwr.seeding import model_seed
 from fedzo_flwr.zo.directions import DirectionGenerator
-from server_app.server_app import app as server_app
 
 K, SIGMA, LR, MOMENTUM = 8, 1e-3, 0.05, 0.9
 SETTINGS = {
@@ -52,15 +50,6 @@ SETTINGS = {
 BLOCKS = {0: ["conv1.weight", "conv1.bias"], 1: ["conv2.weight", "conv2.bias"]}
 
 
-class Capture(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
 def run(tmp_path, data_dir, name, num_nodes=4, intercept=None, intercept_for=None, **overrides):
     """One run; ``intercept_for(grid)`` may build an interceptor that needs the grid."""
     config = app_config(
@@ -75,15 +64,9 @@ def run(tmp_path, data_dir, name, num_nodes=4, intercept=None, intercept_for=Non
     grid = InProcessGrid(client_app, num_nodes, config, intercept=intercept, message_ids=True)
     if intercept_for is not None:
         grid.intercept = intercept_for(grid)
-    capture = Capture()
-    logger = logging.getLogger("flwr")
-    logger.addHandler(capture)
-    try:
-        server_app(grid, server_context(config))
-    finally:
-        logger.removeHandler(capture)
+    lines = run_server_logged(grid, config)
     results = json.loads((tmp_path / name / "results.json").read_text())
-    return grid, results, capture.lines, config
+    return grid, results, lines, config
 
 
 def train_messages(grid):
