@@ -374,7 +374,9 @@ class RunConfig(BaseModel):
         mine, theirs = self.to_run_config(), other.to_run_config()
         free = BOOKKEEPING_KEYS | {"lr-schedule-rounds"}
         keys = {k for k in mine if k not in free and mine[k] != theirs.get(k)}
-        cosine = self.lr_schedule == other.lr_schedule == "cosine"
+        # Only the zeroth-order server optimizer follows the schedule.
+        zo = self.method.startswith("zo-")
+        cosine = zo and self.lr_schedule == other.lr_schedule == "cosine"
         if cosine and self.schedule_rounds != other.schedule_rounds:
             both_default = not (self.lr_schedule_rounds or other.lr_schedule_rounds)
             keys.add("num-server-rounds" if both_default else "lr-schedule-rounds")

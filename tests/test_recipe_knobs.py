@@ -277,8 +277,9 @@ def test_bad_recipe_keys_are_refused_by_name(keys, named):
 
 
 def test_cosine_makes_the_number_of_rounds_part_of_the_trajectory():
-    a = RunConfig.from_run_config({"num-server-rounds": 100})
-    b = RunConfig.from_run_config({"num-server-rounds": 200})
+    constant = {"lr-schedule": "constant"}
+    a = RunConfig.from_run_config({"num-server-rounds": 100, **constant})
+    b = RunConfig.from_run_config({"num-server-rounds": 200, **constant})
     assert a.trajectory_differences(b) == []  # constant lr: more rounds resume fine
     c = RunConfig.from_run_config({"num-server-rounds": 100, "lr-schedule": "cosine"})
     d = RunConfig.from_run_config({"num-server-rounds": 200, "lr-schedule": "cosine"})
@@ -302,9 +303,18 @@ def test_lr_schedule_rounds_sets_the_cosine_horizon_apart_from_the_run_length():
     )
     assert short.trajectory_differences(other) == ["lr-schedule-rounds"]
     # Under a constant lr the horizon is irrelevant.
+    constant = {"lr-schedule": "constant"}
+    plain = RunConfig.from_run_config(constant)
     assert (
-        RunConfig.from_run_config({"lr-schedule-rounds": 5}).trajectory_differences(
-            RunConfig.from_run_config({})
+        RunConfig.from_run_config({"lr-schedule-rounds": 5, **constant}).trajectory_differences(
+            plain
         )
+        == []
+    )
+    # Nor does it matter to a method without the zeroth-order server optimizer.
+    fedavg = {"method": "fedavg", "density": 1.0, "lr-schedule": "cosine"}
+    four = RunConfig.from_run_config({**fedavg, "num-server-rounds": 4})
+    assert (
+        four.trajectory_differences(RunConfig.from_run_config({**fedavg, "num-server-rounds": 6}))
         == []
     )

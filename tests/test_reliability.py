@@ -25,7 +25,15 @@ from fedzo_flwr.run.checkpoint import load_checkpoint, save_checkpoint
 from server_app.server_app import RunSetupError
 from server_app.server_app import app as server_app
 
-BASE = {"k": 12, "prune-iterations": 2, "prune-repeats": 1, "eval-every": 2}
+BASE = {
+    "k": 12,
+    "prune-iterations": 2,
+    "prune-repeats": 1,
+    "eval-every": 2,
+    # One lr-schedule horizon for every run here, so runs of 2, 4 and 6 rounds of the default
+    # (cosine) schedule are the same trajectory and resume one another.
+    "lr-schedule-rounds": 8,
+}
 TIMING_KEYS = {"client_seconds", "client_peak_mem_bytes", "client_extra_mem_bytes", "round_seconds"}
 
 
@@ -348,10 +356,12 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, data_dir, uni
 
 
 def test_resume_mid_warmup_with_the_recipe_knobs_is_bit_identical(tmp_path, data_dir):
-    """Warm-up, Adam betas, weight decay and per-client clipping survive a checkpoint."""
+    """Warm-up, cosine, Adam betas, weight decay and per-client clipping survive a checkpoint."""
     knobs = {
         "checkpoint-every": 2,
         "warmup-rounds": 3,
+        "lr-schedule": "cosine",
+        "lr-schedule-rounds": 6,
         "adam-beta1": 0.8,
         "adam-beta2": 0.95,
         "weight-decay": 5e-4,
