@@ -85,6 +85,17 @@ def cost_ratio(summary: dict[str, Any], cand: dict[str, Any]) -> float:
     return float(same[0]["round_seconds_median"] / base["round_seconds_median"])
 
 
+def beating(
+    screen: list[dict[str, Any]], base: dict[str, Any], margin: float
+) -> list[dict[str, Any]]:
+    """Single changes at the screen's scale that beat ``base``'s score by more than ``margin``."""
+    return [
+        r
+        for r in screen
+        if r is not base and "fixed_rounds" not in r and r["score"] > base["score"] + margin
+    ]
+
+
 def decide(summary: dict[str, Any]) -> dict[str, Any] | None:
     """Whether the best full-length recipe replaces the default, and why.
 
@@ -94,20 +105,21 @@ def decide(summary: dict[str, Any]) -> dict[str, Any] | None:
     full = summary["stages"].get("full", [])
     rows = []
     for row in full:
-        fit, _ = budget_rounds(summary, row)
+        fit, how = budget_rounds(summary, row)
         within = acc_at(row["curve"], fit)
         if within is not None:
-            rows.append((row, within))
-    base = next((w for r, w in rows if r["name"] == "baseline"), None)
-    others = [(r, w) for r, w in rows if r["name"] != "baseline"]
+            rows.append((row, within, how))
+    base = next((w for r, w, _ in rows if r["name"] == "baseline"), None)
+    others = [(r, w, h) for r, w, h in rows if r["name"] != "baseline"]
     if base is None or not others:
         return None
-    row, within = max(others, key=lambda rw: rw[1][1])
+    row, within, how = max(others, key=lambda rwh: rwh[1][1])
     gain = within[1] - base[1]
     reached = within[1] >= TARGET_ACC
     adopted = reached or gain >= ADOPT_GAIN
     reason = (
-        f"within the budget it reaches {pct(within[1])} at round {within[0]} against the "
+        f"within the budget (rounds {how}) it reaches {pct(within[1])} at round {within[0]} "
+        "against the "
         f"baseline's {pct(base[1])} at round {base[0]} ({pp(gain)}; the rule: the target "
         f"{pct(TARGET_ACC)}, or {100 * ADOPT_GAIN:.0f} pp over the baseline)"
     )
@@ -153,7 +165,7 @@ def _screen_section(summary: dict[str, Any]) -> list[str]:
     if base is None:
         return out
     singles = [r for r in screen if r["name"] != "baseline" and "fixed_rounds" not in r]
-    won = [r for r in singles if r["score"] > base["score"] + info["win_margin"]]
+    won = beating(singles, base, info["win_margin"])
     lost = [r for r in singles if r["score"] < base["score"] - info["win_margin"]]
     even = [r for r in singles if r not in won and r not in lost]
     margin = f"{100 * info['win_margin']:.1f} pp"
@@ -426,17 +438,7 @@ def recipe_section(summary: dict[str, Any]) -> str:
         return "\n".join(lines) + "\n"
     base = next((r for r in screen if r["name"] == "baseline"), None)
     margin = info.get("win_margin", 0.0)
-    won = sorted(
-        (
-            r
-            for r in screen
-            if base is not None
-            and r is not base
-            and "fixed_rounds" not in r
-            and r["score"] > base["score"] + margin
-        ),
-        key=lambda r: -r["score"],
-    )
+    won = _by_score(beating(screen, base, margin)) if base is not None else []
     lines.append(
         f"The recipe sweep ([recipe.md](recipe.md), from `docs/results/recipe_sweep.json`, "
         f"one seed) screened {len(screen) - 1} single changes of the default for "

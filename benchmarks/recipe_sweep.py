@@ -441,9 +441,7 @@ def run_e2e(name: str, args: argparse.Namespace, summary: dict[str, Any]) -> dic
         f"'num-supernodes={E2E_CLIENTS} client-resources-num-cpus=1' --run-config "
         f"'{' '.join(f'{k}={json.dumps(v)}' for k, v in cand['keys'].items())}'"
     )
-    row = e2e_row(cand, results, wall, command, load_before, load_average())
-    summary["e2e"] = [e for e in summary.get("e2e", []) if e["name"] != name] + [row]
-    return row
+    return e2e_row(cand, results, wall, command, load_before, load_average())
 
 
 def e2e_from_default_run(name: str, record_path: Path, summary: dict[str, Any]) -> dict[str, Any]:
@@ -470,7 +468,6 @@ def e2e_from_default_run(name: str, record_path: Path, summary: dict[str, Any]) 
         machine.get("load_after"),
     )
     row["source"] = os.path.relpath(record_path.resolve(), ROOT)
-    summary["e2e"] = [e for e in summary.get("e2e", []) if e["name"] != name] + [row]
     return row
 
 
@@ -639,6 +636,7 @@ def main() -> int:
             if args.e2e_from
             else run_e2e(args.e2e, args, summary)
         )
+        summary["e2e"] = [e for e in summary.get("e2e", []) if e["name"] != row["name"]] + [row]
         save()
         write_report(args.report, summary, args.json)
         print(f"# e2e {args.e2e}: {row['final_acc']:.4f} in {row['wall_seconds']:.0f} s")
@@ -681,7 +679,11 @@ def main() -> int:
     load_key = f"{args.stage}: {', '.join(args.only)}" if args.only else args.stage
     info.setdefault("load", {})[load_key] = {"before": load_average()}
     started = time.perf_counter()
-    stages = ("screen", "combos", "full", "timing") if args.stage == "all" else (args.stage,)
+    # The full stage's report needs the timing pairs (a candidate with another K or model).
+    stages = {
+        "all": ("screen", "combos", "full", "timing"),
+        "full": ("full", "timing"),
+    }.get(args.stage, (args.stage,))
     if "screen" in stages:
         run_stage(
             "screen", screen_candidates(args.gn_rounds), args.screen_rounds, args, summary, save
@@ -706,7 +708,7 @@ def main() -> int:
             )
         top = len(ranked) if args.full else args.top
         run_stage("full", full_candidates(ranked, top), args.full_rounds, args, summary, save)
-    if args.stage in ("timing", "all"):
+    if "timing" in stages:
         info["timing_rounds"] = args.timing_rounds
         for pair in timing_pairs(screen_candidates(args.gn_rounds)):
             for cand in pair:
