@@ -4,9 +4,12 @@ The default model and data set of the recipe (LeNet-5 on CIFAR-10 today), 10 cli
 α = 0.5 (``--alphas 0.5 0.1`` adds α = 0.1), dense zeroth-order training (BAFFLE) against
 NTK-SAP-pruned zeroth-order training at density 0.1.
 Both rows take **the same recipe: the run-config defaults of pyproject.toml** (a later change
-of the default recipe carries over); ``--set key=value`` overrides a key for both (TOML values,
-as ``flwr run --run-config``). Only the keys that define the two rows and the scale are fixed
-here (``method``, ``prune-method``, ``density``; ``--k``, ``--rounds``, ``--clients``).
+of the default recipe carries over) **with a constant lr** (:data:`SCHEDULE`): the default's
+cosine schedule is sized for the 10-minute default run (450 rounds, stopped at 340;
+docs/recipe.md) and would end long before round 3000. ``--set key=value`` overrides a key for
+both (TOML values, as ``flwr run --run-config``), the schedule's keys included. Only the keys
+that define the two rows and the scale are fixed here (``method``, ``prune-method``,
+``density``; ``--k``, ``--rounds``, ``--clients``).
 
 Every run is the real ServerApp against real ClientApps in one process
 (``tests/inprocess_grid.py``, as ``paper_comparison.py`` runs them), **in its own background
@@ -67,6 +70,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "zo-pruned": {"method": "zo-pruned", "prune-method": "ntk", "density": 0.1},
 }
 """The two rows of Figure 2 and the keys that make them (everything else is shared)."""
+SCHEDULE: dict[str, Any] = {"lr-schedule": "constant", "lr-schedule-rounds": 0}
+"""The lr schedule of both rows unless ``--set`` names it: constant at every scale."""
 FIXED_KEYS = frozenset(
     {
         "method",
@@ -142,6 +147,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
             name = run_name(method, alpha)
             config: dict[str, Any] = app_config(
                 **{
+                    **SCHEDULE,
                     **args.overrides,
                     "data-dir": str(args.data_dir),
                     "output-dir": str(args.out_dir),

@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGET_ACC = 0.40
 ADOPT_GAIN = 0.02
 """A recipe replaces the default when it reaches the target or beats it by this much."""
+DENSE_MARGIN = 0.005
+"""A change "hurts zo-dense" when its zo-dense twin scores this much below the dense baseline."""
 
 
 def pct(x: float) -> str:
@@ -46,10 +48,11 @@ def budget_rounds(summary: dict[str, Any], cand: dict[str, Any]) -> tuple[int, s
 
     Measured when the candidate ran end to end (``e2e``); otherwise extrapolated from the
     reference end-to-end run of the default (``info.reference``), scaled by the candidate's
-    in-process time per round over the baseline's in the same stage.
+    in-process time per round over the baseline's in the same stage. The budget keeps
+    ``info.time_spare`` (a fraction) spare for the machine's drift between runs.
     """
     info = summary["info"]
-    budget = info["time_budget_s"]
+    budget = info["time_budget_s"] * (1.0 - info.get("time_spare", 0.0))
     for e2e in summary.get("e2e", []):
         if e2e["name"] == cand["name"]:
             per_round = (e2e["wall_seconds"] - e2e["startup_seconds"]) / e2e["rounds"]
@@ -96,34 +99,102 @@ def beating(
     ]
 
 
+def hurts_dense(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Changes whose zo-dense twin (the dense stage) scores :data:`DENSE_MARGIN` or more below
+    the dense baseline: ``{"name", "keys", "gain"}`` with the keys other than ``method``."""
+    dense = summary["stages"].get("dense", [])
+    base = next((r for r in dense if r["dense_of"] == "baseline"), None)
+    if base is None:
+        return []
+    return [
+        {
+            "name": r["dense_of"],
+            "keys": {k: v for k, v in r["keys"].items() if k != "method"},
+            "gain": r["score"] - base["score"],
+        }
+        for r in dense
+        if r is not base and r["score"] <= base["score"] - DENSE_MARGIN
+    ]
+
+
+def _contains(keys: dict[str, Any], change: dict[str, Any]) -> bool:
+    return all(k in keys and keys[k] == v for k, v in change.items())
+
+
+def full_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The full stage's runs, and the end-to-end runs of a full candidate at another length
+    (``e2e_of``: the default run at the length the budget allows)."""
+    extra = [e for e in summary.get("e2e", []) if e.get("e2e_of")]
+    return [*summary["stages"].get("full", []), *extra]
+
+
 def decide(summary: dict[str, Any]) -> dict[str, Any] | None:
     """Whether the best full-length recipe replaces the default, and why.
 
-    Adopted when it reaches :data:`TARGET_ACC` within the budget, or beats the baseline within
-    the budget by :data:`ADOPT_GAIN`. Needs the baseline and a candidate at full length.
+    The default recipe is the recipe of zo-dense and zo-pruned alike, so a candidate holding a
+    change that hurts zo-dense (:func:`hurts_dense`) is not eligible. Of the others, the best
+    within the budget is adopted when it reaches :data:`TARGET_ACC`, or beats the baseline
+    within the budget by :data:`ADOPT_GAIN`. Needs the baseline and a candidate at full length.
     """
-    full = summary["stages"].get("full", [])
+    full = full_rows(summary)
+    harmful = hurts_dense(summary)
+    excluded = [
+        (r["name"], h)
+        for r in full
+        for h in harmful
+        if h["keys"] and _contains(r["keys"], h["keys"])
+    ]
+    banned = {name for name, _ in excluded}
     rows = []
     for row in full:
+        if row["name"] in banned:
+            continue
         fit, how = budget_rounds(summary, row)
         within = acc_at(row["curve"], fit)
         if within is not None:
             rows.append((row, within, how))
     base = next((w for r, w, _ in rows if r["name"] == "baseline"), None)
-    others = [(r, w, h) for r, w, h in rows if r["name"] != "baseline"]
+    others = [(r, w, h) for r, w, h in rows if "baseline" not in (r["name"], r.get("e2e_of"))]
     if base is None or not others:
         return None
     row, within, how = max(others, key=lambda rwh: rwh[1][1])
     gain = within[1] - base[1]
     reached = within[1] >= TARGET_ACC
     adopted = reached or gain >= ADOPT_GAIN
+    why_not = "".join(
+        f"; not eligible, as {h['name']} ({keys_text(h['keys'])}) scores {pp(h['gain'])} on "
+        "zo-dense and the default is zo-dense's recipe too: "
+        + ", ".join(name for name, hit in excluded if hit is h)
+        for h in harmful
+        if any(hit is h for _, hit in excluded)
+    )
     reason = (
         f"within the budget (rounds {how}) it reaches {pct(within[1])} at round {within[0]} "
         "against the "
         f"baseline's {pct(base[1])} at round {base[0]} ({pp(gain)}; the rule: the target "
-        f"{pct(TARGET_ACC)}, or {100 * ADOPT_GAIN:.0f} pp over the baseline)"
+        f"{pct(TARGET_ACC)}, or {100 * ADOPT_GAIN:.0f} pp over the baseline){why_not}"
     )
-    return {"name": row["name"], "keys": row["keys"], "adopted": adopted, "reason": reason}
+    return {
+        "name": row["name"],
+        "keys": row["keys"],
+        "recipe": budget_recipe(row, within[0]),
+        "adopted": adopted,
+        "reason": reason,
+    }
+
+
+def budget_recipe(row: dict[str, Any], rounds: int) -> dict[str, Any]:
+    """The run config that reproduces ``row``'s curve up to ``rounds`` (its in-budget point).
+
+    ``row``'s keys and ``num-server-rounds = rounds``; a cosine schedule keeps ``row``'s own
+    horizon (``lr-schedule-rounds`` = its rounds) when it stops early, for a shorter cosine
+    decays sooner and follows another curve.
+    """
+    recipe = dict(row["keys"])
+    if rounds < row["rounds"] and recipe.get("lr-schedule") == "cosine":
+        recipe.setdefault("lr-schedule-rounds", row["rounds"])
+    recipe["num-server-rounds"] = rounds
+    return recipe
 
 
 def _table(rows: list[dict[str, Any]], base: dict[str, Any] | None) -> list[str]:
@@ -289,16 +360,17 @@ def _full_section(summary: dict[str, Any]) -> list[str]:
         "K directions again runs 200 / K times the rounds).",
         "",
         f"The time budget is {budget / 60:.0f} minutes end to end (`flwr run`, "
-        f"{info.get('e2e_clients', 10)} simulated clients, this 2-core machine). *Rounds in "
-        "budget*: how many rounds of the candidate fit (see below); *in budget*: the test "
-        "accuracy of the last evaluation within them.",
+        f"{info.get('e2e_clients', 10)} simulated clients, this 2-core machine), of which "
+        f"{100 * info.get('time_spare', 0.0):.0f} % is kept spare for the machine's drift "
+        "between runs. *Rounds in budget*: how many rounds of the candidate fit in the rest "
+        "(see below); *in budget*: the test accuracy of the last evaluation within them.",
         "",
         "| candidate | keys | rounds | acc. round 300 | final | best | rounds in budget | "
         "in budget | how |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     rows = []
-    for row in _by_score(full):
+    for row in _by_score(full_rows(summary)):
         fit, how = budget_rounds(summary, row)
         at300 = acc_at(row["curve"], 300)
         within = acc_at(row["curve"], fit)
@@ -310,6 +382,13 @@ def _full_section(summary: dict[str, Any]) -> list[str]:
             f"{pct(within[1]) + f' (round {within[0]})' if within else '-'} | {how} |"
         )
     out.append("")
+    for row in full_rows(summary):
+        if row.get("e2e_of"):
+            out.append(
+                f"* {row['name']} is {row['e2e_of']} run for {row['rounds']} rounds, end to end "
+                f"only (`{row['command']}`, from `{row.get('source', '?')}`): "
+                f"{row['wall_seconds']:.0f} s, {pct(row['final_acc'])} at the end."
+            )
     ref = info["reference"]
     out.append(
         f"* Extrapolated budgets use the reference end-to-end run of the default "
@@ -367,18 +446,22 @@ def _decision(summary: dict[str, Any]) -> list[str]:
     lines = ["## Decision", ""]
     if decision["adopted"]:
         defaults = pyproject_defaults()
-        unset = sorted(k for k, v in decision["keys"].items() if defaults.get(k) != v)
+        unset = sorted(k for k, v in decision["recipe"].items() if defaults.get(k) != v)
         where = (
             "`pyproject.toml`'s run config now sets it"
             if not unset
             else f"`pyproject.toml` does not set it yet ({', '.join(unset)} differ)"
         )
         lines.append(
-            f"The sweep adopts **{decision['name']}** ({keys_text(decision['keys'])}); "
+            f"The sweep adopts **{decision['name']}** for the budget, i.e. the run config "
+            f"{keys_text(decision['recipe'])}; "
             f"{where}: {decision['reason']}."
         )
     else:
-        lines.append(f"The default stays as it was: {decision['reason']}.")
+        lines.append(
+            f"The default stays as it was. The best eligible candidate is **{decision['name']}** "
+            f"({keys_text(decision['keys'])}): {decision['reason']}."
+        )
     lines.append("")
     return lines
 

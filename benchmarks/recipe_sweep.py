@@ -63,6 +63,10 @@ BASE_K = 200
 E2E_CLIENTS = 10
 TIME_BUDGET_S = 600.0
 """The target's wall-time budget, end to end."""
+TIME_SPARE = 0.1
+"""Fraction of the budget a recipe leaves spare for the machine's drift: three end-to-end runs
+of the default's work per round within one hour here (2026-12-02, AMD EPYC) took 1.46 to 1.65 s
+a round (the e2e rows' wall minus start-up, over their rounds)."""
 
 Candidate = dict[str, Any]
 
@@ -448,16 +452,21 @@ def e2e_from_default_run(name: str, record_path: Path, summary: dict[str, Any]) 
     """The e2e row of ``name`` from ``benchmarks/default_run.py``'s record of ``scripts/run.sh``.
 
     Once a candidate is the default, the README's timed default run *is* its end-to-end run;
-    the run's config must hold the candidate's keys and rounds (else ``SystemExit`` naming
-    the keys that differ).
+    the run's config must hold the candidate's keys (else ``SystemExit`` naming the keys that
+    differ). A default run of another length than the full stage's is a candidate of its own,
+    ``<name>-<rounds>`` (``e2e_of``: ``name``; its keys add ``num-server-rounds``): the same
+    recipe at the length the budget allows, measured end to end only.
     """
     cand = next(c for c in summary["stages"]["full"] if c["name"] == name)
     record = json.loads(record_path.read_text())
     results = json.loads((ROOT / record["results_json"]).read_text())
-    wanted = {**cand["keys"], "num-server-rounds": cand["rounds"]}
-    differ = sorted(k for k, v in wanted.items() if results["config"].get(k) != v)
+    differ = sorted(k for k, v in cand["keys"].items() if results["config"].get(k) != v)
     if differ:
         raise SystemExit(f"{record_path}: the default run differs from {name} in {differ}")
+    rounds = int(results["config"]["num-server-rounds"])
+    if rounds != cand["rounds"]:
+        keys = {**cand["keys"], "num-server-rounds": rounds}
+        cand = {**cand, "name": f"{name}-{rounds}", "keys": keys, "rounds": rounds}
     machine = record["machine"]
     row = e2e_row(
         cand,
@@ -468,7 +477,24 @@ def e2e_from_default_run(name: str, record_path: Path, summary: dict[str, Any]) 
         machine.get("load_after"),
     )
     row["source"] = os.path.relpath(record_path.resolve(), ROOT)
+    if row["name"] != name:
+        row["e2e_of"] = name
     return row
+
+
+def reference_from(record_path: Path) -> dict[str, Any]:
+    """The reference end-to-end run of the default from a ``default_run.py`` record."""
+    record = json.loads(record_path.read_text())
+    machine = record.get("machine", {})
+    return {
+        "source": (
+            f"`{os.path.relpath(record_path.resolve(), ROOT)}`, `{record['command']}` timed by "
+            f"benchmarks/default_run.py on {record.get('date', '?')} ({machine.get('cpu', '?')})"
+        ),
+        "wall_seconds": record["wall_seconds"],
+        "strategy_seconds": record["strategy_seconds"],
+        "rounds": record["final"]["rounds"],
+    }
 
 
 def e2e_row(
@@ -579,6 +605,13 @@ def parse_args() -> argparse.Namespace:
         default="README.md, the default run measured end to end",
         help="where the reference end-to-end run of the default was measured",
     )
+    parser.add_argument(
+        "--reference-from",
+        type=Path,
+        default=None,
+        help="take the reference run from this default_run.py record (this machine's timed "
+        "default run) instead of --ref-*; works with --e2e and --report-only",
+    )
     parser.add_argument("--ref-wall", type=float, default=361.0, help="its wall seconds")
     parser.add_argument("--ref-strategy", type=float, default=335.0, help="its rounds' seconds")
     parser.add_argument("--ref-rounds", type=int, default=300, help="its rounds")
@@ -598,6 +631,14 @@ def parse_args() -> argparse.Namespace:
         args.gn_rounds, args.eval_every = 2, 2
         args.scale_keys = {"k": 10, "prune-iterations": 2, "prune-repeats": 1}
     return args
+
+
+def record_command(info: dict[str, Any]) -> None:
+    """Add this invocation to ``info["commands"]`` (once; paths relative to the checkout)."""
+    argv = [os.path.relpath(a, ROOT) if a.startswith("/") else a for a in sys.argv[1:]]
+    command = " ".join(["python benchmarks/recipe_sweep.py", *argv])
+    if command not in info.setdefault("commands", []):
+        info["commands"].append(command)
 
 
 def main() -> int:
@@ -626,11 +667,16 @@ def main() -> int:
             "baseline_recipe": BASELINE_RECIPE,
         }
     )
+    summary["info"]["time_spare"] = TIME_SPARE
+    if args.reference_from:
+        summary["info"]["reference"] = reference_from(args.reference_from)
+        save()
     if args.report_only:
         write_report(args.report, summary, args.json)
         print(f"# rebuilt {args.report} from {args.json}")
         return 0
     if args.e2e:
+        record_command(summary["info"])
         row = (
             e2e_from_default_run(args.e2e, args.e2e_from, summary)
             if args.e2e_from
@@ -664,18 +710,19 @@ def main() -> int:
             "versions": versions(),
             "baseline_text": baseline_text(),
             "e2e_clients": E2E_CLIENTS,
-            "reference": {
-                "source": args.ref_source,
-                "wall_seconds": args.ref_wall,
-                "strategy_seconds": args.ref_strategy,
-                "rounds": args.ref_rounds,
-            },
+            "reference": (
+                reference_from(args.reference_from)
+                if args.reference_from
+                else {
+                    "source": args.ref_source,
+                    "wall_seconds": args.ref_wall,
+                    "strategy_seconds": args.ref_strategy,
+                    "rounds": args.ref_rounds,
+                }
+            ),
         }
     )
-    argv = [os.path.relpath(a, ROOT) if a.startswith("/") else a for a in sys.argv[1:]]
-    command = " ".join(["python benchmarks/recipe_sweep.py", *argv])
-    if command not in info.setdefault("commands", []):
-        info["commands"].append(command)
+    record_command(info)
     load_key = f"{args.stage}: {', '.join(args.only)}" if args.only else args.stage
     info.setdefault("load", {})[load_key] = {"before": load_average()}
     started = time.perf_counter()

@@ -303,6 +303,18 @@ class RunConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _rounds_within_the_cosine_horizon(self) -> RunConfig:
+        if self.lr_schedule == "cosine" and self.num_server_rounds > self.schedule_rounds:
+            raise ValueError(
+                f"keys 'num-server-rounds' and 'lr-schedule-rounds': the cosine schedule ends "
+                f"at step {self.schedule_rounds} and the lr is 0 after it, so "
+                f"num-server-rounds={self.num_server_rounds} would train only "
+                f"{self.schedule_rounds} rounds; set lr-schedule-rounds >= num-server-rounds "
+                "(0: the run's own rounds) or lr-schedule='constant'"
+            )
+        return self
+
     @property
     def schedule_rounds(self) -> int:
         """The cosine schedule's horizon: ``lr-schedule-rounds``, else ``num-server-rounds``."""

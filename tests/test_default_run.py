@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from default_run import summarize  # noqa: E402
+from default_run import END, START, readme_block, summarize  # noqa: E402
 
 
 def _per_client(values: list[float]) -> dict[str, Any]:
@@ -50,6 +50,7 @@ def _results() -> dict[str, Any]:
             trained(3, [1520.0, 1560.0], [26600.0, 26600.0], 0.3),
         ],
         "final": {"accuracy": 0.3, "loss": 1.9, "rounds": 3, "seconds": 12.5},
+        "config": {"method": "zo-pruned", "k": 200, "num-server-rounds": 3, "seed": 1},
         "environment": {"lock_sha256": "ab"},
     }
 
@@ -73,3 +74,19 @@ def test_default_run_record_is_computed_from_the_results() -> None:
     assert record["layer_densities"] == {"conv1": 0.5}
     assert "layer_densities" not in record["setup"] and record["setup"]["prune_seconds"] == 3.5
     assert record["environment"] == {"lock_sha256": "ab"}
+    assert record["config"] == {"method": "zo-pruned", "k": 200, "num-server-rounds": 3}
+
+
+def test_the_readme_block_is_the_recorded_default_run() -> None:
+    import json
+
+    record = json.loads((ROOT / "docs/results/default_run.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    begin, end = readme.index(START), readme.index(END) + len(END) + 1
+    assert readme[begin:end] == readme_block(record)
+    block = readme_block(record)
+    final = record["final"]
+    assert f"**{final['rounds']}: {100 * final['accuracy']:.1f} %**" in block
+    assert f"**{record['uplink_per_client_round']:,.0f} B** = {4 * record['config']['k']:,} B" in (
+        block
+    )

@@ -269,6 +269,11 @@ def test_config_keys_reach_the_optimizer_settings():
             "lr-schedule-rounds",
         ),
         ({"lr-schedule-rounds": -1}, "lr-schedule-rounds"),
+        # Rounds past the cosine's end would train at lr 0.
+        (
+            {"lr-schedule": "cosine", "num-server-rounds": 451, "lr-schedule-rounds": 450},
+            "num-server-rounds=451 would train only 450 rounds",
+        ),
     ],
 )
 def test_bad_recipe_keys_are_refused_by_name(keys, named):

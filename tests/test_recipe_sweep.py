@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 from recipe_report import (  # noqa: E402
+    budget_recipe,
     budget_rounds,
     cost_ratio,
     decide,
@@ -29,6 +30,7 @@ from recipe_sweep import (  # noqa: E402
     e2e_from_default_run,
     full_candidates,
     merge_summaries,
+    reference_from,
     rounds_of,
     score,
     screen_candidates,
@@ -205,7 +207,9 @@ def test_the_default_is_adopted_on_the_target_or_two_points(base, best, adopted,
     text = (tmp_path / "recipe.md").read_text()
     assert ("The sweep adopts **ema-0.95**" in text) is adopted
     # The page says whether pyproject.toml carries the recipe (ema is not a default here).
-    assert ("`pyproject.toml` does not set it yet (ema differ)" in text) is adopted
+    assert ("`pyproject.toml` does not set it yet (ema, num-server-rounds differ)" in text) is (
+        adopted
+    )
     # The decision says how its budget was found (here: extrapolated, no end-to-end run).
     assert "within the budget (rounds extrapolated)" in text
     assert ("Target reached: ema-0.95" in text) is (best >= 0.40)
@@ -274,3 +278,99 @@ def test_the_timed_default_run_serves_as_the_candidates_end_to_end_run(tmp_path)
     (tmp_path / "results.json").write_text(json.dumps(results))
     with pytest.raises(SystemExit, match="ema"):
         e2e_from_default_run("ema-0.95", tmp_path / "default_run.json", summary)
+
+
+def test_a_default_run_of_another_length_is_a_candidate_of_its_own(tmp_path):
+    import json
+    import os
+
+    summary = summary_with_full(0.36, 0.37)
+    rounds = [{"round": 0, "accuracy": 0.1}]
+    rounds += [{"round": r, "round_seconds": 1.0, "accuracy": 0.39} for r in range(1, 301)]
+    results = {
+        "config": {"ema": 0.95, "num-server-rounds": 300},
+        "rounds": rounds,
+        "final": {"rounds": 300},
+        "setup": {},
+    }
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    record = {
+        "wall_seconds": 340.0,
+        "command": "bash scripts/run.sh",
+        "results_json": os.path.relpath(tmp_path / "results.json", ROOT),
+        "machine": {},
+    }
+    (tmp_path / "default_run.json").write_text(json.dumps(record))
+    row = e2e_from_default_run("ema-0.95", tmp_path / "default_run.json", summary)
+    assert row["name"] == "ema-0.95-300" and row["e2e_of"] == "ema-0.95"
+    assert row["rounds"] == 300 and row["keys"] == {"ema": 0.95, "num-server-rounds": 300}
+    summary["e2e"] = [row]
+    # (600 - 40 s start) / 1 s a round: measured; the full-length ema-0.95 (37 %) loses to it.
+    assert budget_rounds(summary, row) == (560, "measured end to end")
+    decision = decide(summary)
+    assert decision is not None and decision["name"] == "ema-0.95-300" and decision["adopted"]
+    write_report(tmp_path / "recipe.md", summary, tmp_path / "recipe_sweep.json")
+    assert (
+        "* ema-0.95-300 is ema-0.95 run for 300 rounds, end to end only"
+        in (tmp_path / "recipe.md").read_text()
+    )
+
+
+def test_a_change_that_hurts_zo_dense_is_not_eligible_as_the_default():
+    summary = summary_with_full(0.30, 0.33)  # ema-0.95 beats the baseline by 3 pp
+    dense = [
+        {**row("dense-baseline", {"method": "zo-dense"}, 0.31), "dense_of": "baseline"},
+        {
+            **row("dense-ema-0.95", {"method": "zo-dense", "ema": 0.95}, 0.30),
+            "dense_of": "ema-0.95",
+        },
+    ]
+    summary["stages"]["dense"] = dense
+    # 1 pp worse on zo-dense: ema-0.95 is out, and the baseline alone is left.
+    assert decide(summary) is None
+    summary["stages"]["full"].append(
+        {**summary["stages"]["full"][1], "name": "cosine", "keys": {"lr-schedule": "cosine"}}
+    )
+    decision = decide(summary)
+    assert decision is not None and decision["name"] == "cosine" and decision["adopted"]
+    assert (
+        "not eligible, as ema-0.95 (`ema=0.95`) scores -1.0 pp on zo-dense" in (decision["reason"])
+    )
+    assert decision["reason"].endswith(": ema-0.95")
+    dense[1] = {**dense[1], **row("x", {}, 0.308), "name": "dense-ema-0.95"}  # -0.2 pp: noise
+    assert decide(summary)["name"] == "ema-0.95"
+
+
+def test_the_reference_run_comes_from_the_timed_default_run(tmp_path):
+    import json
+
+    record = {
+        "wall_seconds": 601.0,
+        "strategy_seconds": 545.0,
+        "command": "bash scripts/run.sh",
+        "date": "2026-12-02 15:59 UTC",
+        "final": {"rounds": 300},
+        "machine": {"cpu": "AMD EPYC"},
+    }
+    (tmp_path / "default_run.json").write_text(json.dumps(record))
+    ref = reference_from(tmp_path / "default_run.json")
+    assert (ref["wall_seconds"], ref["strategy_seconds"], ref["rounds"]) == (601.0, 545.0, 300)
+    assert "AMD EPYC" in ref["source"] and "2026-12-02 15:59 UTC" in ref["source"]
+    summary = summary_with_full(0.36, 0.39)
+    summary["info"]["reference"] = ref
+    # (600 - 56 s start) / (545 / 300 s a round) = 299 rounds of the default's K.
+    assert budget_rounds(summary, {"name": "ema-0.95", "keys": {}}) == (299, "extrapolated")
+
+
+def test_a_cosine_stopped_early_keeps_its_own_horizon():
+    cosine = {"name": "cosine", "keys": {"lr-schedule": "cosine"}, "rounds": 450}
+    assert budget_recipe(cosine, 340) == {
+        "lr-schedule": "cosine",
+        "lr-schedule-rounds": 450,
+        "num-server-rounds": 340,
+    }
+    assert budget_recipe(cosine, 450) == {"lr-schedule": "cosine", "num-server-rounds": 450}
+    assert budget_recipe({"name": "ema", "keys": {"ema": 0.9}, "rounds": 450}, 300) == {
+        "ema": 0.9,
+        "num-server-rounds": 300,
+    }
