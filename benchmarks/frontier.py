@@ -10,7 +10,7 @@ same data, partitions, seeds and number of rounds (``--rounds``):
 * ``smartfreeze``, ``profl``: progressive block training, each stage on the devices that fit it;
 * ``zo-dense``, ``zo-pruned`` (NTK, the config's density): zeroth-order clients on the devices
   that fit a client step of ``--engine`` (``--micro-batch``), ``downlink = "replay"``;
-* ``zo-progressive`` when ``RunConfig`` accepts the method (it joins once it is merged).
+* ``zo-progressive``: zeroth-order block training (docs/progressive.md), ``downlink = "weights"``.
 
 FedAvg and the progressive clients take ``--local-batches`` SGD-momentum batches per round
 (the progressive client's optimizer); every eligible node trains every round
@@ -90,18 +90,6 @@ PROFILES = ("profl-uniform", "device-tier")
 # --------------------------------------------------------------------------------- matrix
 
 
-def accepts(method: str) -> bool:
-    """Whether this checkout's ``RunConfig`` accepts ``method`` (zo-progressive once merged)."""
-    from fedzo_flwr.config import RunConfig
-    from fedzo_flwr.errors import ConfigError
-
-    try:
-        RunConfig.from_run_config({"method": method})
-    except ConfigError:
-        return False
-    return True
-
-
 def common(args: argparse.Namespace) -> dict[str, Any]:
     """What every run shares (kebab-case run-config keys)."""
     return {
@@ -149,7 +137,7 @@ def method_keys(key: str, profile: str, args: argparse.Namespace) -> dict[str, A
         return {"method": key, "memory-profile": profile, **stage_bounds(key, args.rounds, stages)}
     if key in ("zo-dense", "zo-pruned"):
         return {"method": key, "memory-profile": profile, **zo, "downlink": "replay"}
-    if key == "zo-progressive" and accepts(key):
+    if key == "zo-progressive":
         # Replay would have to follow the stage's coordinate space: zo-progressive sends weights.
         return {"method": key, "memory-profile": profile, **zo, "downlink": "weights"}
     return None
@@ -484,7 +472,6 @@ def main() -> int:
             "seeds": [common(args)["seed"]],
             "workers": args.workers,
             "torch_threads": RUN_THREADS,
-            "zo_progressive": "run" if accepts("zo-progressive") else "not accepted by RunConfig",
             "data_dir": os.path.relpath(args.data_dir, ROOT),
             "out_dir": os.path.relpath(args.out_dir, ROOT),
         },

@@ -321,11 +321,6 @@ def _setup(data: dict[str, Any]) -> str:
     s, m = data["settings"], data["machine"]
     mb = f", micro-batch {s['micro-batch']}" if s["micro-batch"] else ""
     profiles = " and ".join(f"`{p}`" for p in s["profiles"])
-    zo_progressive = (
-        ""
-        if s["zo_progressive"] == "run"
-        else " `zo-progressive` is not in this checkout's RunConfig, so it did not run."
-    )
     return (
         f"{s['clients']} clients ({s['model']}, {DATASETS.get(s['dataset'], s['dataset'])}, "
         f"{s['partitioner']} "
@@ -339,7 +334,7 @@ def _setup(data: dict[str, Any]) -> str:
         f"with {s['torch_threads']} torch thread, {s['workers']} at a time, on {m['cpu']} "
         f"({m['cores']} cores; load {m['load_before']} before, {m['load_after']} after; "
         f"torch {data['versions']['torch']}, flwr {data['versions']['flwr']}): "
-        f"{_seconds(data['seconds'])} in all.{zo_progressive}"
+        f"{_seconds(data['seconds'])} in all."
     )
 
 

@@ -291,9 +291,20 @@ class RunConfig(BaseModel):
             )
         return self
 
+    @property
+    def follows_lr_schedule(self) -> bool:
+        """Whether the method's server step follows ``lr-schedule``.
+
+        The zeroth-order methods' server optimizer does; FedAvg and the backprop progressive
+        methods ignore the key.
+        """
+        return self.method.startswith("zo-")
+
     @model_validator(mode="after")
     def _cosine_needs_rounds_after_warmup(self) -> RunConfig:
-        if self.lr_schedule == "cosine" and self.warmup_rounds >= self.schedule_rounds:
+        if not (self.follows_lr_schedule and self.lr_schedule == "cosine"):
+            return self
+        if self.warmup_rounds >= self.schedule_rounds:
             horizon = "lr-schedule-rounds" if self.lr_schedule_rounds else "num-server-rounds"
             raise ValueError(
                 f"keys 'lr-schedule', 'warmup-rounds' and '{horizon}': the cosine decay "
@@ -305,7 +316,8 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _rounds_within_the_cosine_horizon(self) -> RunConfig:
-        if self.lr_schedule == "cosine" and self.num_server_rounds > self.schedule_rounds:
+        cosine = self.follows_lr_schedule and self.lr_schedule == "cosine"
+        if cosine and self.num_server_rounds > self.schedule_rounds:
             raise ValueError(
                 f"keys 'num-server-rounds' and 'lr-schedule-rounds': the cosine schedule ends "
                 f"at step {self.schedule_rounds} and the lr is 0 after it, so "
@@ -387,8 +399,7 @@ class RunConfig(BaseModel):
         free = BOOKKEEPING_KEYS | {"lr-schedule-rounds"}
         keys = {k for k in mine if k not in free and mine[k] != theirs.get(k)}
         # Only the zeroth-order server optimizer follows the schedule.
-        zo = self.method.startswith("zo-")
-        cosine = zo and self.lr_schedule == other.lr_schedule == "cosine"
+        cosine = self.follows_lr_schedule and self.lr_schedule == other.lr_schedule == "cosine"
         if cosine and self.schedule_rounds != other.schedule_rounds:
             both_default = not (self.lr_schedule_rounds or other.lr_schedule_rounds)
             keys.add("num-server-rounds" if both_default else "lr-schedule-rounds")

@@ -82,7 +82,6 @@ def _data(rows: list[dict[str, Any]], separates: bool, seeds: list[int]) -> dict
             "seeds": seeds,
             "torch_threads": 1,
             "workers": 2,
-            "zo_progressive": "run",
         },
         "machine": {"cpu": "Test CPU", "cores": 2, "load_before": [1.0], "load_after": [2.0]},
         "versions": {"torch": "2.x", "flwr": "1.41.0"},

@@ -319,6 +319,8 @@ def test_lr_schedule_rounds_sets_the_cosine_horizon_apart_from_the_run_length():
     # Nor does it matter to a method without the zeroth-order server optimizer.
     fedavg = {"method": "fedavg", "density": 1.0, "lr-schedule": "cosine"}
     four = RunConfig.from_run_config({**fedavg, "num-server-rounds": 4})
+    # ... nor are its horizon checks: no warm-up is left and rounds run past the horizon.
+    RunConfig.from_run_config({**fedavg, "warmup-rounds": 5000, "lr-schedule-rounds": 3})
     assert (
         four.trajectory_differences(RunConfig.from_run_config({**fedavg, "num-server-rounds": 6}))
         == []
