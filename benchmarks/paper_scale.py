@@ -28,6 +28,9 @@ Usage::
 
     python benchmarks/paper_scale.py [--alphas 0.5 [0.1]] [--set key=value ...] [--wait]
     python benchmarks/paper_scale.py --status        # where each run stands
+    python benchmarks/paper_scale.py --stop          # stop the running runs (SIGTERM)
+    python benchmarks/paper_scale.py --pack F.tar.xz    # carry the runs to another checkout:
+    python benchmarks/paper_scale.py --unpack F.tar.xz  # there, then the first command resumes
     python benchmarks/paper_scale.py --report        # docs/results/paper_scale.json,
                                                      # docs/figures/paper_scale.png, results.md
 
@@ -44,6 +47,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 import tomllib
@@ -539,6 +543,78 @@ def status(runs: list[Run], out_dir: Path) -> int:
     return 0
 
 
+# ------------------------------------------------------------- carrying runs elsewhere
+
+CARRIED = ("{name}/checkpoint.pt", "{name}/results.json", "{name}.segments.json", "{name}.log")
+"""A run's files that resume it and report it elsewhere (paths under the out-dir)."""
+
+
+def stop(runs: list[Run], out_dir: Path, wait_s: float = 60.0) -> int:
+    """SIGTERM every live run process (by its pid file) and wait for it to exit.
+
+    The checkpoint is written atomically, so a stopped run resumes from its latest one; the
+    rounds after it are trained again.
+    """
+    live = [st for st in (read_state(run, out_dir) for run in runs) if st.pid is not None]
+    for st in live:
+        assert st.pid is not None
+        os.kill(st.pid, signal.SIGTERM)
+        print(
+            f"# {st.name}: stopped pid {st.pid} at round {st.trained} (checkpoint {st.checkpoint})"
+        )
+    deadline = time.monotonic() + wait_s
+    while any(_alive(st.pid) for st in live if st.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [st.name for st in live if st.pid and _alive(st.pid)]
+    if left:
+        print(f"# still running after {wait_s:.0f} s: {', '.join(left)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def pack(runs: list[Run], out_dir: Path, archive: Path) -> int:
+    """Write every run's :data:`CARRIED` files to ``archive`` (``.tar.xz``), to carry unfinished
+    runs to another checkout or machine (``--unpack`` there, then the usual command resumes).
+    Refused while a run is running (``--stop`` first)."""
+    states = [read_state(run, out_dir) for run in runs]
+    live = [st.name for st in states if st.pid is not None]
+    if live:
+        print(f"# not packed: running: {', '.join(live)} (--stop first)", file=sys.stderr)
+        return 1
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    partial = archive.with_name(archive.name + ".partial")
+    with tarfile.open(partial, "w:xz") as tar:
+        for st in states:
+            files = [f.format(name=st.name) for f in CARRIED]
+            for rel in files:
+                if (out_dir / rel).is_file():
+                    tar.add(out_dir / rel, arcname=rel)
+            print(f"# {st.name}: {st.state}, round {st.trained}, checkpoint {st.checkpoint}")
+    os.replace(partial, archive)
+    print(f"# packed into {archive} ({archive.stat().st_size:,} B)")
+    return 0
+
+
+def unpack(runs: list[Run], out_dir: Path, archive: Path) -> int:
+    """Extract a ``--pack`` archive into ``out_dir``: only the :data:`CARRIED` files of this
+    plan's runs, and never over a file that exists (each refusal named)."""
+    allowed = {f.format(name=run.name) for run in runs for f in CARRIED}
+    with tarfile.open(archive, "r:xz") as tar:
+        members = tar.getmembers()
+        strange = [m.name for m in members if m.name not in allowed or not m.isfile()]
+        there = [m.name for m in members if (out_dir / m.name).exists()]
+        if strange or there:
+            if strange:
+                print(f"# not unpacked: not a run file of this plan: {strange}", file=sys.stderr)
+            if there:
+                print(f"# not unpacked: would overwrite {there} under {out_dir}", file=sys.stderr)
+            return 1
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tar.extractall(out_dir, members=members, filter="data")
+    print(f"# unpacked {len(members)} files into {out_dir}")
+    return status(runs, out_dir)
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -655,6 +731,9 @@ def main() -> int:
     parser.add_argument("--wait", action="store_true", help="wait for the runs to end")
     parser.add_argument("--poll", type=float, default=20.0, help="seconds between progress checks")
     parser.add_argument("--status", action="store_true", help="print where each run stands")
+    parser.add_argument("--stop", action="store_true", help="stop the running runs (SIGTERM)")
+    parser.add_argument("--pack", type=Path, default=None, help="write the runs to a .tar.xz")
+    parser.add_argument("--unpack", type=Path, default=None, help="restore a --pack archive")
     parser.add_argument("--report", action="store_true", help="write the JSON, plot, results.md")
     parser.add_argument("--json", type=Path, default=JSON_PATH)
     parser.add_argument("--figure", type=Path, default=FIGURE_PATH)
@@ -670,6 +749,12 @@ def main() -> int:
     runs = plan(args)
     if args.status:
         return status(runs, args.out_dir)
+    if args.stop:
+        return stop(runs, args.out_dir)
+    if args.pack:
+        return pack(runs, args.out_dir, args.pack.resolve())
+    if args.unpack:
+        return unpack(runs, args.out_dir, args.unpack.resolve())
     if args.report:
         return report(runs, args)
     return start(runs, args)

@@ -79,6 +79,16 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, small_data):
     assert stopped["final"] == {} and max(r["round"] for r in stopped["rounds"]) == 6
     status = paper_scale(interrupted, small_data, "--status").stdout
     assert f"| {RUN} | stopped | 6/10 | " in status and "| 4 |" in status
+    # Carried to another checkout (--pack, --unpack there), where the runs go on.
+    archive = tmp_path / "carry" / "paper-scale.tar.xz"
+    assert paper_scale(interrupted, small_data, "--pack", str(archive)).returncode == 0
+    moved = tmp_path / "moved"
+    unpacked = paper_scale(moved, small_data, "--unpack", str(archive))
+    assert unpacked.returncode == 0 and f"| {RUN} | stopped | 6/10 | " in unpacked.stdout
+    twice = paper_scale(moved, small_data, "--unpack", str(archive))
+    assert twice.returncode == 1 and "would overwrite" in twice.stderr
+    shutil.rmtree(interrupted)
+    interrupted = moved
     # The same command again resumes it; a third time has nothing to do.
     resumed = paper_scale(interrupted, small_data, "--wait")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
