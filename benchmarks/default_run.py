@@ -59,6 +59,7 @@ def summarize(results: dict[str, Any], wall: float) -> dict[str, Any]:
         "downlink_total_bytes": sum(r["downlink_bytes"]["total"] for r in rounds),
         "client_forward_flops_per_round": results["setup"]["client_round_forward_flops"],
         "client_peak_mem_bytes_max": max(r["client_peak_mem_bytes"]["max"] for r in rounds),
+        "clients": len(rounds[0]["uplink_bytes"]["per_client"]),
         "config": {k: results["config"][k] for k in README_CONFIG if k in results["config"]},
         "environment": results.get("environment"),
     }
@@ -99,7 +100,7 @@ def readme_block(record: dict[str, Any]) -> str:
     head = (
         f"`{record['command']}` on the {machine.get('cores', '?')}-core development VM "
         f"({machine.get('cpu', '?')}, torch {versions.get('torch', '?')}, flwr "
-        f"{versions.get('flwr', '?')}, 10 simulated clients as 2 Ray actors, defaults of "
+        f"{versions.get('flwr', '?')}, {record['clients']} simulated clients, defaults of "
         f"`pyproject.toml`: {cfg.get('method')} with the {cfg.get('prune-method')} mask at "
         f"density {cfg.get('density')}, K = {k}, `lr-schedule = {cfg.get('lr-schedule')}`), "
         f"{record['date'][:10]}, {load_text} (`benchmarks/default_run.py`, "

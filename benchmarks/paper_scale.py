@@ -4,9 +4,9 @@ The default model and data set of the recipe (LeNet-5 on CIFAR-10 today), 10 cli
 α = 0.5 (``--alphas 0.5 0.1`` adds α = 0.1), dense zeroth-order training (BAFFLE) against
 NTK-SAP-pruned zeroth-order training at density 0.1.
 Both rows take **the same recipe: the run-config defaults of pyproject.toml** (a later change
-of the default recipe carries over) **with a constant lr** (:data:`SCHEDULE`): the default's
-cosine schedule is sized for the 10-minute default run (450 rounds, stopped at 340;
-docs/recipe.md) and would end long before round 3000. ``--set key=value`` overrides a key for
+of the default recipe carries over) **with a constant lr** (:data:`SCHEDULE`, today's default
+too): a cosine sized for the 10-minute default run would end long before round 3000
+(docs/recipe.md). ``--set key=value`` overrides a key for
 both (TOML values, as ``flwr run --run-config``), the schedule's keys included. Only the keys
 that define the two rows and the scale are fixed here (``method``, ``prune-method``,
 ``density``; ``--k``, ``--rounds``, ``--clients``).

@@ -64,9 +64,9 @@ E2E_CLIENTS = 10
 TIME_BUDGET_S = 600.0
 """The target's wall-time budget, end to end."""
 TIME_SPARE = 0.1
-"""Fraction of the budget a recipe leaves spare for the machine's drift: three end-to-end runs
-of the default's work per round within one hour here (2026-12-02, AMD EPYC) took 1.46 to 1.65 s
-a round (the e2e rows' wall minus start-up, over their rounds)."""
+"""Fraction of the budget a recipe leaves spare for the machine's drift: the same default run
+(bit-identical curve) took 535 s and 588 s end to end 25 minutes apart here (2026-12-02, AMD
+EPYC; the second is docs/results/default_run.json), a 10 % drift."""
 
 Candidate = dict[str, Any]
 

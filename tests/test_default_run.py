@@ -75,6 +75,7 @@ def test_default_run_record_is_computed_from_the_results() -> None:
     assert "layer_densities" not in record["setup"] and record["setup"]["prune_seconds"] == 3.5
     assert record["environment"] == {"lock_sha256": "ab"}
     assert record["config"] == {"method": "zo-pruned", "k": 200, "num-server-rounds": 3}
+    assert record["clients"] == 2  # from the per-client byte records
 
 
 def test_the_readme_block_is_the_recorded_default_run() -> None:
