@@ -193,9 +193,11 @@ def notes(
             info, k=int(PAPER["k"]), rounds=int(PAPER["rounds"]), clients=int(PAPER["clients"])
         )
         scale += (
-            f" The paper-scale run is `{command[-1]}`: roughly "
+            f" The whole matrix at the paper's scale is `{command[-1]}`: roughly "
             f"{paper_scale_days(info):.0f} days on this machine (the matrix's wall time scaled "
-            "by rounds, forward passes per step and clients)."
+            "by rounds, forward passes per step and clients); `benchmarks/paper_scale.py` runs "
+            "Figure 2's two rows (zo-dense, zo-pruned) at that scale, reported in \"The paper's "
+            'scale" below.'
         )
     lines = [
         "## Caveats and what is not done",

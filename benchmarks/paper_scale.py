@@ -669,6 +669,16 @@ def collect(runs: list[Run], args: argparse.Namespace) -> dict[str, Any]:
                 "loss_curve": st.losses,
                 "wall_seconds": st.wall_seconds,
                 "processes": len(st.segments),
+                "segments": [
+                    {
+                        "start_round": seg["start_round"],
+                        "round": seg["round"],
+                        "seconds": seg.get("updated_unix", seg["started_unix"])
+                        - seg["started_unix"],
+                        "started_utc": seg["started_utc"],
+                    }
+                    for seg in st.segments
+                ],
                 "same_environment_throughout": all(e == environments[0] for e in environments),
                 "environment": results.get("environment"),
                 "setup": {

@@ -104,8 +104,9 @@ def test_report_sentences_follow_the_data():
     assert "A GPU was visible to these runs (NVIDIA H200)." in large
     assert "K = 50 instead of 200, 200 rounds instead of 3000." in small
     assert "This run is at the paper's scale (K = 200, 3000 rounds)." in large
-    assert "The paper-scale run is `python benchmarks/paper_comparison.py --clients 10 " in small
-    assert "The paper-scale run is" not in large
+    whole = "The whole matrix at the paper's scale is `python benchmarks/paper_comparison.py"
+    assert whole + " --clients 10 " in small
+    assert "The whole matrix at the paper's scale is" not in large
     assert "this matrix is K = 200 and 3000 rounds on 16 CPU cores" in large
     # Machine load.
     assert "* Shared machine: other jobs were running (load average (6.0, 6.0, 6.0)" in small
