@@ -220,9 +220,7 @@ class RunState:
     @property
     def wall_seconds(self) -> float:
         """Seconds the run's processes ran, summed (each up to its last progress update)."""
-        return float(
-            sum(s.get("updated_unix", s["started_unix"]) - s["started_unix"] for s in self.segments)
-        )
+        return sum(segment_seconds(s) for s in self.segments)
 
     def eta_seconds(self) -> float | None:
         """Remaining seconds at the current process's pace (``None`` when not running)."""
@@ -230,10 +228,15 @@ class RunState:
             return None
         seg = self.segments[-1]
         done = self.trained - seg["start_round"]
-        elapsed = seg.get("updated_unix", seg["started_unix"]) - seg["started_unix"]
+        elapsed = segment_seconds(seg)
         if done <= 0 or elapsed <= 0:
             return None
         return float((self.target - self.trained) * elapsed / done)
+
+
+def segment_seconds(segment: dict[str, Any]) -> float:
+    """Seconds one process of a run ran, up to its last progress update."""
+    return float(segment.get("updated_unix", segment["started_unix"]) - segment["started_unix"])
 
 
 def checkpoint_round(path: Path) -> int | None:
@@ -411,7 +414,7 @@ class Monitor:
 
     def _line(self, entry: dict[str, Any], seg: dict[str, Any]) -> str:
         done = seg["round"] - seg["start_round"]
-        elapsed = seg["updated_unix"] - seg["started_unix"]
+        elapsed = segment_seconds(seg)
         pace = f"{elapsed / done:.2f} s/round" if done > 0 else "-"
         eta = _duration((self.target - seg["round"]) * elapsed / done) if done > 0 else "-"
         return (
@@ -424,7 +427,7 @@ class Monitor:
         seg = self.segments[-1]
         return (
             f"round {seg['round']}, last evaluated round {self.last_printed}, "
-            f"{_duration(seg['updated_unix'] - seg['started_unix'])} in this process"
+            f"{_duration(segment_seconds(seg))} in this process"
         )
 
 
@@ -673,8 +676,7 @@ def collect(runs: list[Run], args: argparse.Namespace) -> dict[str, Any]:
                     {
                         "start_round": seg["start_round"],
                         "round": seg["round"],
-                        "seconds": seg.get("updated_unix", seg["started_unix"])
-                        - seg["started_unix"],
+                        "seconds": segment_seconds(seg),
                         "started_utc": seg["started_utc"],
                     }
                     for seg in st.segments

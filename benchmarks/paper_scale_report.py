@@ -81,8 +81,9 @@ def _best(curve: list[list[float]]) -> tuple[int, float]:
     return int(round_), float(acc)
 
 
-def _peaks(dense: dict[str, Any], pruned: dict[str, Any]) -> str:
-    """Best against best, and how far each run ends below its own best."""
+def _peaks(dense: dict[str, Any], pruned: dict[str, Any]) -> tuple[str, float]:
+    """Best against best, and how far each run ends below its own best; and the best-vs-best
+    gain in points."""
     (dr, da), (pr, pa) = _best(dense["curve"]), _best(pruned["curve"])
     text = (
         f" Best against best: zo-pruned {100 * pa:.2f} % (round {pr}), zo-dense "
@@ -94,14 +95,14 @@ def _peaks(dense: dict[str, Any], pruned: dict[str, Any]) -> str:
         if drop > NOISE_PP:
             falls.append(f"{name} ends {drop:.2f} pp below its best")
     if falls:
+        subject = (
+            "past their peaks both runs lose" if len(falls) == 2 else "past its peak the run loses"
+        )
         text += (
-            " "
-            + " and ".join(falls)
-            + (": past their peaks both runs" if len(falls) == 2 else ": past its peak the run")
-            + " lose accuracy under this recipe, so the end-of-run gap holds that decline as"
-            " well as the pruning's effect."
-        ).replace("lose accuracy", "lose accuracy" if len(falls) == 2 else "loses accuracy")
-    return text
+            f" {' and '.join(falls)}: {subject} accuracy under this recipe, so the end-of-run gap"
+            " holds that decline as well as the pruning's effect."
+        )
+    return text, 100 * (pa - da)
 
 
 def _pace(run: dict[str, Any]) -> str:
@@ -142,7 +143,8 @@ def _observations(runs: list[dict[str, Any]], info: dict[str, Any]) -> list[str]
             if ahead
             else f" zo-pruned is below zo-dense at round {last}."
         )
-        text += _peaks(dense, pruned)
+        peaks, best_gain = _peaks(dense, pruned)
+        text += peaks
         if both_done:
             target = PAPER["accuracy_gain_pp"]
             text += (
@@ -156,7 +158,6 @@ def _observations(runs: list[dict[str, Any]], info: dict[str, Any]) -> list[str]
                     else "here zo-pruned is not ahead at all."
                 )
             )
-            best_gain = 100 * (_best(pruned["curve"])[1] - _best(dense["curve"])[1])
             text += " Best against best, the gain " + (
                 "reaches it too."
                 if best_gain >= target
